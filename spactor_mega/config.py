@@ -1,0 +1,286 @@
+"""One typed configuration for every command, validated in one place.
+
+YAML presets (``configs/*.yaml``) fill the dataclasses; command-line flags named
+``--section.field`` (e.g. ``--train.steps 200``) override them; :func:`validate` rejects
+anything that cannot work with a one-line reason naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """The discriminator D: a T5 v1.1 encoder-decoder."""
+
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_heads: int = 6
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    # The embedding is padded to a multiple of this times TP (as Megatron does) so it splits
+    # evenly; the padded rows are never produced by the tokenizer.
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+
+
+@dataclass
+class GeneratorConfig:
+    """The generator G: a small encoder-only stack sharing D's token embedding."""
+
+    depth_fraction: float = 0.25  # G layers = round(fraction * D encoder layers), at least 1
+    d_ff: Optional[int] = None  # None: D's d_ff
+    num_heads: Optional[int] = None  # None: D's heads
+    temperature: float = 1.0  # Gumbel-max sampling temperature
+
+
+@dataclass
+class SpactorConfig:
+    """The objective: span corruption, MLM on top, RTD, and the two-stage curriculum."""
+
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    mlm_fraction: float = 0.15  # of SC input tokens that are not sentinels, EOS or pad
+    tau: float = 0  # first SC-only step; 0 = plain T5, inf = hybrid throughout
+    mlm_weight: float = 1.0
+    rtd_weight: float = 10.0
+
+
+@dataclass
+class DataConfig:
+    train_data: list = field(default_factory=list)  # [prefix] or [weight, prefix, weight, ...]
+    valid_data: list = field(default_factory=list)  # empty: held out of train by `split`
+    split: str = "98,2,0"
+    tokenizer: str = ""  # SentencePiece .model file
+    encoder_seq_length: int = 512
+    cache_dir: Optional[str] = None
+    num_workers: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    pipeline_layout: Optional[str] = None  # e.g. "E6|E6|D4|D4|D4"; None: balanced by FLOPs
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adafactor
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    lr_schedule: str = "inverse-sqrt"  # inverse-sqrt | cosine | constant
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    engine: str = "megatron"  # megatron | deepspeed
+    steps: int = 1000
+    global_batch_size: int = 128
+    micro_batch_size: int = 8
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    save_dir: str = "runs/default/checkpoints"
+    save_interval: int = 500
+    resume: Optional[str] = None  # None | auto | a checkpoint directory
+    eval_interval: int = 200
+    eval_batches: int = 4
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: str = "runs/default/tensorboard"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    spactor: SpactorConfig = field(default_factory=SpactorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _parse_value(raw: str, annotation: Any) -> Any:
+    """Parses a command-line string into the field's declared type."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Union and args:
+        if raw.lower() in ("none", "null", ""):
+            return None
+        return _parse_value(raw, args[0])
+    if annotation is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {raw!r}")
+    if annotation is int:
+        return int(raw)
+    if annotation is float:
+        return float(raw)  # accepts "inf"
+    if annotation is list or origin is list:
+        return yaml.safe_load(raw) if raw.startswith("[") else [v for v in raw.split(",") if v]
+    return raw
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+    sub = getattr(cfg, section)
+    names = {f.name for f in dataclasses.fields(sub)}
+    if key not in names:
+        raise ConfigError(f"{where}: unknown field {section}.{key}; known: {', '.join(sorted(names))}")
+    setattr(sub, key, value)
+
+
+def load_yaml(path: str | Path, cfg: Optional[Config] = None) -> Config:
+    """Fills ``cfg`` (default: defaults) from a YAML file of ``section: {field: value}``."""
+    cfg = cfg or Config()
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(doc).__name__}")
+    hints = {name: typing.get_type_hints(t) for name, t in _section_types().items()}
+    for section, values in doc.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            if section in hints and key in hints[section] and hints[section][key] is float and value is not None:
+                value = float(value)  # YAML reads `.inf` and `1e-3` fine, but `100` as int
+            _apply(cfg, section, key, value, str(path))
+    return cfg
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--config`` and one ``--section.field`` flag per config field."""
+    parser.add_argument("--config", help="YAML preset (see configs/); flags below override it")
+    for section, section_type in _section_types().items():
+        group = parser.add_argument_group(f"{section} ({section_type.__doc__ or ''}".strip() + ")")
+        defaults = section_type()
+        for f in dataclasses.fields(section_type):
+            default = getattr(defaults, f.name)
+            group.add_argument(
+                f"--{section}.{f.name}",
+                dest=f"cfg:{section}.{f.name}",
+                metavar="VALUE",
+                default=argparse.SUPPRESS,
+                help=f"(default: {default})",
+            )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Builds the config: defaults <- YAML (``--config``) <- ``--section.field`` flags."""
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
+    hints = {name: typing.get_type_hints(t) for name, t in _section_types().items()}
+    for dest, raw in vars(args).items():
+        if not dest.startswith("cfg:"):
+            continue
+        section, key = dest[4:].split(".", 1)
+        try:
+            value = _parse_value(raw, hints[section][key])
+        except ValueError as e:
+            raise ConfigError(f"--{section}.{key}: {e}") from None
+        _apply(cfg, section, key, value, f"--{section}.{key}")
+    return cfg
+
+
+def generator_num_layers(cfg: Config) -> int:
+    return max(1, round(cfg.generator.depth_fraction * cfg.model.num_encoder_layers))
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Rejects a config that cannot work, naming the field and the fix. Returns ``cfg``."""
+    m, g, s, p, t, o = cfg.model, cfg.generator, cfg.spactor, cfg.parallel, cfg.train, cfg.optim
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for name in ("d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers"):
+        need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    need(0.0 < s.noise_density < 1.0, f"spactor.noise_density must be in (0, 1), got {s.noise_density}")
+    need(s.mean_noise_span_length >= 1.0, f"spactor.mean_noise_span_length must be >= 1, got {s.mean_noise_span_length}")
+    need(0.0 <= s.mlm_fraction < 1.0, f"spactor.mlm_fraction must be in [0, 1), got {s.mlm_fraction}")
+    need(not math.isnan(s.tau) and s.tau >= 0, f"spactor.tau must be >= 0 (0 = plain T5, inf = hybrid throughout), got {s.tau}")
+    need(s.mlm_weight >= 0, f"spactor.mlm_weight must be >= 0, got {s.mlm_weight}")
+    need(s.rtd_weight >= 0, f"spactor.rtd_weight must be >= 0, got {s.rtd_weight}")
+    need(g.temperature > 0, f"generator.temperature must be > 0, got {g.temperature}")
+    need(0 < g.depth_fraction <= 1, f"generator.depth_fraction must be in (0, 1], got {g.depth_fraction}")
+    need(cfg.data.encoder_seq_length >= 8, f"data.encoder_seq_length must be >= 8, got {cfg.data.encoder_seq_length}")
+
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    need(tp >= 1 and pp >= 1, "parallel sizes must be >= 1")
+    need(world_size % (tp * pp) == 0,
+         f"world size {world_size} is not divisible by tensor x pipeline parallel size {tp}x{pp}; "
+         "launch a multiple of TP*PP processes")
+    dp = world_size // (tp * pp)
+    heads = [("model.num_heads", m.num_heads)]
+    if g.num_heads is not None:
+        heads.append(("generator.num_heads", g.num_heads))
+    for name, value in heads:
+        need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
+    for name, value in (("model.d_ff", m.d_ff),) + ((("generator.d_ff", g.d_ff),) if g.d_ff else ()):
+        need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
+    need(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
+    need(pp <= m.num_encoder_layers + m.num_decoder_layers,
+         f"parallel.pipeline_model_parallel_size={pp} exceeds the {m.num_encoder_layers + m.num_decoder_layers} "
+         "transformer layers of the model; use fewer stages")
+
+    need(t.engine in ("megatron", "deepspeed"), f"train.engine must be megatron or deepspeed, got {t.engine!r}")
+    need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    need(t.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+         f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x data-parallel "
+         f"size = {t.micro_batch_size}x{dp}; change one of them")
+    need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    need(o.optimizer in ("adamw", "adafactor"), f"optim.optimizer must be adamw or adafactor, got {o.optimizer!r}")
+    need(o.lr_schedule in ("inverse-sqrt", "cosine", "constant"),
+         f"optim.lr_schedule must be inverse-sqrt, cosine or constant, got {o.lr_schedule!r}")
+    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    return cfg

@@ -1,0 +1,261 @@
+"""SpacTor samples over Megatron indexed datasets, and their batches.
+
+``SpactorDataset`` is a ``MegatronDataset``, so Megatron's ``BlendedMegatronDatasetBuilder``
+gives blending of corpora by weight, train/valid/test splits and cached indices. A sample is
+a raw chunk of the split's documents concatenated in order (EOS between documents, from
+preprocessing), cut into chunks of T5's raw length (568 tokens for 512 inputs) and visited
+in a per-epoch shuffled order, plus a random key. Both are pure functions of
+(seed, dataset, sample index), so any rank can build any sample, and resuming is a matter
+of the consumed-samples count.
+
+``SpactorBatchBuilder`` turns a batch of raw chunks into model inputs: span corruption for
+both stages, MLM positions only when the step is hybrid (stage 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # Megatron warns about missing apex/TE on import
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.megatron_dataset import MegatronDataset
+    from megatron.core.datasets.utils import Split
+
+from spactor_mega.data.span_corruption import (
+    SpanCorruption,
+    mlm_capacity,
+    mlm_positions,
+    sample_keys,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Data that cannot be read or used; the message names the file and the fix."""
+
+
+@dataclass
+class SpactorDatasetConfig(BlendedMegatronDatasetConfig):
+    """Megatron's dataset config; ``sequence_length`` is the raw chunk length (568 for 512)."""
+
+
+def open_indexed_dataset(prefix: str) -> IndexedDataset:
+    """Opens ``prefix.bin/.idx`` with a clear error for missing, truncated or corrupt files."""
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    for path in (idx, bin_):
+        if not path.is_file():
+            raise DataError(f"{path}: indexed dataset file not found; build it with `spactor preprocess`")
+    try:
+        dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
+    except Exception as e:  # Megatron raises assertion/struct/value errors on bad headers
+        raise DataError(f"{idx}: not a readable Megatron index ({type(e).__name__}: {e}); rebuild with `spactor preprocess`") from None
+    lengths = dataset.index.sequence_lengths
+    pointers = dataset.index.sequence_pointers
+    if len(lengths):
+        need = int(pointers[-1]) + int(lengths[-1]) * np.dtype(dataset.index.dtype).itemsize
+        have = bin_.stat().st_size
+        if have < need:
+            raise DataError(
+                f"{bin_}: truncated ({have} bytes, index needs {need}); rebuild with `spactor preprocess`"
+            )
+    return dataset
+
+
+class SpactorDataset(MegatronDataset):
+    """Raw T5 chunks of one indexed dataset's split, shuffled per epoch."""
+
+    def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config):
+        super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+        self.chunk_length = config.sequence_length
+        docs = np.asarray(indices, dtype=np.int64)
+        lengths = dataset.sequence_lengths[docs].astype(np.int64) if len(docs) else np.zeros(0, np.int64)
+        self.documents = docs
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.chunks_per_epoch = int(self.offsets[-1] // self.chunk_length)
+        if self.chunks_per_epoch == 0:
+            raise DataError(
+                f"{dataset_path}: the {index_split.name} split has {int(self.offsets[-1])} tokens, fewer than one "
+                f"chunk of {self.chunk_length}; add data or change data.split"
+            )
+        self.length = num_samples if num_samples is not None else self.chunks_per_epoch
+        # A per-dataset salt keeps the random keys of blended datasets apart.
+        self.salt = int(self.unique_description_hash[:15], 16)
+        self._epoch_orders: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def numel_low_level_dataset(low_level_dataset: IndexedDataset) -> int:
+        return low_level_dataset.sequence_lengths.shape[0]
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config: SpactorDatasetConfig) -> IndexedDataset:
+        return open_indexed_dataset(dataset_path)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The chunk order of one epoch: a permutation seeded by (seed, salt, epoch)."""
+        order = self._epoch_orders.get(epoch)
+        if order is None:
+            rng = np.random.default_rng([self.config.random_seed, self.salt, epoch])
+            dtype = np.int32 if self.chunks_per_epoch < 2**31 else np.int64
+            order = rng.permutation(self.chunks_per_epoch).astype(dtype)
+            self._epoch_orders = {epoch: order}  # consumption is sequential: keep one epoch
+        return order
+
+    def raw_chunk(self, chunk: int) -> np.ndarray:
+        """Tokens ``[chunk * L, (chunk + 1) * L)`` of the split's concatenated documents."""
+        start = chunk * self.chunk_length
+        out = np.empty(self.chunk_length, dtype=np.int64)
+        doc = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        filled, offset = 0, start - int(self.offsets[doc])
+        while filled < self.chunk_length:
+            take = min(self.chunk_length - filled, int(self.offsets[doc + 1] - self.offsets[doc]) - offset)
+            if take > 0:
+                out[filled : filled + take] = self.dataset.get(int(self.documents[doc]), offset, take)
+                filled += take
+            doc, offset = doc + 1, 0
+        return out
+
+    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
+        idx = int(idx)
+        epoch, position = divmod(idx, self.chunks_per_epoch)
+        chunk = int(self._order(epoch)[position])
+        key = sample_keys(self.config.random_seed, np.array([idx]), self.salt)[0]
+        return {"raw": self.raw_chunk(chunk), "key": np.uint64(key)}
+
+
+def collate_raw(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stacks raw chunks and keys; the corruption itself runs batched in the builder."""
+    return {
+        "raw": np.stack([s["raw"] for s in samples]),
+        "key": np.array([s["key"] for s in samples], dtype=np.uint64),
+    }
+
+
+@dataclass
+class SpactorBatchBuilder:
+    """Raw chunks -> the model's batch (span corruption; MLM fields in hybrid steps).
+
+    Batch fields (torch, batch-first): ``enc_tokens`` [B, S_enc] int64, ``enc_mask`` bool,
+    ``dec_input`` / ``labels`` [B, S_dec] int64, ``dec_loss_mask`` float32; hybrid steps add
+    ``mlm_positions`` / ``mlm_targets`` [B, M] int64 and ``mlm_weights`` [B, M] float32.
+    """
+
+    corruption: SpanCorruption
+    sp_size: int  # ids >= sp_size are sentinels or the mask token
+    mlm_fraction: float
+
+    @property
+    def mlm_capacity(self) -> int:
+        return mlm_capacity(self.corruption.encoder_length, self.corruption.num_spans, self.mlm_fraction)
+
+    def special_mask(self, tokens: np.ndarray) -> np.ndarray:
+        return (tokens <= 1) | (tokens >= self.sp_size)  # pad 0, EOS 1, sentinels, mask
+
+    def __call__(self, raw: np.ndarray, keys: np.ndarray, with_mlm: bool) -> dict[str, torch.Tensor]:
+        inputs, targets = self.corruption(raw, keys)
+        dec_input = np.zeros_like(targets)
+        dec_input[:, 1:] = targets[:, :-1]  # shift right; 0 is pad and decoder start
+        batch = {
+            "enc_tokens": torch.from_numpy(inputs),
+            "enc_mask": torch.from_numpy(inputs != 0),
+            "dec_input": torch.from_numpy(dec_input),
+            "labels": torch.from_numpy(targets),
+            "dec_loss_mask": torch.from_numpy((targets != 0).astype(np.float32)),
+        }
+        if with_mlm:
+            positions, weights = mlm_positions(
+                inputs, keys, self.mlm_fraction, self.special_mask(inputs), self.mlm_capacity
+            )
+            batch["mlm_positions"] = torch.from_numpy(positions)
+            batch["mlm_targets"] = torch.from_numpy(np.take_along_axis(inputs, positions, axis=1))
+            batch["mlm_weights"] = torch.from_numpy(weights)
+        return batch
+
+
+class PretrainingSampler:
+    """Micro-batches of sample indices for one data-parallel rank, from a consumed count.
+
+    Like Megatron-LM's ``MegatronPretrainingSampler`` (which lives in megatron.training, not
+    in megatron-core): consecutive runs of ``micro_batch_size * dp_size`` indices, rank r
+    taking the r-th slice, so ranks see disjoint samples and a resumed run continues exactly.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"data-parallel rank {dp_rank} not in [0, {dp_size})")
+        self.total_samples, self.consumed = total_samples, consumed_samples
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed) // (self.micro_batch_size * self.dp_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        stride = self.micro_batch_size * self.dp_size
+        if self.consumed % stride:
+            raise ValueError(f"consumed samples {self.consumed} is not a multiple of micro-batch x DP = {stride}")
+        for base in range(self.consumed, self.total_samples - stride + 1, stride):
+            first = base + self.dp_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+
+
+def parse_blend(entries: list) -> Optional[tuple[list[str], Optional[list[float]]]]:
+    """``[prefix]`` or ``[w1, prefix1, w2, prefix2, ...]`` (Megatron's --data-path syntax)."""
+    if not entries:
+        return None
+    entries = [str(e) for e in entries]
+    if len(entries) == 1:
+        return [entries[0]], None
+    if len(entries) % 2:
+        raise DataError(f"data blend {entries}: expected weight/prefix pairs, got an odd count")
+    try:
+        weights = [float(w) for w in entries[0::2]]
+    except ValueError:
+        raise DataError(f"data blend {entries}: weights must be numbers ('0.7 prefixA 0.3 prefixB')") from None
+    return entries[1::2], weights
+
+
+def build_datasets(
+    train_blend: list,
+    valid_blend: list,
+    split: str,
+    corruption: SpanCorruption,
+    seed: int,
+    train_samples: int,
+    valid_samples: int,
+    cache_dir: Optional[str] = None,
+) -> tuple[torch.utils.data.Dataset, Optional[torch.utils.data.Dataset]]:
+    """Train and validation datasets through Megatron's blended dataset builder."""
+    train = parse_blend(train_blend)
+    if train is None:
+        raise DataError("data.train_data is empty; give an indexed dataset prefix (see `spactor preprocess`)")
+    valid = parse_blend(valid_blend)
+    common = dict(
+        random_seed=seed,
+        sequence_length=corruption.raw_length,
+        path_to_cache=cache_dir,
+        mid_level_dataset_surplus=0.005,
+    )
+    if valid is not None:
+        config = SpactorDatasetConfig(blend_per_split=[train, valid, None], **common)
+    else:
+        config = SpactorDatasetConfig(blend=train, split=split, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        datasets = BlendedMegatronDatasetBuilder(
+            SpactorDataset, [train_samples, valid_samples, 0], lambda: True, config
+        ).build()
+    return datasets[Split.train.value], datasets[Split.valid.value]
