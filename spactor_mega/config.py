@@ -7,6 +7,8 @@ anything that cannot work with a one-line reason naming the field.
 
 from __future__ import annotations
 
+from spactor_mega.errors import UserError
+
 import argparse
 import dataclasses
 import math
@@ -18,7 +20,7 @@ from typing import Any, Optional
 import yaml
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot work; the message names the field and the fix."""
 
 
@@ -66,10 +68,17 @@ class SpactorConfig:
 
 @dataclass
 class DataConfig:
+    """Indexed datasets, tokenizer, lengths; and raw C4 files to build them from if missing."""
+
     train_data: list = field(default_factory=list)  # [prefix] or [weight, prefix, weight, ...]
     valid_data: list = field(default_factory=list)  # empty: held out of train by `split`
     split: str = "98,2,0"
-    tokenizer: str = ""  # SentencePiece .model file
+    tokenizer: str = ""  # SentencePiece .model file, or a folder with spiece.model
+    # When the tokenizer / a single-prefix dataset above is missing, build it from these.
+    train_corpus: list = field(default_factory=list)  # C4 json(.gz) files or globs
+    valid_corpus: list = field(default_factory=list)
+    tokenizer_vocab_size: int = 32000
+    preprocess_workers: int = 2
     encoder_seq_length: int = 512
     cache_dir: Optional[str] = None
     num_workers: int = 0

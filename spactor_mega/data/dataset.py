@@ -14,6 +14,8 @@ both stages, MLM positions only when the step is hybrid (stage 1).
 
 from __future__ import annotations
 
+from spactor_mega.errors import UserError
+
 import hashlib
 import logging
 import warnings
@@ -42,7 +44,7 @@ from spactor_mega.data.span_corruption import (
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Data that cannot be read or used; the message names the file and the fix."""
 
 

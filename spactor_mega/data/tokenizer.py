@@ -14,6 +14,8 @@ Training a new model (:func:`train_sentencepiece`) uses the unigram algorithm wi
 
 from __future__ import annotations
 
+from spactor_mega.errors import UserError
+
 import json
 import re
 from pathlib import Path
@@ -27,7 +29,7 @@ DEFAULT_NUM_SENTINELS = 100
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file that cannot serve T5 pretraining; the message names the file."""
 
 

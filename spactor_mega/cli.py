@@ -1,0 +1,64 @@
+"""The ``spactor`` command: one entry point, a subcommand per stage of the data flow.
+
+Subcommand modules are imported only when chosen, so ``spactor --help`` is instant and a
+data-only command never pays for importing the model stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS = {
+    "tokenizer": ("spactor_mega.data.train_tokenizer", "train a SentencePiece tokenizer with T5's conventions"),
+    "preprocess": ("spactor_mega.data.preprocess", "C4 json/json.gz/jsonl -> Megatron indexed dataset"),
+    "prepare": ("spactor_mega.data.prepare", "build the tokenizer and datasets a config needs, show a batch"),
+    "train": ("spactor_mega.training.cli", "pretrain a T5 with SpacTor (Megatron-Core or DeepSpeed engine)"),
+    "convert": ("spactor_mega.checkpoint.cli", "convert checkpoints to and from Hugging Face T5"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spactor",
+        description="SpacTor pretraining of T5 encoder-decoders on Megatron-Core and DeepSpeed.",
+        epilog="Run `spactor COMMAND --help` for a command's flags.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            try:
+                importlib.import_module(module).add_arguments(p)
+            except ModuleNotFoundError as e:
+                if e.name != module:
+                    raise
+                p.set_defaults(unavailable=f"`spactor {name}` is not implemented yet")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    args = build_parser().parse_args()
+    if getattr(args, "unavailable", None):
+        print(f"spactor: {args.unavailable}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    from spactor_mega.errors import UserError
+
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"spactor {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spactor {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

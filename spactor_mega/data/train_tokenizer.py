@@ -1,0 +1,83 @@
+"""``spactor tokenizer train``: a SentencePiece unigram model from C4 files, T5's conventions.
+
+Writes ``OUT/spiece.model`` (pad 0, EOS 1, unk 2, no BOS), the file name Hugging Face's
+``T5Tokenizer`` looks for; :class:`~spactor_mega.data.tokenizer.T5SentencePieceTokenizer`
+adds the 100 sentinels above its pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from spactor_mega.data.c4 import ReadStats, expand_inputs, iter_documents
+from spactor_mega.data.tokenizer import T5SentencePieceTokenizer, train_sentencepiece
+from spactor_mega.errors import UserError
+
+MODEL_FILE = "spiece.model"
+
+
+def corpus_lines(inputs: list[str], stats: ReadStats, json_keys=("text",)) -> Iterator[str]:
+    """Non-empty lines of every document: SentencePiece trains on sentences, not documents."""
+    for path in expand_inputs(inputs):
+        for _, text in iter_documents(path, json_keys, stats):
+            for line in text.split("\n"):
+                line = line.strip()
+                if line:
+                    yield line
+
+
+def train_tokenizer(
+    inputs: list[str], output_dir: str | Path, vocab_size: int, threads: int = 2, max_sentences: int = 2_000_000,
+    force: bool = False,
+) -> T5SentencePieceTokenizer:
+    output_dir = Path(output_dir)
+    target = output_dir / MODEL_FILE
+    if target.exists() and not force:
+        raise UserError(f"{target}: exists; pass --force to overwrite it")
+    stats = ReadStats()
+    started = time.perf_counter()
+    tmp_prefix = output_dir / ".spiece.tmp"
+    model = train_sentencepiece(
+        corpus_lines(inputs, stats), tmp_prefix, vocab_size=vocab_size, num_threads=threads,
+        input_sentence_size=max_sentences,
+    )
+    model.replace(target)
+    tmp_prefix.with_suffix(".vocab").replace(output_dir / "spiece.vocab")
+    tokenizer = T5SentencePieceTokenizer(target)
+    report = stats.report()
+    if report:
+        print(report, file=sys.stderr)
+    print(
+        f"tokenizer: {target} ({tokenizer.sp_size} pieces + {tokenizer.num_sentinels} sentinels, "
+        f"from {stats.docs} documents in {time.perf_counter() - started:.1f} s)",
+        file=sys.stderr,
+    )
+    return tokenizer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train a unigram SentencePiece model on C4-format files",
+        description="Train a unigram SentencePiece model on C4-format files with T5's ids "
+        "(pad 0, EOS 1, unk 2, no BOS); writes OUT/spiece.model. Sentinels <extra_id_0..99> are "
+        "added above the pieces by the tokenizer wrapper, numbered as Hugging Face's T5Tokenizer.",
+        epilog="example: spactor tokenizer train --input 'data/demo_c4/c4-train.*.json.gz' "
+        "--output-dir runs/demo/tokenizer --vocab-size 8000",
+    )
+    train.add_argument("--input", nargs="+", required=True, help="C4 .json/.jsonl/.json.gz files or globs")
+    train.add_argument("--output-dir", required=True, help="folder to write spiece.model into")
+    train.add_argument("--vocab-size", type=int, default=32000, help="pieces, without sentinels (default 32000, T5's)")
+    train.add_argument("--threads", type=int, default=2, help="trainer threads (default 2)")
+    train.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training")
+    train.add_argument("--force", action="store_true", help="overwrite an existing spiece.model")
+
+
+def run(args: argparse.Namespace) -> int:
+    train_tokenizer(args.input, args.output_dir, args.vocab_size, args.threads, args.max_sentences, args.force)
+    return 0
