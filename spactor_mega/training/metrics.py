@@ -1,0 +1,53 @@
+"""What a run reports: TensorBoard scalars and a progress bar, on the logging rank only."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+
+class RunLogger:
+    """TensorBoard scalars plus a tqdm bar showing loss, stage and ETA; silent off rank 0."""
+
+    def __init__(self, tensorboard_dir: Optional[str], total_steps: int, first_step: int, enabled: bool, progress: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr, disable=None,  # None: off when stderr is not a terminal
+            )
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def advance(self, stage_name: str, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"stage={stage_name} loss={loss:.3f}", refresh=False)
+            self.bar.update(1)
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,106 @@
+"""The two-stage curriculum and the FLOPs model that prices each stage.
+
+``step < tau``: the hybrid step (MLM masking, generator G, RTD head, SC).
+``step >= tau``: span corruption only: the step costs what plain T5 costs.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from spactor_mega.config import Config, generator_num_layers
+
+
+class Stage(enum.Enum):
+    HYBRID = 1
+    SC_ONLY = 2
+
+
+def stage_at(step: int, tau: float) -> Stage:
+    """Stage of the (0-based) optimizer step ``step``: ``tau=0`` is plain T5, ``inf`` hybrid."""
+    return Stage.HYBRID if step < tau else Stage.SC_ONLY
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """Training FLOPs of one sample (forward + backward = 3x forward), by part."""
+
+    discriminator: float
+    generator: float
+    rtd_head: float
+
+    @property
+    def hybrid(self) -> float:
+        return self.discriminator + self.generator + self.rtd_head
+
+    @property
+    def sc_only(self) -> float:
+        return self.discriminator
+
+
+def _layer_flops(tokens: int, d: int, inner: int, d_ff: int, context: int) -> float:
+    """Forward FLOPs of one T5 v1.1 encoder layer: attention projections, scores, gated FFN."""
+    projections = 2 * tokens * d * inner * 4  # q, k, v, o
+    scores = 2 * 2 * tokens * context * inner  # QK^T and AV
+    ffn = 2 * tokens * d * d_ff * 3  # wi_0, wi_1, wo
+    return projections + scores + ffn
+
+
+def sample_flops(cfg: Config, encoder_length: int, decoder_length: int, vocab_size: int, mlm_positions: int) -> StepFlops:
+    """FLOPs model of one training sample, both stages (matmuls only, as MFU conventions do)."""
+    m, g = cfg.model, cfg.generator
+    d, inner = m.d_model, m.num_heads * m.d_kv
+    se, sd = encoder_length, decoder_length
+    encoder = m.num_encoder_layers * _layer_flops(se, d, inner, m.d_ff, se)
+    decoder_layer = (
+        _layer_flops(sd, d, inner, m.d_ff, sd)  # self-attention + FFN
+        + 2 * sd * d * inner * 2  # cross-attention q, o on decoder tokens
+        + 2 * se * d * inner * 2  # cross-attention k, v on encoder outputs
+        + 2 * 2 * sd * se * inner  # cross-attention scores and AV
+    )
+    lm_head = 2 * sd * d * vocab_size
+    discriminator = 3 * (encoder + m.num_decoder_layers * decoder_layer + lm_head)
+
+    g_inner = (g.num_heads or m.num_heads) * m.d_kv
+    g_layers = generator_num_layers(cfg) * _layer_flops(se, d, g_inner, g.d_ff or m.d_ff, se)
+    generator = 3 * (g_layers + 2 * mlm_positions * d * vocab_size)
+    rtd_head = 3 * 2 * se * (d * d + d)
+    return StepFlops(discriminator=discriminator, generator=generator, rtd_head=rtd_head)
+
+
+def lr_decay_style(name: str) -> str:
+    """Our schedule names -> Megatron's ``OptimizerParamScheduler`` decay styles."""
+    return {"inverse-sqrt": "inverse-square-root", "cosine": "cosine", "constant": "constant"}[name]
+
+
+def build_lr_scheduler(optimizer, cfg: Config):
+    """Warmup then decay, by Megatron's ``OptimizerParamScheduler`` (it checkpoints its state)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1),
+        lr_decay_style=lr_decay_style(o.lr_schedule),
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(cfg.train.steps, 1),
+        wd_incr_style="constant",
+    )
+
+
+def format_flops(value: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}FLOP"
+    return f"{value:.0f} FLOP"
+
+
+def is_finite_tau(tau: float) -> bool:
+    return not math.isinf(tau)
