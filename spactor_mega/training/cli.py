@@ -1,0 +1,46 @@
+"""``spactor train``: pretrain with SpacTor; ``--dry-run`` validates and prices a config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from spactor_mega.config import add_config_arguments, config_from_args, validate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Pretrain a T5 v1.1 encoder-decoder with SpacTor: span corruption plus replaced-token detection "
+        "for steps < spactor.tau, span corruption only after. Launch one process per device with torchrun "
+        "(or launch/*.sh); on one machine without a launcher it runs as a single process."
+    )
+    parser.epilog = (
+        "examples:\n  spactor train --config configs/demo-cpu.yaml\n"
+        "  torchrun --nproc-per-node 2 -m spactor_mega.cli train --config configs/demo-cpu.yaml "
+        "--parallel.tensor_model_parallel_size 2\n"
+        "  spactor train --config configs/t5-base.yaml --dry-run"
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--dry-run", action="store_true", help="validate the config, print sizes and FLOPs, exit")
+    parser.add_argument("--world-size", type=int, default=None, help="with --dry-run: the world size to validate for")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.dry_run:
+        from spactor_mega.training.dry_run import describe
+
+        print(describe(validate(cfg, args.world_size or cfg.parallel.tensor_model_parallel_size
+                                * cfg.parallel.pipeline_model_parallel_size)))
+        return 0
+    # Reject a layout that cannot work before any process group exists.
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    from spactor_mega.parallel.state import destroy_parallel
+    from spactor_mega.training.loop import train
+
+    try:
+        train(cfg)
+    finally:
+        destroy_parallel()
+    return 0

@@ -1,0 +1,50 @@
+"""``spactor train --dry-run``: a config's sizes and per-step FLOPs, without building it."""
+
+from __future__ import annotations
+
+from spactor_mega.config import Config, generator_num_layers
+from spactor_mega.data.span_corruption import mlm_capacity, noise_counts, random_spans_helper
+from spactor_mega.training.schedule import format_flops, sample_flops
+
+
+def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
+    """Analytic parameter counts of D (T5 v1.1) and G (without the shared embedding)."""
+    m, g = cfg.model, cfg.generator
+    d, inner = m.d_model, m.num_heads * m.d_kv
+    attention = 4 * d * inner
+    ffn = 3 * d * m.d_ff
+    bias_table = m.relative_attention_num_buckets * m.num_heads
+    encoder = m.num_encoder_layers * (attention + ffn + 2 * d) + bias_table + d
+    decoder = m.num_decoder_layers * (2 * attention + ffn + 3 * d) + bias_table + d
+    embedding = vocab_size * d
+    discriminator = embedding + encoder + decoder + vocab_size * d  # untied LM head
+    g_heads = g.num_heads or m.num_heads
+    g_layer = 4 * d * g_heads * m.d_kv + 3 * d * (g.d_ff or m.d_ff) + 2 * d
+    generator = generator_num_layers(cfg) * g_layer + m.relative_attention_num_buckets * g_heads + d
+    rtd_head = d * d + d
+    return {"discriminator": discriminator, "generator": generator, "rtd_head": rtd_head}
+
+
+def describe(cfg: Config, vocab_size: int = 32128) -> str:
+    s = cfg.data.encoder_seq_length
+    raw, targets = random_spans_helper(s, cfg.spactor.noise_density, cfg.spactor.mean_noise_span_length)
+    _, spans = noise_counts(raw, cfg.spactor.noise_density, cfg.spactor.mean_noise_span_length)
+    flops = sample_flops(cfg, s, targets, vocab_size, mlm_capacity(s, spans, cfg.spactor.mlm_fraction))
+    counts = parameter_counts(cfg, vocab_size)
+    batch = cfg.train.global_batch_size
+    lines = [
+        "config is valid",
+        f"lengths: raw {raw} -> encoder {s} + decoder {targets} tokens ({spans} spans)",
+        f"parameters (vocab {vocab_size}): D {counts['discriminator'] / 1e6:,.1f}M, "
+        f"G {counts['generator'] / 1e6:,.1f}M ({generator_num_layers(cfg)} layers, embedding shared), "
+        f"RTD head {counts['rtd_head'] / 1e6:,.2f}M",
+        f"FLOPs per step (batch {batch}): stage 1 (hybrid) {format_flops(flops.hybrid * batch)}, "
+        f"stage 2 (SC only) {format_flops(flops.sc_only * batch)}, ratio {flops.hybrid / flops.sc_only:.3f}",
+        f"tau {cfg.spactor.tau}, steps {cfg.train.steps}: total {format_flops(_total(cfg, flops) * batch)}",
+    ]
+    return "\n".join(lines)
+
+
+def _total(cfg: Config, flops) -> float:
+    hybrid_steps = min(cfg.spactor.tau, cfg.train.steps)
+    return hybrid_steps * flops.hybrid + (cfg.train.steps - hybrid_steps) * flops.sc_only
