@@ -116,6 +116,7 @@ class TrainConfig:
     save_dir: str = "runs/default/checkpoints"
     save_interval: int = 500
     resume: Optional[str] = None  # None | auto | a checkpoint directory
+    exit_interval: Optional[int] = None  # save and stop after a step that is a multiple of this
     eval_interval: int = 200
     eval_batches: int = 4
 

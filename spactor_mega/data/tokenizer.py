@@ -144,20 +144,26 @@ class T5SentencePieceTokenizer:
         return self.sp.encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
+        """Ids to text; sentinels as ``<extra_id_k>``, the mask as ``<mask>``, pad/EOS dropped."""
         pieces: list[str] = []
         run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                # SentencePiece drops a run's leading word boundary; keep it after a sentinel.
+                space = " " if pieces and self.sp.id_to_piece(run[0]).startswith("\u2581") else ""
+                pieces.append(space + self.sp.decode(run))
+                run.clear()
+
         for i in ids:
             i = int(i)
             if i >= self.sp_size:
-                if run:
-                    pieces.append(self.sp.decode(run))
-                    run = []
+                flush()
                 k = self.sp_size + self.num_sentinels - 1 - i
                 pieces.append(f"<extra_id_{k}>" if 0 <= k < self.num_sentinels else "<mask>")
             elif i not in (PAD_ID, EOS_ID):
                 run.append(i)
-        if run:
-            pieces.append(self.sp.decode(run))
+        flush()
         return "".join(pieces)
 
 
@@ -195,4 +201,4 @@ def train_sentencepiece(
         normalization_rule_name="nmt_nfkc",
         minloglevel=2,
     )
-    return model_prefix.with_suffix(".model")
+    return Path(f"{model_prefix}.model")

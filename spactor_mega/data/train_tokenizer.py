@@ -46,7 +46,7 @@ def train_tokenizer(
         input_sentence_size=max_sentences,
     )
     model.replace(target)
-    tmp_prefix.with_suffix(".vocab").replace(output_dir / "spiece.vocab")
+    Path(f"{tmp_prefix}.vocab").replace(output_dir / "spiece.vocab")
     tokenizer = T5SentencePieceTokenizer(target)
     report = stats.report()
     if report:

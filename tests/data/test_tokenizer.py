@@ -51,7 +51,9 @@ def test_ids_match_hugging_face_t5_tokenizer_on_the_demo_corpus(demo_tokenizer_d
 def test_it_loads_an_hf_t5_folder_unchanged(demo_tokenizer_dir, tmp_path):
     from transformers import T5Tokenizer
 
+    # A hub-style T5 folder: spiece.model beside the tokenizer config HF writes.
     T5Tokenizer.from_pretrained(str(demo_tokenizer_dir)).save_pretrained(tmp_path)
+    shutil.copy(demo_tokenizer_dir / "spiece.model", tmp_path / "spiece.model")
     ours = T5SentencePieceTokenizer(tmp_path)
     assert ours.num_sentinels == 100
     assert ours.mask_id == ours.vocab_size == ours.sp_size + 100
