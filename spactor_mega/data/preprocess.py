@@ -1,0 +1,484 @@
+"""C4 text -> one Megatron indexed dataset (``<prefix>.bin/.idx``), one document per JSON line.
+
+Pipeline: the main process reads raw lines (:func:`spactor_mega.data.c4.iter_lines`) into
+chunks of about ``chunk_bytes``; worker processes (each loads the tokenizer once) parse and
+validate the lines with :func:`~spactor_mega.data.c4.parse_line` and encode them with
+SentencePiece's batch encode straight to numpy; the main process takes the results back in
+submission order and writes them with Megatron's ``IndexedDatasetBuilder``. The output is
+therefore byte-identical for any number of workers.
+
+Output goes to ``<prefix>.tmp-<pid>.bin/.idx`` and is renamed to ``<prefix>.bin`` and then
+``<prefix>.idx`` only when complete; any error or Ctrl-C removes the temporary files.
+
+Megatron (which imports torch, several seconds) is imported in a background thread while the
+first chunks are encoded, so start-up stays well under two seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from spactor_mega.data.c4 import (
+    NO_TOKENS,
+    BadLine,
+    InputError,
+    ReadStats,
+    expand_inputs,
+    is_hf_source,
+    iter_documents,
+    iter_lines,
+    normalize_keys,
+    parse_line,
+    source_size,
+)
+from spactor_mega.data.tokenizer import T5SentencePieceTokenizer, TokenizerError
+from spactor_mega.errors import UserError
+
+DEFAULT_CHUNK_BYTES = 2 << 20  # text per work unit: ~0.15 s of encoding, small pickles
+MAX_BACKLOG_BYTES = 512 << 20  # encoded results held while Megatron imports
+
+
+class OutputExistsError(UserError):
+    """The output dataset exists and ``force`` was not given."""
+
+
+@dataclass
+class PreprocessResult:
+    output_prefix: str
+    docs: int  # documents written
+    tokens: int  # tokens written, EOS included
+    bytes_read: int  # uncompressed input bytes read (good and bad lines)
+    seconds: float
+    skipped: dict = field(default_factory=dict)  # reason -> lines skipped
+    inputs: int = 0  # sources read
+    dtype: str = ""
+    report: str = ""  # the bad-input report (empty when nothing was skipped)
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / max(self.seconds, 1e-9)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / 1e6 / max(self.seconds, 1e-9)
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.output_prefix}.bin/.idx: {self.docs:,} documents, {self.tokens:,} tokens "
+            f"({self.dtype}) from {self.inputs} input(s), {self.bytes_read / 1e6:,.1f} MB in "
+            f"{self.seconds:.1f} s ({self.mb_per_s:.1f} MB/s, {self.docs_per_s:,.0f} docs/s)"
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Workers
+# ----------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_path: str, json_keys: tuple, append_eod: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
+    tok = T5SentencePieceTokenizer(tokenizer_path)
+    _WORKER.update(sp=tok.sp, eos=tok.eos_id, keys=json_keys, eod=append_eod,
+                   encode=_batch_encoder(tok.sp))
+
+
+def _batch_encoder(sp):
+    """``texts -> list of int32 arrays`` in SentencePiece's C++ loop, one thread."""
+    try:  # sentencepiece >= 0.2.1 returns numpy arrays directly (no Python int objects)
+        sp.encode(["a"], out_type="numpy", num_threads=1)
+        return lambda texts: sp.encode(texts, out_type="numpy", num_threads=1)
+    except (ValueError, TypeError, RuntimeError):
+        pass
+
+    def encode_lists(texts):
+        return [np.array(ids, dtype=np.int32) for ids in sp.encode(texts, num_threads=1)]
+
+    return encode_lists
+
+
+def _work(task):
+    """One chunk: ``(kind, first_line, payload)`` -> ``(flat, lengths, parsed, skips)``.
+
+    ``kind`` is ``"lines"`` (raw JSON lines numbered from ``first_line``) or ``"texts"``
+    (validated ``(texts, line_numbers)`` from a ``datasets`` source). ``flat`` holds the
+    documents' ids back to back, EOS included; ``skips`` are ``(line, reason, detail)``.
+    """
+    kind, first, payload = task
+    skips = []
+    if kind == "lines":
+        keys = _WORKER["keys"]
+        texts, lines = [], []
+        for i, raw in enumerate(payload):
+            try:
+                texts.append(parse_line(raw, keys))
+                lines.append(first + i)
+            except BadLine as e:
+                skips.append((first + i, e.reason, e.detail))
+        parsed = len(texts)
+    else:
+        texts, lines = payload
+        parsed = 0  # counted by the main process
+    arrays = _WORKER["encode"](texts) if texts else []
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    if (lengths == 0).any():
+        skips += [(lines[i], NO_TOKENS, "") for i in np.flatnonzero(lengths == 0)]
+        skips.sort(key=lambda s: s[0])
+        lengths = lengths[lengths > 0]
+    flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
+    if _WORKER["eod"] and len(lengths):
+        flat = np.insert(flat, np.cumsum(lengths), _WORKER["eos"])
+        lengths = lengths + 1
+    return flat, lengths, parsed, skips
+
+
+# ----------------------------------------------------------------------------------------
+# Main process
+# ----------------------------------------------------------------------------------------
+class _MegatronImport:
+    """Imports Megatron's indexed-dataset module in a thread (torch takes seconds), quietly."""
+
+    def __init__(self):
+        self.module = None
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="megatron-import")
+        self.thread.start()
+
+    def _run(self):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
+                from megatron.core.datasets import indexed_dataset
+            self.module = indexed_dataset
+        except BaseException as e:  # re-raised in the main thread by get()
+            self.error = e
+
+    def get(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.module
+
+
+def _tasks(paths: list[Path], keys: tuple, stats: ReadStats, chunk_bytes: int):
+    """``(task, (source_index, disk_bytes, bytes))`` per chunk; a chunk never spans sources."""
+    for si, path in enumerate(paths):
+        if is_hf_source(path):
+            texts, rows, size = [], [], 0
+            for row, text in iter_documents(path, keys, stats):
+                texts.append(text)
+                rows.append(row)
+                size += len(text)
+                if size >= chunk_bytes:
+                    yield ("texts", 0, (texts, rows)), (si, stats.disk_bytes, stats.bytes)
+                    texts, rows, size = [], [], 0
+            if texts:
+                yield ("texts", 0, (texts, rows)), (si, stats.disk_bytes, stats.bytes)
+        else:
+            lines, first, size = [], 1, 0
+            for line_no, raw in iter_lines(path, stats):
+                if not lines:
+                    first = line_no
+                lines.append(raw)
+                size += len(raw)
+                if size >= chunk_bytes:
+                    yield ("lines", first, lines), (si, stats.disk_bytes, stats.bytes)
+                    lines, size = [], 0
+            if lines:
+                yield ("lines", first, lines), (si, stats.disk_bytes, stats.bytes)
+
+
+class _Progress:
+    """tqdm bar on stderr in input MB (total estimated from the compression ratio so far)."""
+
+    def __init__(self, enabled: bool, disk_total: int):
+        self.bar = None
+        self.disk_total = disk_total
+        self.t0 = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=disk_total, unit="B", unit_scale=True, unit_divisor=1000,
+                            desc="preprocess", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, disk: int, nbytes: int, docs: int) -> None:
+        if self.bar is None:
+            return
+        ratio = nbytes / disk if disk else 1.0
+        self.bar.total = max(nbytes, int(nbytes + (self.disk_total - disk) * ratio))
+        self.bar.set_postfix_str(f"{docs / (time.perf_counter() - self.t0):,.0f} docs/s", refresh=False)
+        self.bar.update(nbytes - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _output_prefix(output_prefix: Union[str, Path]) -> str:
+    prefix = str(output_prefix)
+    if prefix.endswith((".bin", ".idx")):
+        raise InputError(f"--output-prefix {prefix}: give the prefix without .bin/.idx")
+    if not Path(prefix).name:
+        raise InputError(f"--output-prefix {prefix!r}: needs a file name, e.g. data/c4_train")
+    return prefix
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
+def preprocess(
+    inputs: Union[str, Sequence[Union[str, Path]]],
+    output_prefix: Union[str, Path],
+    tokenizer_path: Union[str, Path],
+    workers: int = 1,
+    json_keys: Union[str, Sequence[str]] = ("text",),
+    append_eod: bool = True,
+    force: bool = False,
+    progress: bool = True,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> PreprocessResult:
+    """Tokenizes ``inputs`` (files, globs, folders) into ``<output_prefix>.bin/.idx``.
+
+    One document per JSON line, text under ``json_keys`` (several keys: joined with a
+    newline), EOS appended when ``append_eod``. Bad lines are skipped and reported to
+    stderr; a truncated ``.gz`` raises :class:`~spactor_mega.data.c4.CorruptFileError` and
+    leaves no output. Raises :class:`OutputExistsError` when the output exists and not
+    ``force``.
+    """
+    t0 = time.perf_counter()
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    keys = normalize_keys(json_keys)
+    prefix = _output_prefix(output_prefix)
+    final_bin, final_idx = prefix + ".bin", prefix + ".idx"
+    existing = [p for p in (final_bin, final_idx) if os.path.lexists(p)]
+    if existing and not force:
+        raise OutputExistsError(f"{existing[0]} already exists; pass --force to overwrite it")
+    paths = expand_inputs(inputs)
+    tok = T5SentencePieceTokenizer(tokenizer_path)
+    disk_total = sum(source_size(p) for p in paths)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp_bin, tmp_idx = f"{prefix}.tmp-{os.getpid()}.bin", f"{prefix}.tmp-{os.getpid()}.idx"
+
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+
+    # fork: workers start in milliseconds; they are forked at the first submit, before the
+    # Megatron import thread and the progress bar exist.
+    ctx = mp.get_context("fork") if sys.platform == "linux" else mp.get_context()
+    executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(str(tokenizer_path), keys, append_eod))
+    stats = ReadStats()
+    bar: Optional[_Progress] = None
+    importer: Optional[_MegatronImport] = None
+    builder = None
+    docs = tokens = 0
+
+    backlog: list = []  # results that arrived before Megatron finished importing
+    backlog_bytes = 0
+
+    def add(flat, lengths):
+        nonlocal builder
+        if builder is None:
+            indexed = importer.get()
+            dtype = indexed.DType.optimal_dtype(tok.vocab_size)
+            builder = indexed.IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+        flat = flat.astype(builder.dtype, copy=False)
+        offset = 0
+        for n in lengths.tolist():
+            builder.add_document(flat[offset : offset + n], [n])
+            offset += n
+
+    def flush_backlog():
+        nonlocal backlog_bytes
+        for item in backlog:
+            add(*item)
+        backlog.clear()
+        backlog_bytes = 0
+
+    def handle(future, meta):
+        nonlocal docs, tokens, backlog_bytes
+        flat, lengths, parsed, skips = future.result()
+        si, disk, nbytes = meta
+        for line, reason, detail in skips:
+            stats.skip(paths[si], line, reason, detail)
+        stats.docs += parsed
+        docs += len(lengths)
+        tokens += len(flat)
+        if len(lengths):
+            # Keep encoding while Megatron imports (seconds): buffer up to MAX_BACKLOG_BYTES.
+            if builder is None and importer.thread.is_alive() and backlog_bytes < MAX_BACKLOG_BYTES:
+                backlog.append((flat, lengths))
+                backlog_bytes += flat.nbytes
+            else:
+                flush_backlog()
+                add(flat, lengths)
+        bar.update(disk, nbytes, docs)
+
+    try:
+        pending: deque = deque()
+        max_pending = 2 * workers + 2
+        for task, meta in _tasks(paths, keys, stats, chunk_bytes):
+            pending.append((executor.submit(_work, task), meta))
+            if importer is None:  # workers exist now: safe to start threads
+                importer = _MegatronImport()
+                bar = _Progress(progress, disk_total)
+            if len(pending) >= max_pending:
+                handle(*pending.popleft())
+        while pending:
+            handle(*pending.popleft())
+        flush_backlog()
+        report = stats.report()
+        if report:
+            print(report, file=sys.stderr)
+        if docs == 0:
+            raise InputError(
+                f"no documents written: {len(paths)} input(s) held {stats.lines:,} line(s), "
+                "none usable" + (" (see the report above)" if report else "")
+            )
+        builder.finalize(tmp_idx)
+        os.replace(tmp_bin, final_bin)
+        os.replace(tmp_idx, final_idx)  # the index last: a reader sees both or the old pair
+    except BaseException:
+        executor.shutdown(wait=True, cancel_futures=True)
+        if builder is not None:
+            builder.data_file.close()
+        _remove(tmp_bin, tmp_idx)
+        raise
+    finally:
+        executor.shutdown(wait=True)
+        if bar is not None:
+            bar.close()
+        # On errors the import thread is not joined: it is not a daemon (a daemon thread
+        # killed inside torch's import can abort the process), so it finishes in the
+        # background and the process exits after it, but the error is reported at once.
+
+    return PreprocessResult(
+        output_prefix=prefix,
+        docs=docs,
+        tokens=tokens,
+        bytes_read=stats.bytes,
+        seconds=time.perf_counter() - t0,
+        skipped=dict(stats.skipped),
+        inputs=len(paths),
+        dtype=np.dtype(builder.dtype).name,
+        report=report,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+DESCRIPTION = """\
+Tokenize C4-format text into one Megatron indexed dataset (<prefix>.bin/.idx) for SpacTor
+pretraining. Inputs are JSON Lines files (.json, .jsonl, .json.gz, .jsonl.gz: one document
+per line, its text under --json-keys), globs of them, or folders (of such shards, of
+.parquet/.arrow shards, or written by datasets' save_to_disk). Each document is encoded with
+the SentencePiece model of --tokenizer and ends with EOS (--no-append-eod leaves it out).
+Bad lines (bad JSON, a missing or non-string key, non-UTF-8 bytes, empty text) are skipped
+and reported with file:line at the end; a truncated .gz is an error. The output is the same
+for any --workers and appears only when complete; an existing one needs --force."""
+
+EPILOG = """\
+example:
+  python tools/preprocess.py --input 'data/demo_c4/c4-train.*.json.gz' \\
+      --output-prefix data/demo_c4_train --tokenizer tokenizer/spiece.model --workers 4"""
+
+
+def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the preprocessing flags (Megatron's names where they overlap) to ``parser``."""
+    if parser.description is None:
+        parser.description = DESCRIPTION
+    if parser.epilog is None:
+        parser.epilog = EPILOG
+    if parser.formatter_class is argparse.HelpFormatter:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                       help="files, globs (quote them; ** recurses) or folders")
+    group.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
+                       help="key(s) holding the text (default: text); several are joined "
+                            "with a newline into one document")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
+                       metavar="PATH", help="SentencePiece .model file, or a folder with spiece.model")
+    group.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                       help="end each document with EOS (default: on; T5 chunks need the "
+                            "document boundary)")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                       help="writes PREFIX.bin and PREFIX.idx (folders are created)")
+    group.add_argument("--force", action="store_true", help="overwrite an existing output")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="tokenizer processes (default: 1); use about one per core")
+    group.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bar (it is off anyway when stderr is not a terminal)")
+    return parser
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    """Runs :func:`preprocess` for parsed arguments; prints a summary or a one-line error.
+
+    Returns the exit status: 0, 1 for an error, 130 when interrupted.
+    """
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 1
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)  # clean up temp files on kill too
+    try:
+        result = preprocess(
+            args.input, args.output_prefix, args.tokenizer, workers=args.workers,
+            json_keys=args.json_keys, append_eod=args.append_eod, force=args.force,
+            progress=args.progress,
+        )
+    except (UserError, TokenizerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; no output written", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="preprocess", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_preprocess_arguments(parser)
+    return run_preprocess(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# The `spactor` CLI's subcommand interface.
+add_arguments = add_preprocess_arguments
+run = run_preprocess

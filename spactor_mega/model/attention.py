@@ -1,0 +1,251 @@
+"""T5 attention pieces Megatron-Core lacks: the relative position bias and a core attention
+that adds it.
+
+What Megatron offers and why it is not used here:
+- ``DotProductAttention`` (local) asserts ``attention_bias is None``; ``TEDotProductAttention``
+  takes a bias only through Transformer Engine's fused backend (GPU only; which bias shapes and
+  dtypes it accepts depends on the TE/cuDNN version, and it cannot be tested here), so
+  :class:`T5CoreAttention` is used with or without TE. It calls
+  ``torch.nn.functional.scaled_dot_product_attention`` with the bias as ``attn_mask`` and
+  ``scale`` from the config (1.0 for T5): on GPUs that is a fused (memory-efficient) kernel that
+  supports an additive bias and its gradient; on CPUs, the flash-attention CPU kernel.
+- ``models.common.embeddings.RelativePositionEmbedding`` keeps the full ``[buckets, heads]``
+  table on every TP rank and scatters the bias, so its backward all-gathers a
+  ``[1, q, k, heads]`` tensor per stack per step. :class:`RelativePositionBias` instead shards
+  the table by heads (``partition_dim=1``, like a column-parallel weight): each TP rank computes
+  only its heads' bias and no communication is needed. At TP=1 the table is HF's
+  ``relative_attention_bias.weight`` ``[num_buckets, n_heads]``.
+
+The bias is computed once per stack and forward (:meth:`RelativePositionBias.attention_bias`
+folds the padding or causal mask in too) and handed to every layer as ``attention_bias``; the
+bucket index tables are cached per (query length, key length, device).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide, get_pg_rank, get_pg_size, make_tp_sharded_tensor_for_checkpoint
+
+from .norm import _param_device
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """HF T5's ``_relative_position_bucket``, operation for operation (same bucket boundaries)."""
+    relative_buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    relative_position_if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).to(torch.long)
+    relative_position_if_large = torch.min(
+        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1)
+    )
+    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
+    return relative_buckets
+
+
+class RelativePositionBias(MegatronModule):
+    """One T5 relative-position bias table per stack, sharded over TP by heads.
+
+    ``weight``: ``[num_buckets, heads / tp]``; the full table is initialised on every rank from
+    the same generator state and sliced, so any TP size starts from the same values.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        bidirectional: bool,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ):
+        super().__init__(config=config)
+        self.bidirectional = bidirectional
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.tp_group = tp_group
+        tp_size, tp_rank = get_pg_size(tp_group), get_pg_rank(tp_group)
+        heads = config.num_attention_heads
+        self.heads_per_partition = divide(heads, tp_size)
+        master = torch.empty(num_buckets, heads, dtype=torch.float32)
+        if config.perform_initialization:
+            config.init_method(master)
+        else:
+            master.zero_()
+        local = master[:, tp_rank * self.heads_per_partition : (tp_rank + 1) * self.heads_per_partition]
+        self.weight = torch.nn.Parameter(
+            local.to(dtype=config.params_dtype, device=_param_device(config)).contiguous()
+        )
+        tensor_parallel.set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
+        self._buckets: dict = {}
+
+    def _bucket_table(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        key = (q_len, k_len, str(device))
+        table = self._buckets.get(key)
+        if table is None:
+            ctx = torch.arange(q_len, dtype=torch.long, device=device)[:, None]
+            mem = torch.arange(k_len, dtype=torch.long, device=device)[None, :]
+            table = relative_position_bucket(
+                mem - ctx, self.bidirectional, self.num_buckets, self.max_distance
+            )
+            if len(self._buckets) > 16:  # a few shapes in practice; do not grow without bound
+                self._buckets.clear()
+            self._buckets[key] = table
+        return table
+
+    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
+        """The position bias ``[1, heads / tp, q_len, k_len]`` (differentiable w.r.t. the table)."""
+        buckets = self._bucket_table(q_len, k_len, self.weight.device)
+        values = F.embedding(buckets, self.weight)  # [q, k, h]
+        return values.permute(2, 0, 1).unsqueeze(0)
+
+    def attention_bias(
+        self,
+        q_len: int,
+        k_len: int,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> torch.Tensor:
+        """Position bias with the masks folded in, ready for :class:`T5CoreAttention`.
+
+        ``key_padding_mask``: bool ``[b, k_len]``, True for real tokens (None: no padding).
+        Causal (decoder) stacks also mask future keys. Masked entries get ``finfo.min`` as in HF.
+        Shape ``[1 or b, heads / tp, q_len, k_len]``.
+        """
+        bias = self.forward(q_len, k_len)
+        if dtype is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        neg = torch.finfo(bias.dtype).min
+        mask = None
+        if not self.bidirectional:
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=bias.device).triu_(
+                1 + max(k_len - q_len, 0)
+            )[None, None]
+        if key_padding_mask is not None:
+            pad = ~key_padding_mask.to(device=bias.device, dtype=torch.bool)[:, None, None, :]
+            mask = pad if mask is None else (mask | pad)
+        if mask is not None:
+            bias = bias.masked_fill(mask, neg)
+        else:
+            bias = bias.contiguous()
+        return bias
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        return {
+            f"{prefix}weight": make_tp_sharded_tensor_for_checkpoint(
+                self.weight,
+                f"{prefix}weight",
+                tp_axis=1,
+                prepend_offsets=sharded_offsets,
+                tp_group=self.tp_group,
+                dp_cp_group=_dp_cp_group(metadata),
+            )
+        }
+
+
+def _dp_cp_group(metadata):
+    if metadata and metadata.get("dp_cp_group") is not None:
+        return metadata["dp_cp_group"]
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def additive_padding_mask(key_padding_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """bool ``[b, k]`` (True = real token) -> additive ``[b, 1, 1, k]`` (0 or finfo.min); None stays None."""
+    if key_padding_mask is None:
+        return None
+    mask = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    mask.masked_fill_(~key_padding_mask.bool(), torch.finfo(dtype).min)
+    return mask[:, None, None, :]
+
+
+class T5CoreAttention(MegatronModule):
+    """Core attention for T5: softmax(q k^T * scale + bias) v with SDPA; scale from the config.
+
+    Built by Megatron's ``SelfAttention``/``CrossAttention`` (same constructor and forward as
+    ``DotProductAttention``). Inputs ``[s, b, heads/tp, d_kv]``; output ``[s, b, heads/tp * d_kv]``.
+    ``attention_bias`` (additive, broadcastable to ``[b, heads/tp, sq, sk]``) carries the position
+    bias and masks; ``attention_mask`` may add a mask: bool (True = masked out, Megatron's
+    convention) or additive float.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.arbitrary,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        **_ignored,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("T5CoreAttention does not support context parallelism")
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        )
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+        **_ignored,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("T5CoreAttention does not support packed sequences (THD)")
+        sq, b, heads, d = query.shape
+        q = query.permute(1, 2, 0, 3)  # [b, h, sq, d]
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        bias = attention_bias
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                if bias is None:
+                    bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
+                bias = bias.masked_fill(attention_mask, torch.finfo(q.dtype).min)
+            else:
+                bias = attention_mask if bias is None else bias + attention_mask
+        if bias is not None and bias.dtype != q.dtype:
+            bias = bias.to(q.dtype)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0.0:
+            # Heads are split over TP: each rank draws its own dropout mask (Megatron's convention).
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.softmax_scale
+                )
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.softmax_scale)
+        # [b, h, sq, d] -> [sq, b, h * d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)

@@ -1,0 +1,200 @@
+"""Weight mapping between D's TP=1 state dict and HF ``T5ForConditionalGeneration`` (v1.1 layout).
+
+Megatron layouts handled here (TP=1, i.e. full tensors; for TP>1 gather first, e.g. with
+``dist_checkpointing`` or :func:`spactor_mega.parallel.tensor_shards.gather_full_state_dict`):
+
+- self-attention ``linear_qkv.weight`` ``[heads * 3 * d_kv, d_model]``: grouped per head (one
+  query group per head), each group ``[q_h; k_h; v_h]`` -> HF ``q``, ``k``, ``v`` ``[heads*d_kv, d_model]``;
+- cross-attention ``linear_q.weight`` is HF ``q`` as is; ``linear_kv.weight``
+  ``[heads * 2 * d_kv, d_model]`` grouped per head ``[k_h; v_h]`` -> HF ``k``, ``v``;
+- ``mlp.linear_fc1.weight`` ``[2 * d_ff, d_model]`` = ``[wi_0; wi_1]``; ``linear_fc2`` = ``wo``;
+- one ``relative_attention_bias.weight`` ``[buckets, heads]`` per stack -> HF's block 0 of that stack;
+- ``embedding.weight`` -> ``shared.weight`` (HF ties ``encoder/decoder.embed_tokens`` to it);
+  ``lm_head.weight`` untied.
+
+Megatron's ``_extra_state`` entries are ignored. The vocabulary is carried over row for row;
+``hf_vocab_size`` may cut (or zero-pad) rows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _split_grouped(w: torch.Tensor, heads: int, parts: int) -> list[torch.Tensor]:
+    d_in = w.shape[-1]
+    g = w.reshape(heads, parts, -1, d_in)
+    return [g[:, i].reshape(-1, d_in).clone() for i in range(parts)]
+
+
+def _join_grouped(ws: list[torch.Tensor], heads: int) -> torch.Tensor:
+    d_in = ws[0].shape[-1]
+    return torch.stack([w.reshape(heads, -1, d_in) for w in ws], dim=1).reshape(-1, d_in).clone()
+
+
+def _resize_rows(w: torch.Tensor, rows: Optional[int]) -> torch.Tensor:
+    if rows is None or rows == w.shape[0]:
+        return w.clone()
+    if rows < w.shape[0]:
+        return w[:rows].clone()
+    out = w.new_zeros(rows, *w.shape[1:])
+    out[: w.shape[0]] = w
+    return out
+
+
+def megatron_to_hf(
+    state_dict: dict,
+    num_heads: int,
+    num_encoder_layers: int,
+    num_decoder_layers: int,
+    hf_vocab_size: Optional[int] = None,
+) -> dict:
+    """D's full (TP=1) state dict -> HF ``T5ForConditionalGeneration`` state dict."""
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("_extra_state")}
+    out: dict = {}
+    shared = _resize_rows(sd["embedding.weight"], hf_vocab_size)
+    out["shared.weight"] = shared
+    out["encoder.embed_tokens.weight"] = shared
+    out["decoder.embed_tokens.weight"] = shared
+    out["lm_head.weight"] = _resize_rows(sd["lm_head.weight"], hf_vocab_size)
+    for stack, n in (("encoder", num_encoder_layers), ("decoder", num_decoder_layers)):
+        out[f"{stack}.final_layer_norm.weight"] = sd[f"{stack}.final_layernorm.weight"].clone()
+        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = sd[
+            f"{stack}.relative_attention_bias.weight"
+        ].clone()
+        for i in range(n):
+            m = f"{stack}.layers.{i}."
+            h = f"{stack}.block.{i}.layer."
+            q, k, v = _split_grouped(sd[m + "self_attention.linear_qkv.weight"], num_heads, 3)
+            out[h + "0.SelfAttention.q.weight"] = q
+            out[h + "0.SelfAttention.k.weight"] = k
+            out[h + "0.SelfAttention.v.weight"] = v
+            out[h + "0.SelfAttention.o.weight"] = sd[m + "self_attention.linear_proj.weight"].clone()
+            out[h + "0.layer_norm.weight"] = sd[m + "input_layernorm.weight"].clone()
+            ff = 1
+            if stack == "decoder":
+                ff = 2
+                out[h + "1.EncDecAttention.q.weight"] = sd[m + "cross_attention.linear_q.weight"].clone()
+                ck, cv = _split_grouped(sd[m + "cross_attention.linear_kv.weight"], num_heads, 2)
+                out[h + "1.EncDecAttention.k.weight"] = ck
+                out[h + "1.EncDecAttention.v.weight"] = cv
+                out[h + "1.EncDecAttention.o.weight"] = sd[m + "cross_attention.linear_proj.weight"].clone()
+                out[h + "1.layer_norm.weight"] = sd[m + "pre_cross_attn_layernorm.weight"].clone()
+            wi_0, wi_1 = sd[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out[h + f"{ff}.DenseReluDense.wi_0.weight"] = wi_0.clone()
+            out[h + f"{ff}.DenseReluDense.wi_1.weight"] = wi_1.clone()
+            out[h + f"{ff}.DenseReluDense.wo.weight"] = sd[m + "mlp.linear_fc2.weight"].clone()
+            out[h + f"{ff}.layer_norm.weight"] = sd[m + "pre_mlp_layernorm.weight"].clone()
+    return out
+
+
+def hf_to_megatron(
+    hf_state_dict: dict,
+    num_heads: int,
+    num_encoder_layers: int,
+    num_decoder_layers: int,
+    vocab_size: Optional[int] = None,
+) -> dict:
+    """HF ``T5ForConditionalGeneration`` state dict -> D's full (TP=1) state dict."""
+    sd = hf_state_dict
+    out: dict = {}
+    shared = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    out["embedding.weight"] = _resize_rows(shared, vocab_size)
+    out["lm_head.weight"] = _resize_rows(sd["lm_head.weight"], vocab_size)
+    for stack, n in (("encoder", num_encoder_layers), ("decoder", num_decoder_layers)):
+        out[f"{stack}.final_layernorm.weight"] = sd[f"{stack}.final_layer_norm.weight"].clone()
+        out[f"{stack}.relative_attention_bias.weight"] = sd[
+            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        ].clone()
+        for i in range(n):
+            m = f"{stack}.layers.{i}."
+            h = f"{stack}.block.{i}.layer."
+            out[m + "self_attention.linear_qkv.weight"] = _join_grouped(
+                [sd[h + f"0.SelfAttention.{p}.weight"] for p in "qkv"], num_heads
+            )
+            out[m + "self_attention.linear_proj.weight"] = sd[h + "0.SelfAttention.o.weight"].clone()
+            out[m + "input_layernorm.weight"] = sd[h + "0.layer_norm.weight"].clone()
+            ff = 1
+            if stack == "decoder":
+                ff = 2
+                out[m + "cross_attention.linear_q.weight"] = sd[h + "1.EncDecAttention.q.weight"].clone()
+                out[m + "cross_attention.linear_kv.weight"] = _join_grouped(
+                    [sd[h + f"1.EncDecAttention.{p}.weight"] for p in "kv"], num_heads
+                )
+                out[m + "cross_attention.linear_proj.weight"] = sd[h + "1.EncDecAttention.o.weight"].clone()
+                out[m + "pre_cross_attn_layernorm.weight"] = sd[h + "1.layer_norm.weight"].clone()
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [sd[h + f"{ff}.DenseReluDense.wi_0.weight"], sd[h + f"{ff}.DenseReluDense.wi_1.weight"]], 0
+            )
+            out[m + "mlp.linear_fc2.weight"] = sd[h + f"{ff}.DenseReluDense.wo.weight"].clone()
+            out[m + "pre_mlp_layernorm.weight"] = sd[h + f"{ff}.layer_norm.weight"].clone()
+    return out
+
+
+def hf_t5_config(model_cfg, vocab_size: int, **overrides):
+    """A ``transformers.T5Config`` for D (T5 v1.1: gated-GELU, untied head, ids pad 0 / EOS 1)."""
+    from transformers import T5Config
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        d_model=model_cfg.d_model,
+        d_kv=model_cfg.d_kv,
+        d_ff=model_cfg.d_ff,
+        num_layers=model_cfg.num_encoder_layers,
+        num_decoder_layers=model_cfg.num_decoder_layers,
+        num_heads=model_cfg.num_heads,
+        relative_attention_num_buckets=model_cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=model_cfg.relative_attention_max_distance,
+        dropout_rate=model_cfg.dropout,
+        layer_norm_epsilon=model_cfg.layer_norm_epsilon,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=True,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    kwargs.update(overrides)
+    return T5Config(**kwargs)
+
+
+def untie_lm_head(hf_model):
+    """Gives an HF T5 model built from a config its own ``lm_head`` weight.
+
+    transformers 5.x ``T5Config`` forces ``tie_word_embeddings=True`` (it keeps the v1.1 flag only
+    as ``scale_decoder_outputs=False``), so ``T5ForConditionalGeneration(config)`` ties
+    ``lm_head.weight`` to ``shared.weight`` at construction. ``from_pretrained`` unties them by
+    itself when a checkpoint holds two different tensors; a model built in memory needs this.
+    """
+    lm = hf_model.lm_head
+    if lm.weight is hf_model.shared.weight or lm.weight.data_ptr() == hf_model.shared.weight.data_ptr():
+        lm.weight = torch.nn.Parameter(hf_model.shared.weight.detach().clone())
+    tied = getattr(hf_model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        tied.pop("lm_head.weight", None)
+    if getattr(hf_model.config, "scale_decoder_outputs", False):
+        raise RuntimeError("HF T5 config rescales decoder outputs (T5 v1.0 behaviour); pass tie_word_embeddings=False")
+    return hf_model
+
+
+def megatron_d_to_hf_model(d_module, hf_vocab_size: Optional[int] = None):
+    """Convenience for TP=1: an HF ``T5ForConditionalGeneration`` with D's weights (fp32)."""
+    from transformers import T5ForConditionalGeneration
+
+    cfg = d_module.model_cfg
+    vocab = hf_vocab_size or d_module.vocab_size
+    hf = untie_lm_head(T5ForConditionalGeneration(hf_t5_config(cfg, vocab)))
+    sd = megatron_to_hf(
+        {k: v.detach().float().cpu() for k, v in d_module.state_dict().items() if torch.is_tensor(v)},
+        cfg.num_heads,
+        cfg.num_encoder_layers,
+        cfg.num_decoder_layers,
+        hf_vocab_size=vocab,
+    )
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("embed_tokens.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"HF T5 weight mapping mismatch: missing {missing}, unexpected {unexpected}")
+    return hf.eval()

@@ -1,0 +1,57 @@
+"""Loss terms of SpacTor, reduced the way the step function reports them.
+
+Vocab-parallel cross entropy is Megatron's ``tensor_parallel.vocab_parallel_cross_entropy``
+(fp32 softmax over the TP-sharded vocabulary; note it overwrites its input logits in place, so
+anything else that reads them - sampling, argmax accuracy - must run first). Everything else is
+plain torch on tensors that are replicated over TP, so every TP rank computes the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+
+
+def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(values * weights) / max(sum(weights), 1)`` (fp32)."""
+    weights = weights.to(torch.float32)
+    return (values.float() * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def vocab_parallel_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token CE ``[...]`` from vocab-parallel ``logits`` ``[..., V/tp]`` (consumes the logits)."""
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+
+
+def sc_loss(lm_logits_sbv: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Span-corruption loss: mean CE over target tokens. Logits ``[s_dec, b, V/tp]`` (Megatron
+    layout), labels / mask batch-first ``[b, s_dec]``."""
+    ce = vocab_parallel_ce(lm_logits_sbv, labels.transpose(0, 1).contiguous())  # [s, b]
+    return masked_mean(ce, loss_mask.transpose(0, 1))
+
+
+def rtd_loss(rtd_logits: torch.Tensor, is_replaced: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits over the real (non-pad) encoder tokens, mean over them. All ``[b, s]``."""
+    bce = F.binary_cross_entropy_with_logits(rtd_logits.float(), is_replaced.float(), reduction="none")
+    return masked_mean(bce, enc_mask)
+
+
+@torch.no_grad()
+def rtd_stats(rtd_logits: torch.Tensor, is_replaced: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:
+    """[accuracy, precision, recall, replaced fraction] as one fp32 tensor (0 when undefined)."""
+    real = enc_mask.bool()
+    pred = (rtd_logits > 0) & real
+    truth = is_replaced.bool() & real
+    n_real = real.sum().clamp(min=1).float()
+    correct = ((pred == truth) & real).sum().float()
+    tp = (pred & truth).sum().float()
+    n_pred, n_true = pred.sum().float(), truth.sum().float()
+    return torch.stack(
+        [
+            correct / n_real,
+            torch.where(n_pred > 0, tp / n_pred.clamp(min=1), torch.zeros_like(tp)),
+            torch.where(n_true > 0, tp / n_true.clamp(min=1), torch.zeros_like(tp)),
+            n_true / n_real,
+        ]
+    )

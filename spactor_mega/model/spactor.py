@@ -1,0 +1,187 @@
+"""The SpacTor step: builds the three modules and computes (loss, metrics) for one micro-batch.
+
+    from spactor_mega.model.spactor import build_spactor_modules, SpactorObjective
+    d, g, rtd = build_spactor_modules(cfg, vocab_size)            # g, rtd None when tau == 0
+    objective = SpactorObjective.from_config(cfg, mask_id=tok.mask_id, sample_vocab_size=tok.sp_size)
+    loss, metrics = objective(batch, d, g, rtd, stage="hybrid", step=step, micro_batch=i)
+    loss.backward()        # or Megatron's schedule: return loss from the forward_step_func
+
+``stage="hybrid"`` (step < tau): G is fed the encoder input with ``mask_id`` at the MLM positions,
+its MLM loss is taken there (vocab-parallel CE, weighted mean), replacements are Gumbel-max sampled
+(no grad), D reads the encoder input with the samples at those positions, the RTD head labels
+every real encoder token replaced-or-not (BCE, mean over real tokens), and the decoder's SC loss
+is the mean CE over target tokens:
+``total = mlm_weight * L_mlm + rtd_weight * L_rtd + L_sc``.
+``stage="sc"``: only D runs; ``total = L_sc``. G, masking and the RTD head are not touched.
+
+Megatron DDP: wrap D, G and the RTD head separately (``DistributedDataParallel(config, ddp_config,
+module)``), one ``get_megatron_optimizer`` per wrapped group (G and the RTD head may share one
+as two model chunks); at tau drop G's and the head's wrappers and optimizer. G borrows D's
+embedding without registering it, so the embedding's gradient (from D and G) accumulates in D's
+DDP buffer only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from .generator import T5Generator, gumbel_max_sample, sampling_seed, vocab_parallel_argmax
+from .heads import RTDHead
+from .losses import masked_mean, rtd_loss, rtd_stats, sc_loss, vocab_parallel_ce
+from .t5 import T5Discriminator
+
+HYBRID, SC_ONLY = "hybrid", "sc"
+
+
+def generator_num_layers(model_cfg, generator_cfg) -> int:
+    """round(depth_fraction * D encoder layers), at least 1 (same rule as config.generator_num_layers)."""
+    return max(1, round(generator_cfg.depth_fraction * model_cfg.num_encoder_layers))
+
+
+def build_spactor_modules(
+    cfg,
+    vocab_size: int,
+    *,
+    with_generator: Optional[bool] = None,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: Optional[bool] = None,
+    recompute_granularity: Optional[str] = None,
+):
+    """(D, G or None, RTD head or None) for ``cfg`` (a :class:`spactor_mega.config.Config`).
+
+    ``with_generator`` defaults to ``cfg.spactor.tau > 0``. Call after ``initialize_parallel``;
+    build order (D, then G, then the head) fixes the RNG stream, so the same seed gives the same
+    weights for every TP size (with CPU initialisation).
+    """
+    if with_generator is None:
+        with_generator = cfg.spactor.tau > 0
+    common = dict(
+        params_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        recompute_granularity=recompute_granularity,
+    )
+    d = T5Discriminator(cfg.model, vocab_size, **common)
+    if not with_generator:
+        return d, None, None
+    g = T5Generator(
+        cfg.model,
+        cfg.generator,
+        generator_num_layers(cfg.model, cfg.generator),
+        d.embedding,
+        **common,
+    )
+    rtd = RTDHead(d.encoder_config)
+    return d, g, rtd
+
+
+@dataclass
+class SpactorObjective:
+    """Static settings of the objective; call it per micro-batch."""
+
+    mask_id: int
+    sample_vocab_size: int  # ids >= this are never sampled (sentinels, mask, padded rows)
+    forbidden_ids: Sequence[int] = (0, 1)  # pad, EOS
+    mlm_weight: float = 1.0
+    rtd_weight: float = 10.0
+    temperature: float = 1.0
+    seed: int = 1234
+
+    @classmethod
+    def from_config(cls, cfg, *, mask_id: int, sample_vocab_size: int, forbidden_ids=(0, 1)):
+        return cls(
+            mask_id=mask_id,
+            sample_vocab_size=sample_vocab_size,
+            forbidden_ids=tuple(forbidden_ids),
+            mlm_weight=cfg.spactor.mlm_weight,
+            rtd_weight=cfg.spactor.rtd_weight,
+            temperature=cfg.generator.temperature,
+            seed=cfg.train.seed,
+        )
+
+    def __call__(
+        self,
+        batch: dict,
+        discriminator: T5Discriminator,
+        generator: Optional[T5Generator] = None,
+        rtd_head: Optional[RTDHead] = None,
+        *,
+        stage: str = HYBRID,
+        step: int = 0,
+        micro_batch: int = 0,
+    ):
+        """Returns ``(total_loss, metrics)``; metrics are Python floats (one host sync)."""
+        if stage == SC_ONLY:
+            return self.sc_step(batch, discriminator)
+        if stage != HYBRID:
+            raise ValueError(f"stage must be {HYBRID!r} or {SC_ONLY!r}, got {stage!r}")
+        if generator is None or rtd_head is None:
+            raise ValueError("the hybrid stage needs the generator and the RTD head")
+        return self.hybrid_step(batch, discriminator, generator, rtd_head, step, micro_batch)
+
+    # ---- stages -----------------------------------------------------------------------------
+    def sc_step(self, batch: dict, d: T5Discriminator):
+        enc_mask = batch["enc_mask"]
+        encoder_hidden = d.encode(batch["enc_tokens"], enc_mask)
+        decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, enc_mask)
+        loss = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"])
+        value = loss.detach().float().item()
+        return loss, {"loss": value, "sc_loss": value}
+
+    def hybrid_step(self, batch: dict, d, g, rtd_head, step: int, micro_batch: int):
+        enc = batch["enc_tokens"]
+        enc_mask = batch["enc_mask"].bool()
+        positions = batch["mlm_positions"]
+        targets = batch["mlm_targets"]
+        weights = batch["mlm_weights"].float()
+        real = weights > 0
+
+        # Which encoder positions G sees masked (scatter_add: padded slots point at 0 and add 0).
+        hits = torch.zeros_like(enc).scatter_add_(1, positions, real.long())
+        masked = hits > 0
+        g_logits = g(torch.where(masked, torch.full_like(enc, self.mask_id), enc), enc_mask, positions)
+
+        with torch.no_grad():
+            seed = sampling_seed(
+                self.seed, step, micro_batch, parallel_state.get_data_parallel_rank(with_context_parallel=True)
+            )
+            sampled = gumbel_max_sample(
+                g_logits.detach(),
+                temperature=self.temperature,
+                seed=seed,
+                sample_vocab_size=self.sample_vocab_size,
+                forbidden_ids=self.forbidden_ids,
+            )  # [b, m]
+            mlm_correct = (vocab_parallel_argmax(g_logits.detach()) == targets).float()
+            fill = torch.zeros_like(enc).scatter_add_(1, positions, torch.where(real, sampled, 0))
+            d_input = torch.where(masked, fill, enc)
+            is_replaced = masked & (d_input != enc)
+
+        mlm_loss = masked_mean(vocab_parallel_ce(g_logits, targets), weights)  # consumes g_logits
+
+        encoder_hidden = d.encode(d_input, enc_mask)
+        rtd_logits = rtd_head(encoder_hidden).transpose(0, 1)  # [b, s]
+        l_rtd = rtd_loss(rtd_logits, is_replaced, enc_mask)
+        decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, enc_mask)
+        l_sc = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"])
+
+        total = self.mlm_weight * mlm_loss + self.rtd_weight * l_rtd + l_sc
+        with torch.no_grad():
+            values = torch.cat(
+                [
+                    torch.stack([total.detach(), l_sc.detach(), mlm_loss.detach(), l_rtd.detach()]).float(),
+                    rtd_stats(rtd_logits.detach(), is_replaced, enc_mask),
+                    masked_mean(mlm_correct, weights).reshape(1),
+                ]
+            ).tolist()
+        names = (
+            "loss", "sc_loss", "mlm_loss", "rtd_loss",
+            "rtd_accuracy", "rtd_precision", "rtd_recall", "replaced_fraction",
+            "mlm_accuracy",
+        )
+        metrics = dict(zip(names, values))
+        self.last_samples = sampled  # the replacements of this call (detached [b, m]; tests, debugging)
+        return total, metrics

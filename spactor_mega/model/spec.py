@@ -1,0 +1,176 @@
+"""Megatron-Core ``ModuleSpec``s and ``TransformerConfig`` for T5 v1.1 layers.
+
+From Megatron-Core: ``TransformerLayer`` (pre-norm residual layer), ``SelfAttention`` /
+``CrossAttention`` (fused QKV / Q + fused KV projections), ``ColumnParallelLinear`` /
+``RowParallelLinear``, ``MLP`` with ``gated_linear_unit`` (fc1 holds [wi_0; wi_1], TP stride 2),
+``get_bias_dropout_add``. Ours: :class:`~spactor_mega.model.norm.T5RMSNorm` (input, cross-attn
+and pre-MLP norms and the stack's final norm) and
+:class:`~spactor_mega.model.attention.T5CoreAttention` (position bias, scale 1.0).
+
+Why not ``megatron.core.models.T5.t5_spec``: its local block specs pass ``layer_norm=TENorm``,
+which is ``None`` without Transformer Engine, so the final norm silently disappears; its layer
+norms are LayerNorm-or-torch-RMSNorm wrappers; its ``DotProductAttention`` refuses a bias.
+
+T5 v1.1 mapped onto the config: no biases (``add_bias_linear=False``), gated-GELU (tanh
+approximation = HF ``gelu_new``), ``softmax_scale=1.0``, RMSNorm eps from the model config,
+``kv_channels=d_kv`` (may differ from ``d_model / heads``), dropout on the residual branches
+(``hidden_dropout``) and attention probabilities (``attention_dropout``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import (
+    CrossAttention,
+    CrossAttentionSubmodules,
+    SelfAttention,
+    SelfAttentionSubmodules,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from .attention import T5CoreAttention
+from .norm import T5RMSNorm
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """HF ``gelu_new``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return F.gelu(x, approximate="tanh")
+
+
+def _mlp_submodule():
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    if hasattr(MLP, "as_mlp_submodule"):  # megatron-core >= 0.17: MLP builder protocol
+        return partial(MLP.as_mlp_submodule, submodules=submodules)
+    return ModuleSpec(module=MLP, submodules=submodules)  # 0.16
+
+
+def _self_attention():
+    return ModuleSpec(
+        module=SelfAttention,
+        # The mask type is informational for our core attention: masks ride in the bias.
+        params={"attn_mask_type": AttnMaskType.arbitrary},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=T5CoreAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=None,
+            k_layernorm=None,
+        ),
+    )
+
+
+def t5_encoder_layer_spec() -> ModuleSpec:
+    """Pre-norm self-attention + gated-GELU FFN (T5 encoder layer; also G's layers)."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=T5RMSNorm,
+            self_attention=_self_attention(),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=T5RMSNorm,
+            mlp=_mlp_submodule(),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def t5_decoder_layer_spec() -> ModuleSpec:
+    """Pre-norm causal self-attention + cross-attention (no position bias) + gated-GELU FFN."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=T5RMSNorm,
+            self_attention=_self_attention(),
+            self_attn_bda=get_bias_dropout_add,
+            pre_cross_attn_layernorm=T5RMSNorm,
+            cross_attention=ModuleSpec(
+                module=CrossAttention,
+                params={"attn_mask_type": AttnMaskType.arbitrary},
+                submodules=CrossAttentionSubmodules(
+                    linear_q=ColumnParallelLinear,
+                    linear_kv=ColumnParallelLinear,
+                    core_attention=T5CoreAttention,
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            cross_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=T5RMSNorm,
+            mlp=_mlp_submodule(),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def t5_transformer_config(
+    *,
+    d_model: int,
+    d_kv: int,
+    d_ff: int,
+    num_heads: int,
+    num_layers: int,
+    dropout: float = 0.0,
+    layer_norm_epsilon: float = 1e-6,
+    init_method_std: float = 0.02,
+    tensor_model_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: Optional[bool] = None,
+    recompute_granularity: Optional[str] = None,
+    **overrides,
+) -> TransformerConfig:
+    """A ``TransformerConfig`` for T5 v1.1 layers.
+
+    ``pipeline_model_parallel_size`` stays 1 here on purpose: Megatron's layer builders would
+    split and renumber the layers by it; our stacks choose their stage's layers themselves.
+    ``use_cpu_initialization`` (default: True without CUDA) builds each weight's full master
+    copy from the default generator and slices it, so every TP size starts from the same values.
+    """
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=num_layers,
+        hidden_size=d_model,
+        ffn_hidden_size=d_ff,
+        num_attention_heads=num_heads,
+        num_query_groups=num_heads,
+        kv_channels=d_kv,
+        softmax_scale=1.0,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        layernorm_epsilon=layer_norm_epsilon,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,
+        activation_func=gelu_new,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_query_key_layer_scaling=False,
+        gradient_accumulation_fusion=False,
+        init_method_std=init_method_std,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+        recompute_granularity=recompute_granularity,
+    )
+    if recompute_granularity == "full":
+        kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

@@ -1,0 +1,265 @@
+"""The discriminator D: T5 v1.1 (HF ``T5ForConditionalGeneration``-exact) from Megatron-Core parts.
+
+Layout (parameter names are what :mod:`spactor_mega.model.hf_mapping` maps):
+
+- ``embedding``: ``VocabParallelEmbedding`` ``[V/tp, d_model]``, shared by encoder and decoder
+  (and lent to G). No scaling (T5).
+- ``encoder`` / ``decoder``: :class:`T5Stack`, a Megatron ``TransformerBlock`` (``.layers`` is a
+  ``ModuleList`` of ``TransformerLayer``; ``.final_layernorm`` a :class:`T5RMSNorm`) plus the
+  stack's own ``relative_attention_bias`` (bidirectional buckets in the encoder, causal in the
+  decoder), computed once per forward and shared by all layers of the stack. Cross-attention
+  gets no position bias.
+- ``lm_head``: ``ColumnParallelLinear`` ``[V/tp, d_model]``, untied, no ``d_model**-0.5``
+  rescaling (v1.1 unties the head). Its logits stay vocab-parallel for
+  ``tensor_parallel.vocab_parallel_cross_entropy``.
+
+Tensors are batch-first at this module's edges and sequence-first ``[s, b, h]`` inside.
+
+Pipeline stages ([3/5]) are anticipated but not implemented: ``pre_process`` (embedding here),
+``post_process`` (LM head, final dropout here), ``add_encoder`` / ``add_decoder``; the layers are
+``ModuleList``s and the stacks' layer configs keep ``pipeline_model_parallel_size=1``. The RTD
+head is not part of D (see :mod:`spactor_mega.model.heads`), so D is exactly what is exported.
+
+Differences from HF that matter only with dropout > 0 (T5 v1.1 pretrains without dropout): HF
+also drops out inside the FFN (after ``gelu(wi_0 x) * wi_1 x``); Megatron's MLP has no such site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .attention import RelativePositionBias, additive_padding_mask
+from .norm import T5RMSNorm
+from .spec import t5_decoder_layer_spec, t5_encoder_layer_spec, t5_transformer_config
+
+
+def padded_vocab_size(n: int, divisible_by: int = 128, tp: int = 1) -> int:
+    """Smallest multiple of ``divisible_by * tp`` that is >= ``n`` (so each TP shard is even)."""
+    if n <= 0 or divisible_by <= 0 or tp <= 0:
+        raise ValueError(f"padded_vocab_size needs positive arguments, got {n}, {divisible_by}, {tp}")
+    multiple = divisible_by * tp
+    return -(-n // multiple) * multiple
+
+
+def padding_mask_or_none(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``mask`` (bool ``[b, s]``, True = real token), or None when it has no padding (cheaper)."""
+    if mask is None:
+        return None
+    mask = mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+class T5Stack(TransformerBlock):
+    """A Megatron ``TransformerBlock`` of T5 layers + final RMSNorm + the stack's relative bias."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec,
+        num_layers: int,
+        *,
+        bidirectional: bool,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        pre_process: bool = True,
+        post_process: bool = True,
+        pg_collection=None,
+    ):
+        spec = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=T5RMSNorm)
+        super().__init__(
+            config=config,
+            spec=spec,
+            post_layer_norm=True,
+            pre_process=pre_process,
+            post_process=post_process,
+            pg_collection=pg_collection,
+        )
+        self.relative_attention_bias = RelativePositionBias(
+            config, bidirectional, num_buckets, max_distance, tp_group=self.tp_group
+        )
+
+    def run(
+        self,
+        hidden_states: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
+        context_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Bias once, then every layer. ``hidden_states``/``context`` ``[s, b, h]``; masks bool
+        ``[b, s]`` (True = real token) or None for no padding."""
+        q_len = hidden_states.size(0)
+        bias = self.relative_attention_bias.attention_bias(q_len, q_len, key_padding_mask)
+        context_mask = None
+        if context is not None:
+            context_mask = additive_padding_mask(context_padding_mask, bias.dtype)
+        return self(
+            hidden_states=hidden_states,
+            attention_mask=None,
+            context=context,
+            context_mask=context_mask,
+            attention_bias=bias,
+        )
+
+
+@dataclass
+class T5Output:
+    encoder_hidden: Optional[torch.Tensor] = None  # [s_enc, b, h] after the final norm
+    lm_logits: Optional[torch.Tensor] = None  # [s_dec, b, V/tp], vocab-parallel
+    lm_loss: Optional[torch.Tensor] = None  # [b, s_dec] per-token CE when labels were given
+
+
+class T5Discriminator(MegatronModule):
+    """D. ``vocab_size`` is the padded model vocabulary (see :func:`padded_vocab_size`)."""
+
+    def __init__(
+        self,
+        model_cfg,
+        vocab_size: int,
+        *,
+        params_dtype: torch.dtype = torch.float32,
+        pre_process: bool = True,
+        post_process: bool = True,
+        add_encoder: bool = True,
+        add_decoder: bool = True,
+        use_cpu_initialization: Optional[bool] = None,
+        recompute_granularity: Optional[str] = None,
+    ):
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if vocab_size % tp:
+            raise ValueError(f"vocab_size {vocab_size} is not divisible by TP size {tp}; pad it")
+        common = dict(
+            d_model=model_cfg.d_model,
+            d_kv=model_cfg.d_kv,
+            d_ff=model_cfg.d_ff,
+            num_heads=model_cfg.num_heads,
+            dropout=model_cfg.dropout,
+            layer_norm_epsilon=model_cfg.layer_norm_epsilon,
+            init_method_std=model_cfg.init_method_std,
+            tensor_model_parallel_size=tp,
+            params_dtype=params_dtype,
+            use_cpu_initialization=use_cpu_initialization,
+            recompute_granularity=recompute_granularity,
+        )
+        encoder_config = t5_transformer_config(num_layers=model_cfg.num_encoder_layers, **common)
+        decoder_config = t5_transformer_config(num_layers=model_cfg.num_decoder_layers, **common)
+        super().__init__(config=encoder_config)
+        self.model_cfg = model_cfg
+        self.vocab_size = vocab_size
+        self.encoder_config, self.decoder_config = encoder_config, decoder_config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.add_encoder, self.add_decoder = add_encoder, add_decoder
+        # Read by Megatron's finalize_model_grads / pipeline schedules (one packed stream: [3/5]).
+        self.share_embeddings_and_output_weights = False
+        self.model_type = ModelType.encoder_or_decoder
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+
+        buckets = dict(
+            num_buckets=model_cfg.relative_attention_num_buckets,
+            max_distance=model_cfg.relative_attention_max_distance,
+        )
+        if pre_process:
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                num_embeddings=vocab_size,
+                embedding_dim=model_cfg.d_model,
+                init_method=encoder_config.init_method,
+                config=encoder_config,
+            )
+        self.dropout = torch.nn.Dropout(model_cfg.dropout)
+        if add_encoder:
+            self.encoder = T5Stack(
+                encoder_config,
+                t5_encoder_layer_spec(),
+                model_cfg.num_encoder_layers,
+                bidirectional=True,
+                pre_process=pre_process,
+                post_process=True,
+                **buckets,
+            )
+        if add_decoder:
+            self.decoder = T5Stack(
+                decoder_config,
+                t5_decoder_layer_spec(),
+                model_cfg.num_decoder_layers,
+                bidirectional=False,
+                pre_process=pre_process,
+                post_process=post_process,
+                **buckets,
+            )
+        if post_process:
+            self.lm_head = tensor_parallel.ColumnParallelLinear(
+                model_cfg.d_model,
+                vocab_size,
+                config=decoder_config,
+                init_method=decoder_config.init_method,
+                bias=False,
+                gather_output=False,
+                skip_bias_add=False,
+            )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by Megatron's schedules on every stage before forward. With one stage it is
+        None; [3/5] will route a non-first stage's received tensor into its first stack."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"expected one input tensor, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        if input_tensor is not None and self.pre_process:
+            raise RuntimeError("the first pipeline stage takes no input tensor")
+        if input_tensor is not None:
+            raise NotImplementedError("pipeline parallelism of D arrives in [3/5]")
+        self.input_tensor = input_tensor
+
+    # ---- pieces (the step function and G use these) -------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[b, s]`` -> ``[s, b, h]`` (vocab-parallel lookup, all-reduced over TP)."""
+        return self.embedding(tokens).transpose(0, 1).contiguous()
+
+    def encode(self, enc_tokens: torch.Tensor, enc_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encoder output ``[s_enc, b, h]`` (final norm applied)."""
+        hidden = self.dropout(self.embed(enc_tokens))
+        hidden = self.encoder.run(hidden, padding_mask_or_none(enc_mask))
+        return self.dropout(hidden)
+
+    def decode(
+        self,
+        dec_input: torch.Tensor,
+        encoder_hidden: torch.Tensor,
+        enc_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Decoder output ``[s_dec, b, h]`` (final norm applied); causal self-attention."""
+        hidden = self.dropout(self.embed(dec_input))
+        hidden = self.decoder.run(
+            hidden, None, context=encoder_hidden, context_padding_mask=padding_mask_or_none(enc_mask)
+        )
+        return self.dropout(hidden)
+
+    def lm_logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits ``[s_dec, b, V/tp]``."""
+        logits, _ = self.lm_head(decoder_hidden)
+        return logits
+
+    def forward(
+        self,
+        enc_tokens: torch.Tensor,
+        dec_input: torch.Tensor,
+        enc_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> T5Output:
+        """Full D forward. With ``labels`` ``[b, s_dec]`` returns the per-token vocab-parallel CE
+        ``lm_loss`` ``[b, s_dec]`` (logits are consumed by it); without, ``lm_logits``."""
+        encoder_hidden = self.encode(enc_tokens, enc_mask)
+        decoder_hidden = self.decode(dec_input, encoder_hidden, enc_mask)
+        logits = self.lm_logits(decoder_hidden)
+        if labels is None:
+            return T5Output(encoder_hidden=encoder_hidden, lm_logits=logits)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
+        return T5Output(encoder_hidden=encoder_hidden, lm_loss=loss.transpose(0, 1))

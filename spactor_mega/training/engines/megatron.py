@@ -1,0 +1,220 @@
+"""The Megatron-Core engine: DDP, optimizers, LR schedules, the forward/backward schedule.
+
+D gets its own Megatron ``DistributedDataParallel`` and optimizer; the stage-1-only modules
+(generator G and the RTD head) get theirs (one optimizer over both), so releasing them at
+tau frees their parameters, gradients (DDP buffers) and optimizer state and leaves D's
+buckets untouched. Micro-batches go through Megatron's ``get_forward_backward_func`` so
+pipeline parallelism can plug into the same loop; both models' gradient syncs are deferred
+to the last micro-batch through the schedule's ``no_sync_func``/``finalize_model_grads_func``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from spactor_mega.config import Config
+
+
+def _ddp_config():
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    # fp32 gradient buffers and a plain all-reduce: exact on CPU, and what bf16 runs want too.
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
+
+
+def _optimizer(cfg: Config, modules: list, bf16: bool):
+    """Megatron's optimizer for AdamW; Adafactor (which megatron-core lacks) from torch."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o = cfg.optim
+    config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False,
+    )
+    if o.optimizer == "adamw":
+        return get_megatron_optimizer(config, modules)
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    # megatron-core builds only Adam/SGD; its FP32Optimizer wraps any torch optimizer and
+    # keeps Megatron's grad clipping, zero-grad and checkpoint interfaces.
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    adafactor = torch.optim.Adafactor(params, lr=o.lr, weight_decay=o.weight_decay)
+    return FP32Optimizer(adafactor, config, init_state_fn=None)
+
+
+class MegatronEngine:
+    """Steps D (and, until tau, G and the RTD head) through Megatron's schedule and optimizers."""
+
+    def __init__(self, cfg: Config, discriminator, generator, rtd_head, loss_fn: Callable, bf16: bool):
+        from megatron.core.distributed import DistributedDataParallel as DDP
+
+        from spactor_mega.training.schedule import build_lr_scheduler
+
+        self.cfg = cfg
+        self.loss_fn = loss_fn
+        self.d = DDP(discriminator.config, _ddp_config(), discriminator)
+        self.d_optimizer = _optimizer(cfg, [self.d], bf16)
+        self.d_scheduler = build_lr_scheduler(self.d_optimizer, cfg)
+        self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
+        if generator is not None:
+            self.g = DDP(generator.config, _ddp_config(), generator)
+            self.rtd = DDP(rtd_head.config, _ddp_config(), rtd_head)
+            self.aux_optimizer = _optimizer(cfg, [self.g, self.rtd], bf16)
+            self.aux_scheduler = build_lr_scheduler(self.aux_optimizer, cfg)
+        self._install_schedule_hooks()
+
+    # Schedule plumbing ----------------------------------------------------------------
+    def _models(self) -> list:
+        return [m for m in (self.d, self.g, self.rtd) if m is not None]
+
+    def _install_schedule_hooks(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        engine = self
+
+        @contextlib.contextmanager
+        def no_sync():
+            with contextlib.ExitStack() as stack:
+                for model in engine._models():
+                    stack.enter_context(model.no_sync())
+                yield
+
+        def finalize(models, num_tokens=None, *args, **kwargs):
+            for model in engine._models():
+                finalize_model_grads([model], num_tokens)
+
+        config = self.d.config
+        config.no_sync_func = no_sync
+        config.finalize_model_grads_func = finalize
+        config.grad_sync_func = None
+
+    def release_generator(self) -> None:
+        """Drops G, the RTD head, their DDP buffers and optimizer state (tau reached)."""
+        self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
+
+    # One optimizer step -------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict], hybrid: bool, step: int) -> dict[str, float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        for model in self._models():
+            model.zero_grad_buffer()
+        for optimizer in (self.d_optimizer, self.aux_optimizer):
+            if optimizer is not None:
+                optimizer.zero_grad()
+        outputs = get_forward_backward_func()(
+            forward_step_func=self._forward_step(hybrid, step),
+            data_iterator=iter(micro_batches),
+            model=[self.d],
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0]["enc_tokens"].shape[1],
+            micro_batch_size=micro_batches[0]["enc_tokens"].shape[0],
+            forward_only=False,
+        )
+        ok, grad_norm, _ = self.d_optimizer.step()
+        self.d_scheduler.step(increment=1)
+        metrics = _average(outputs)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = self.d_optimizer.param_groups[0]["lr"]
+        if hybrid and self.aux_optimizer is not None:
+            _, g_norm, _ = self.aux_optimizer.step()
+            self.aux_scheduler.step(increment=1)
+            metrics["generator_grad_norm"] = float(g_norm) if g_norm is not None else float("nan")
+        if not ok:
+            metrics["skipped"] = 1.0
+        return metrics
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[dict], hybrid: bool, step: int) -> dict[str, float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        for model in self._models():
+            model.eval()
+        try:
+            outputs = get_forward_backward_func()(
+                forward_step_func=self._forward_step(hybrid, step),
+                data_iterator=iter(micro_batches),
+                model=[self.d],
+                num_microbatches=len(micro_batches),
+                seq_length=micro_batches[0]["enc_tokens"].shape[1],
+                micro_batch_size=micro_batches[0]["enc_tokens"].shape[0],
+                forward_only=True,
+            )
+        finally:
+            for model in self._models():
+                model.train()
+        return _average(outputs)
+
+    def _forward_step(self, hybrid: bool, step: int):
+        engine = self
+        counter = iter(range(1 << 30))
+
+        def forward_step(data_iterator: Iterator, model):
+            batch = next(data_iterator)
+            aux = (engine.g.module, engine.rtd.module) if hybrid else (None, None)
+            loss, metrics = engine.loss_fn(
+                batch, model.module, *aux, hybrid=hybrid, step=step, micro_batch=next(counter)
+            )
+
+            def reduce(output_tensor):
+                # The schedule divides the returned loss by the micro-batch count in place.
+                return output_tensor, {k: torch.as_tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+
+            return loss, reduce
+
+        return forward_step
+
+    # Checkpoint state ---------------------------------------------------------------------
+    def _parts(self) -> list[tuple[str, object]]:
+        return [(name, m) for name, m in (("discriminator", self.d), ("generator", self.g), ("rtd_head", self.rtd)) if m is not None]
+
+    def sharded_state_dict(self) -> dict:
+        state = {}
+        for name, model in self._parts():
+            state[name] = model.module.sharded_state_dict(prefix=f"{name}.")
+        state["d_optimizer"] = self.d_optimizer.sharded_state_dict(state["discriminator"])
+        state["d_scheduler"] = self.d_scheduler.state_dict()
+        if self.g is not None:
+            aux_state = {**state["generator"], **state["rtd_head"]}
+            state["aux_optimizer"] = self.aux_optimizer.sharded_state_dict(aux_state)
+            state["aux_scheduler"] = self.aux_scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, model in self._parts():
+            model.module.load_state_dict(_strip(state[name], f"{name}."), strict=True)
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.d_scheduler.load_state_dict(state["d_scheduler"])
+        if self.g is not None:
+            self.aux_optimizer.load_state_dict(state["aux_optimizer"])
+            self.aux_scheduler.load_state_dict(state["aux_scheduler"])
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {"discriminator": sum(p.numel() for p in self.d.module.parameters())}
+        counts["generator"] = sum(p.numel() for p in self.g.module.parameters()) if self.g else 0
+        counts["rtd_head"] = sum(p.numel() for p in self.rtd.module.parameters()) if self.rtd else 0
+        counts["generator_optimizer_state"] = _optimizer_state_numel(self.aux_optimizer)
+        return counts
+
+
+def _optimizer_state_numel(optimizer: Optional[object]) -> int:
+    if optimizer is None:
+        return 0
+    total = 0
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in part.optimizer.state.values():
+            total += sum(v.numel() for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _average(outputs: list[dict]) -> dict[str, float]:
+    if not outputs:
+        return {}
+    return {k: float(sum(float(o[k]) for o in outputs) / len(outputs)) for k in outputs[0]}

@@ -1,0 +1,100 @@
+"""The trainer end to end on tiny models: exact resume across tau, the stage switch, learning."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from spactor_mega.config import Config, ConfigError, validate
+from spactor_mega.parallel.testing import run_distributed
+
+DEMO = Path(__file__).resolve().parents[2] / "data" / "demo_c4"
+
+
+def tiny_config(work: Path, **overrides) -> Config:
+    cfg = Config()
+    cfg.model = dataclasses.replace(
+        cfg.model, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=4, num_decoder_layers=2,
+        make_vocab_size_divisible_by=8,
+    )
+    cfg.data = dataclasses.replace(
+        cfg.data, tokenizer=str(work.parent / "tokenizer"), tokenizer_vocab_size=600,
+        train_corpus=[str(DEMO / "c4-validation.*.json.gz")], train_data=[str(work.parent / "data" / "valid_docs")],
+        split="95,5,0", encoder_seq_length=32, preprocess_workers=1,
+    )
+    cfg.spactor.tau = 4
+    cfg.optim = dataclasses.replace(cfg.optim, lr=3e-3, warmup_steps=2)
+    cfg.train = dataclasses.replace(
+        cfg.train, steps=8, global_batch_size=8, micro_batch_size=4, save_dir=str(work / "ckpt"),
+        save_interval=0, eval_interval=0, eval_batches=2, seed=7,
+    )
+    cfg.logging = dataclasses.replace(cfg.logging, tensorboard_dir=str(work / "tb"), progress=False, log_interval=1000)
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def _train(rank, world_size, cfg):
+    from spactor_mega.parallel.state import destroy_parallel
+    from spactor_mega.training.loop import train
+
+    try:
+        result = train(cfg)
+    finally:
+        destroy_parallel()
+    return {"history": result.history, "evals": result.evals, "checkpoint": str(result.checkpoint)}
+
+
+def run(cfg, world_size=1):
+    return run_distributed(_train, world_size, cfg, timeout=600)[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("train") / "run"
+
+
+@pytest.mark.parametrize("stop_at", [3, 6])  # before and after tau = 4
+def test_resume_gives_bitwise_the_same_losses(work, stop_at):
+    full = run(tiny_config(work / f"full{stop_at}"))
+    first = run(tiny_config(work / f"part{stop_at}", train__exit_interval=stop_at))
+    assert [h["step"] for h in first["history"]] == list(range(1, stop_at + 1))
+    second = run(tiny_config(work / f"part{stop_at}", train__resume="auto"))
+    resumed = first["history"] + second["history"]
+    assert [h["step"] for h in resumed] == list(range(1, 9))
+    for a, b in zip(full["history"], resumed):
+        assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
+
+
+def test_generator_is_released_at_tau(work):
+    history = run(tiny_config(work / "tau"))["history"]
+    stages = [h["stage"] for h in history]
+    assert stages == [1.0] * 4 + [2.0] * 4
+    assert all(h["generator_params"] > 0 for h in history[:4])
+    assert all(h["generator_params"] == 0 and h["generator_optimizer_state"] == 0 for h in history[4:])
+    assert all("rtd_loss" in h for h in history[:4]) and not any("rtd_loss" in h for h in history[4:])
+
+
+def test_validation_loss_falls_on_the_demo_corpus(work):
+    cfg = tiny_config(work / "learn", train__steps=60, train__eval_interval=60, spactor__tau=30)
+    evals = run(cfg)["evals"]
+    start, end = evals[0]["sc_loss"], evals[-1]["sc_loss"]
+    assert end < start - 1.0, (start, end)
+
+
+def test_config_rejections_name_the_field(tmp_path):
+    cases = [
+        ({"model__num_heads": 3}, 2, "model.num_heads=3 is not divisible by parallel.tensor_model_parallel_size=2"),
+        ({"spactor__tau": -1.0}, 1, "spactor.tau must be >= 0"),
+        ({"spactor__rtd_weight": -0.5}, 1, "spactor.rtd_weight must be >= 0"),
+        ({"spactor__mlm_weight": -1.0}, 1, "spactor.mlm_weight must be >= 0"),
+        ({"train__global_batch_size": 10}, 1, "train.global_batch_size=10 is not divisible by micro_batch_size"),
+        ({"parallel__pipeline_model_parallel_size": 7}, 7, "pipeline_model_parallel_size=7 exceeds the 6"),
+    ]
+    for overrides, world, message in cases:
+        cfg = tiny_config(tmp_path, **overrides)
+        if "num_heads" in str(overrides):
+            cfg.parallel.tensor_model_parallel_size = 2
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            validate(cfg, world)
