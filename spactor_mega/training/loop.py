@@ -83,7 +83,7 @@ def train(cfg: Config) -> RunResult:
     )
     engine = MegatronEngine(cfg, d, g, rtd, _loss_fn(cfg, tokenizer), bf16)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, engine.sharded_state_dict())
+        state = load_checkpoint(checkpoint, engine.sharded_state_dict(is_loading=True))
         engine.load_state_dict(state)
 
     flops = sample_flops(cfg, corruption.encoder_length, corruption.decoder_length, vocab, builder.mlm_capacity)

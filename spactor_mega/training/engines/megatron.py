@@ -43,7 +43,22 @@ def _optimizer(cfg: Config, modules: list, bf16: bool):
     # keeps Megatron's grad clipping, zero-grad and checkpoint interfaces.
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     adafactor = torch.optim.Adafactor(params, lr=o.lr, weight_decay=o.weight_decay)
-    return FP32Optimizer(adafactor, config, init_state_fn=None)
+    return FP32Optimizer(adafactor, config, init_state_fn=_materialise_state)
+
+
+def _materialise_state(optimizer, config=None) -> None:
+    """Creates an optimizer's state tensors (a zero-gradient step at lr 0), so a checkpoint's
+    sharded optimizer state has a template to load into; Megatron does this for Adam only."""
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, saved):
+        group["lr"] = lr
+        for p in group["params"]:
+            p.grad = None
 
 
 class MegatronEngine:
@@ -171,15 +186,16 @@ class MegatronEngine:
     def _parts(self) -> list[tuple[str, object]]:
         return [(name, m) for name, m in (("discriminator", self.d), ("generator", self.g), ("rtd_head", self.rtd)) if m is not None]
 
-    def sharded_state_dict(self) -> dict:
+    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+        """Everything a checkpoint holds; ``is_loading`` builds the template to load into."""
         state = {}
         for name, model in self._parts():
             state[name] = model.module.sharded_state_dict(prefix=f"{name}.")
-        state["d_optimizer"] = self.d_optimizer.sharded_state_dict(state["discriminator"])
+        state["d_optimizer"] = self.d_optimizer.sharded_state_dict(state["discriminator"], is_loading=is_loading)
         state["d_scheduler"] = self.d_scheduler.state_dict()
         if self.g is not None:
             aux_state = {**state["generator"], **state["rtd_head"]}
-            state["aux_optimizer"] = self.aux_optimizer.sharded_state_dict(aux_state)
+            state["aux_optimizer"] = self.aux_optimizer.sharded_state_dict(aux_state, is_loading=is_loading)
             state["aux_scheduler"] = self.aux_scheduler.state_dict()
         return state
 
