@@ -98,3 +98,52 @@ def test_config_rejections_name_the_field(tmp_path):
             cfg.parallel.tensor_model_parallel_size = 2
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             validate(cfg, world)
+
+
+def test_tensor_parallel_training_matches_single_rank(work):
+    """TP=2 on 2 processes: the same losses as TP=1, step by step, in both stages."""
+    single = run(tiny_config(work / "tp1"))["history"]
+    split = run(tiny_config(work / "tp2", parallel__tensor_model_parallel_size=2), world_size=2)["history"]
+    assert [h["stage"] for h in split] == [h["stage"] for h in single]
+    for a, b in zip(single, split):
+        for key in ("loss", "sc_loss", "rtd_loss", "mlm_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def _measure_flops(rank, world_size, cfg):
+    """FLOPs that torch counts in one hybrid and one SC-only optimizer step of the real engine."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spactor_mega.parallel.state import destroy_parallel
+    from spactor_mega.training import loop
+
+    from spactor_mega.training.engines import megatron as engine_module
+
+    measured = {}
+    original = engine_module.MegatronEngine.train_step
+
+    def counted(self, micro_batches, hybrid, step):
+        with FlopCounterMode(display=False) as counter:
+            metrics = original(self, micro_batches, hybrid, step)
+        measured.setdefault("hybrid" if hybrid else "sc", counter.get_total_flops())
+        return metrics
+
+    engine_module.MegatronEngine.train_step = counted
+    try:
+        result = loop.train(cfg)
+    finally:
+        engine_module.MegatronEngine.train_step = original
+        destroy_parallel()
+    return {"measured": measured, "model": result.history}
+
+
+def test_flops_per_step_drop_to_the_sc_only_figure_at_tau(work):
+    spactor = run_distributed(_measure_flops, 1, tiny_config(work / "flops"), timeout=600)[0]
+    plain = run_distributed(_measure_flops, 1, tiny_config(work / "flops_t5", spactor__tau=0.0), timeout=600)[0]
+    hybrid, sc = spactor["measured"]["hybrid"], spactor["measured"]["sc"]
+    assert sc == plain["measured"]["sc"], "after tau a step costs exactly what plain T5 costs"
+    assert hybrid > 1.1 * sc
+    model = spactor["model"]
+    modelled_ratio = model[0]["flops_per_step"] / model[-1]["flops_per_step"]
+    assert hybrid / sc == pytest.approx(modelled_ratio, rel=0.1)
