@@ -115,8 +115,10 @@ def train(cfg: Config) -> RunResult:
 
     if step == 0 and t.eval_interval > 0 and valid_set is not None:
         hybrid = stage_at(0, cfg.spactor.tau) is Stage.HYBRID
-        result.evals.append({"step": 0, **evaluate(engine, valid_set, builder, t, dp_rank, dp_size, hybrid, 0)})
-        log.scalars(0, result.evals[-1], prefix="valid")
+        evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, hybrid, 0)
+        result.evals.append({"step": 0, **evaluation})
+        log.scalars(0, evaluation, prefix="valid")
+        log.line(_format_eval(0, evaluation))
 
     last_time = time.perf_counter()
     while step < t.steps:
@@ -153,7 +155,7 @@ def train(cfg: Config) -> RunResult:
             evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, hybrid, step)
             result.evals.append({"step": step, **evaluation})
             log.scalars(step, evaluation, prefix="valid")
-            log.line(f"[valid] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in evaluation.items()))
+            log.line(_format_eval(step, evaluation))
         exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.steps
         if (t.save_interval > 0 and step % t.save_interval == 0) or step == t.steps or exiting:
             result.checkpoint = save(step)
@@ -195,6 +197,10 @@ def _loss_fn(cfg: Config, tokenizer):
         return objective(batch, d, g, rtd, stage=HYBRID if hybrid else SC_ONLY, step=step, micro_batch=micro_batch)
 
     return loss
+
+
+def _format_eval(step: int, evaluation: dict[str, float]) -> str:
+    return f"[valid] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in evaluation.items())
 
 
 def _format(step: int, stage: Stage, m: dict) -> str:
