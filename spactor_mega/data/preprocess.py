@@ -1,17 +1,20 @@
 """C4 text -> one Megatron indexed dataset (``<prefix>.bin/.idx``), one document per JSON line.
 
 Pipeline: the main process reads raw lines (:func:`spactor_mega.data.c4.iter_lines`) into
-chunks of about ``chunk_bytes``; worker processes (each loads the tokenizer once) parse and
-validate the lines with :func:`~spactor_mega.data.c4.parse_line` and encode them with
-SentencePiece's batch encode straight to numpy; the main process takes the results back in
-submission order and writes them with Megatron's ``IndexedDatasetBuilder``. The output is
-therefore byte-identical for any number of workers.
+chunks of about ``chunk_bytes``; worker processes parse and validate the lines with
+:func:`~spactor_mega.data.c4.parse_line` and encode them with SentencePiece's batch encode
+straight to numpy (EOS appended by SentencePiece), returning each chunk as one array in the
+output dtype; the main process takes the results back in submission order and appends them
+with :class:`~spactor_mega.data.indexed_writer.IndexedDatasetWriter`. The output is therefore
+byte-identical for any number of workers, and byte-identical to what Megatron's
+``IndexedDatasetBuilder`` writes for the same documents.
 
 Output goes to ``<prefix>.tmp-<pid>.bin/.idx`` and is renamed to ``<prefix>.bin`` and then
 ``<prefix>.idx`` only when complete; any error or Ctrl-C removes the temporary files.
 
-Megatron (which imports torch, several seconds) is imported in a background thread while the
-first chunks are encoded, so start-up stays well under two seconds.
+Nothing here imports torch or Megatron (importing ``megatron.core`` alone costs more than
+preprocessing a small corpus): start-up is Python, numpy and SentencePiece. On Linux the
+workers are forked and inherit the tokenizer the main process has already loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +45,12 @@ from spactor_mega.data.c4 import (
     parse_line,
     source_size,
 )
+from spactor_mega.data.indexed_writer import IndexedDatasetWriter, optimal_dtype
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer, TokenizerError
 from spactor_mega.errors import UserError
 
-DEFAULT_CHUNK_BYTES = 2 << 20  # text per work unit: ~0.15 s of encoding, small pickles
-MAX_BACKLOG_BYTES = 512 << 20  # encoded results held while Megatron imports
+DEFAULT_CHUNK_BYTES = 512 << 10  # text per work unit: ~30 ms of encoding; small enough that
+# a few MB keep every worker busy to the end, large enough that task overhead stays < 1%
 
 
 class OutputExistsError(UserError):
@@ -86,25 +89,28 @@ class PreprocessResult:
 # Workers
 # ----------------------------------------------------------------------------------------
 _WORKER: dict = {}
+_PRELOADED: dict = {}  # tokenizer path -> SentencePieceProcessor, inherited by forked workers
 
 
-def _init_worker(tokenizer_path: str, json_keys: tuple, append_eod: bool) -> None:
+def _init_worker(tokenizer_path: str, json_keys: tuple, append_eod: bool, dtype: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
-    tok = T5SentencePieceTokenizer(tokenizer_path)
-    _WORKER.update(sp=tok.sp, eos=tok.eos_id, keys=json_keys, eod=append_eod,
-                   encode=_batch_encoder(tok.sp))
+    sp = _PRELOADED.get(tokenizer_path)
+    if sp is None:  # spawned, not forked: load it
+        sp = T5SentencePieceTokenizer(tokenizer_path).sp
+    _WORKER.update(keys=json_keys, dtype=np.dtype(dtype), empty=1 if append_eod else 0,
+                   encode=_batch_encoder(sp, append_eod))
 
 
-def _batch_encoder(sp):
-    """``texts -> list of int32 arrays`` in SentencePiece's C++ loop, one thread."""
+def _batch_encoder(sp, add_eos: bool = False):
+    """``texts -> list of int32 arrays`` (EOS last when ``add_eos``) in SentencePiece's C++ loop."""
     try:  # sentencepiece >= 0.2.1 returns numpy arrays directly (no Python int objects)
-        sp.encode(["a"], out_type="numpy", num_threads=1)
-        return lambda texts: sp.encode(texts, out_type="numpy", num_threads=1)
+        sp.encode(["a"], out_type="numpy", num_threads=1, add_eos=add_eos)
+        return lambda texts: sp.encode(texts, out_type="numpy", num_threads=1, add_eos=add_eos)
     except (ValueError, TypeError, RuntimeError):
         pass
 
     def encode_lists(texts):
-        return [np.array(ids, dtype=np.int32) for ids in sp.encode(texts, num_threads=1)]
+        return [np.array(ids, dtype=np.int32) for ids in sp.encode(texts, num_threads=1, add_eos=add_eos)]
 
     return encode_lists
 
@@ -114,7 +120,8 @@ def _work(task):
 
     ``kind`` is ``"lines"`` (raw JSON lines numbered from ``first_line``) or ``"texts"``
     (validated ``(texts, line_numbers)`` from a ``datasets`` source). ``flat`` holds the
-    documents' ids back to back, EOS included; ``skips`` are ``(line, reason, detail)``.
+    documents' ids back to back in the output dtype, EOS included; ``skips`` are
+    ``(line, reason, detail)``.
     """
     kind, first, payload = task
     skips = []
@@ -133,45 +140,21 @@ def _work(task):
         parsed = 0  # counted by the main process
     arrays = _WORKER["encode"](texts) if texts else []
     lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-    if (lengths == 0).any():
-        skips += [(lines[i], NO_TOKENS, "") for i in np.flatnonzero(lengths == 0)]
+    empty = lengths <= _WORKER["empty"]  # no tokens (just the EOS SentencePiece appended)
+    if empty.any():
+        skips += [(lines[i], NO_TOKENS, "") for i in np.flatnonzero(empty)]
         skips.sort(key=lambda s: s[0])
-        lengths = lengths[lengths > 0]
-    flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
-    if _WORKER["eod"] and len(lengths):
-        flat = np.insert(flat, np.cumsum(lengths), _WORKER["eos"])
-        lengths = lengths + 1
+        arrays = [a for a, e in zip(arrays, empty.tolist()) if not e]
+        lengths = lengths[~empty]
+    dtype = _WORKER["dtype"]
+    # one pass: concatenated and cast to the output dtype (ids < vocab size fit by choice of dtype)
+    flat = np.concatenate(arrays, dtype=dtype, casting="unsafe") if arrays else np.zeros(0, dtype)
     return flat, lengths, parsed, skips
 
 
 # ----------------------------------------------------------------------------------------
 # Main process
 # ----------------------------------------------------------------------------------------
-class _MegatronImport:
-    """Imports Megatron's indexed-dataset module in a thread (torch takes seconds), quietly."""
-
-    def __init__(self):
-        self.module = None
-        self.error: Optional[BaseException] = None
-        self.thread = threading.Thread(target=self._run, name="megatron-import")
-        self.thread.start()
-
-    def _run(self):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
-                from megatron.core.datasets import indexed_dataset
-            self.module = indexed_dataset
-        except BaseException as e:  # re-raised in the main thread by get()
-            self.error = e
-
-    def get(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.module
-
-
 def _tasks(paths: list[Path], keys: tuple, stats: ReadStats, chunk_bytes: int):
     """``(task, (source_index, disk_bytes, bytes))`` per chunk; a chunk never spans sources."""
     for si, path in enumerate(paths):
@@ -274,6 +257,7 @@ def preprocess(
         raise OutputExistsError(f"{existing[0]} already exists; pass --force to overwrite it")
     paths = expand_inputs(inputs)
     tok = T5SentencePieceTokenizer(tokenizer_path)
+    dtype = optimal_dtype(tok.vocab_size)  # Megatron's rule, as its preprocess_data.py
     disk_total = sum(source_size(p) for p in paths)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = f"{prefix}.tmp-{os.getpid()}.bin", f"{prefix}.tmp-{os.getpid()}.idx"
@@ -281,41 +265,19 @@ def preprocess(
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
-    # fork: workers start in milliseconds; they are forked at the first submit, before the
-    # Megatron import thread and the progress bar exist.
+    # fork: workers start in milliseconds with the tokenizer already loaded; they are forked
+    # at the first submit, before the output file and the progress bar (a thread) exist.
     ctx = mp.get_context("fork") if sys.platform == "linux" else mp.get_context()
+    _PRELOADED[str(tokenizer_path)] = tok.sp
     executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(str(tokenizer_path), keys, append_eod))
+                                   initargs=(str(tokenizer_path), keys, append_eod, np.dtype(dtype).name))
     stats = ReadStats()
     bar: Optional[_Progress] = None
-    importer: Optional[_MegatronImport] = None
-    builder = None
+    writer: Optional[IndexedDatasetWriter] = None
     docs = tokens = 0
 
-    backlog: list = []  # results that arrived before Megatron finished importing
-    backlog_bytes = 0
-
-    def add(flat, lengths):
-        nonlocal builder
-        if builder is None:
-            indexed = importer.get()
-            dtype = indexed.DType.optimal_dtype(tok.vocab_size)
-            builder = indexed.IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-        flat = flat.astype(builder.dtype, copy=False)
-        offset = 0
-        for n in lengths.tolist():
-            builder.add_document(flat[offset : offset + n], [n])
-            offset += n
-
-    def flush_backlog():
-        nonlocal backlog_bytes
-        for item in backlog:
-            add(*item)
-        backlog.clear()
-        backlog_bytes = 0
-
     def handle(future, meta):
-        nonlocal docs, tokens, backlog_bytes
+        nonlocal docs, tokens
         flat, lengths, parsed, skips = future.result()
         si, disk, nbytes = meta
         for line, reason, detail in skips:
@@ -323,14 +285,7 @@ def preprocess(
         stats.docs += parsed
         docs += len(lengths)
         tokens += len(flat)
-        if len(lengths):
-            # Keep encoding while Megatron imports (seconds): buffer up to MAX_BACKLOG_BYTES.
-            if builder is None and importer.thread.is_alive() and backlog_bytes < MAX_BACKLOG_BYTES:
-                backlog.append((flat, lengths))
-                backlog_bytes += flat.nbytes
-            else:
-                flush_backlog()
-                add(flat, lengths)
+        writer.add_documents(flat, lengths)
         bar.update(disk, nbytes, docs)
 
     try:
@@ -338,14 +293,13 @@ def preprocess(
         max_pending = 2 * workers + 2
         for task, meta in _tasks(paths, keys, stats, chunk_bytes):
             pending.append((executor.submit(_work, task), meta))
-            if importer is None:  # workers exist now: safe to start threads
-                importer = _MegatronImport()
+            if writer is None:  # workers exist now: open the output, start the bar's thread
+                writer = IndexedDatasetWriter(tmp_bin, dtype)
                 bar = _Progress(progress, disk_total)
             if len(pending) >= max_pending:
                 handle(*pending.popleft())
         while pending:
             handle(*pending.popleft())
-        flush_backlog()
         report = stats.report()
         if report:
             print(report, file=sys.stderr)
@@ -354,22 +308,20 @@ def preprocess(
                 f"no documents written: {len(paths)} input(s) held {stats.lines:,} line(s), "
                 "none usable" + (" (see the report above)" if report else "")
             )
-        builder.finalize(tmp_idx)
+        writer.finalize(tmp_idx)
         os.replace(tmp_bin, final_bin)
         os.replace(tmp_idx, final_idx)  # the index last: a reader sees both or the old pair
     except BaseException:
         executor.shutdown(wait=True, cancel_futures=True)
-        if builder is not None:
-            builder.data_file.close()
+        if writer is not None:
+            writer.close()
         _remove(tmp_bin, tmp_idx)
         raise
     finally:
         executor.shutdown(wait=True)
+        _PRELOADED.pop(str(tokenizer_path), None)
         if bar is not None:
             bar.close()
-        # On errors the import thread is not joined: it is not a daemon (a daemon thread
-        # killed inside torch's import can abort the process), so it finishes in the
-        # background and the process exits after it, but the error is reported at once.
 
     return PreprocessResult(
         output_prefix=prefix,
@@ -379,7 +331,7 @@ def preprocess(
         seconds=time.perf_counter() - t0,
         skipped=dict(stats.skipped),
         inputs=len(paths),
-        dtype=np.dtype(builder.dtype).name,
+        dtype=np.dtype(dtype).name,
         report=report,
     )
 

@@ -17,7 +17,8 @@ What Megatron offers and why it is not used here:
   ``relative_attention_bias.weight`` ``[num_buckets, n_heads]``.
 
 The bias is computed once per stack and forward (:meth:`RelativePositionBias.attention_bias`
-folds the padding or causal mask in too) and handed to every layer as ``attention_bias``; the
+folds the padding or causal mask in too) and handed to every layer as its additive float
+self-attention mask (``attention_mask``; see ``T5Stack.run`` for why not ``attention_bias``); the
 bucket index tables are cached per (query length, key length, device).
 """
 
@@ -183,9 +184,9 @@ class T5CoreAttention(MegatronModule):
 
     Built by Megatron's ``SelfAttention``/``CrossAttention`` (same constructor and forward as
     ``DotProductAttention``). Inputs ``[s, b, heads/tp, d_kv]``; output ``[s, b, heads/tp * d_kv]``.
-    ``attention_bias`` (additive, broadcastable to ``[b, heads/tp, sq, sk]``) carries the position
-    bias and masks; ``attention_mask`` may add a mask: bool (True = masked out, Megatron's
-    convention) or additive float.
+    ``attention_mask`` is additive float (our stacks pass the position bias with the masks folded
+    in, broadcastable to ``[b, heads/tp, sq, sk]``) or bool (True = masked out, Megatron's
+    convention); ``attention_bias`` (additive) is added when given.
     """
 
     def __init__(

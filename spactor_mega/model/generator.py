@@ -40,9 +40,14 @@ from .t5 import T5Stack, padding_mask_or_none
 
 
 def generator_process_groups() -> ProcessGroupCollection:
-    """Megatron's groups, except TP = this rank alone (G is built as if TP were 1)."""
-    pgs = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "pp", "cp", "dp", "dp_cp"])
+    """Megatron's groups, except TP = this rank alone (G is built as if TP were 1).
+
+    All groups are pulled (newer Megatron layers read more of them); ``tp_cp`` becomes the
+    singleton too (context parallelism is not supported by our attention, so cp = 1).
+    """
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
     pgs.tp = self_group()
+    pgs.tp_cp = pgs.tp
     return pgs
 
 

@@ -37,6 +37,14 @@ from .t5 import T5Discriminator
 HYBRID, SC_ONLY = "hybrid", "sc"
 
 
+def unwrap(module):
+    """The model inside Megatron wrappers (DDP, Float16Module): the step calls its methods
+    (encode/decode/...) directly. DDP's gradient hooks sit on the parameters, so they still fire."""
+    while module is not None and hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    return module
+
+
 def generator_num_layers(model_cfg, generator_cfg) -> int:
     """round(depth_fraction * D encoder layers), at least 1 (same rule as config.generator_num_layers)."""
     return max(1, round(generator_cfg.depth_fraction * model_cfg.num_encoder_layers))
@@ -113,7 +121,9 @@ class SpactorObjective:
         step: int = 0,
         micro_batch: int = 0,
     ):
-        """Returns ``(total_loss, metrics)``; metrics are Python floats (one host sync)."""
+        """Returns ``(total_loss, metrics)``; metrics are Python floats (one host sync).
+        Modules may be given wrapped in Megatron DDP / Float16Module."""
+        discriminator, generator, rtd_head = unwrap(discriminator), unwrap(generator), unwrap(rtd_head)
         if stage == SC_ONLY:
             return self.sc_step(batch, discriminator)
         if stage != HYBRID:

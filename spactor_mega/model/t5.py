@@ -101,12 +101,15 @@ class T5Stack(TransformerBlock):
         context_mask = None
         if context is not None:
             context_mask = additive_padding_mask(context_padding_mask, bias.dtype)
+        # The bias travels as the (additive, float) self-attention mask, not as `attention_bias`:
+        # Megatron's activation recompute passes attention_mask through its checkpoint function as
+        # an argument (so the bias table's gradient is carried), but captures attention_bias in a
+        # closure (its graph would be freed by the first recomputed chunk's backward).
         return self(
             hidden_states=hidden_states,
-            attention_mask=None,
+            attention_mask=bias,
             context=context,
             context_mask=context_mask,
-            attention_bias=bias,
         )
 
 

@@ -15,7 +15,8 @@ torch AdamW, ``dist_checkpointing`` save/load, the pipeline schedules):
    (FP16/BF16 optimizer, distributed optimizer, fp32 grad clipping). The constants of the listed
    modules' functions are rewritten in place: ``"cuda"`` -> ``"cpu"``,
    ``"torch.cuda.XTensor"`` -> ``"torch.XTensor"``. Every ``"cuda"`` literal in those modules is
-   a device spec (checked on 0.16.1 and 0.19.2), so this changes only calls that would fail.
+   a device spec, or (0.19.2 ``filesystem_async``) a device-type test on a branch that CPU tensors
+   never reach (checked on 0.16.1 and 0.19.2), so this changes only calls that would fail.
 3. The CUDA RNG tracker of ``tensor_parallel.random`` (seeding, dropout forks, activation
    recompute) reads and writes ``torch.cuda`` RNG state, which on a CPU-only build silently does
    nothing (``_lazy_call`` queues forever) or raises. It is replaced by a tracker over the CPU

@@ -371,10 +371,12 @@ def test_script_help_and_light_imports():
 
 def test_encoder_fallback_without_numpy_output():
     class OldSentencePiece:  # sentencepiece < 0.2.1: no out_type="numpy"
-        def encode(self, texts, out_type=int, num_threads=-1):
+        def encode(self, texts, out_type=int, num_threads=-1, add_eos=False):
             if out_type != int:
                 raise ValueError("unknown out_type")
-            return [[ord(c) for c in t] for t in texts]
+            return [[ord(c) for c in t] + [1] * add_eos for t in texts]
 
     arrays = pp._batch_encoder(OldSentencePiece())(["ab", ""])
     assert [a.dtype for a in arrays] == [np.int32, np.int32] and [a.tolist() for a in arrays] == [[97, 98], []]
+    arrays = pp._batch_encoder(OldSentencePiece(), add_eos=True)(["ab", ""])
+    assert [a.tolist() for a in arrays] == [[97, 98, 1], [1]]

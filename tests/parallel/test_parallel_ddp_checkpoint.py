@@ -51,7 +51,7 @@ def _worker(rank, world_size, ckpt_dir):
             m.zero_grad_buffer()
         opt_d.zero_grad()
         opt_aux.zero_grad()
-        loss, metrics = objective(batch, d, g, rtd, stage="hybrid", step=step)
+        loss, metrics = objective(batch, dd, dg, dr, stage="hybrid", step=step)  # wrapped modules
         loss.backward()
         for m in (dd, dg, dr):
             m.finish_grad_sync()
