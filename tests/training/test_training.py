@@ -55,12 +55,13 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("train") / "run"
 
 
-@pytest.mark.parametrize("stop_at", [3, 6])  # before and after tau = 4
-def test_resume_gives_bitwise_the_same_losses(work, stop_at):
-    full = run(tiny_config(work / f"full{stop_at}"))
-    first = run(tiny_config(work / f"part{stop_at}", train__exit_interval=stop_at))
+@pytest.mark.parametrize("stop_at, optimizer", [(3, "adamw"), (6, "adamw"), (3, "adafactor")])  # tau = 4
+def test_resume_gives_bitwise_the_same_losses(work, stop_at, optimizer):
+    name = f"{optimizer}{stop_at}"
+    full = run(tiny_config(work / f"full{name}", optim__optimizer=optimizer))
+    first = run(tiny_config(work / f"part{name}", train__exit_interval=stop_at, optim__optimizer=optimizer))
     assert [h["step"] for h in first["history"]] == list(range(1, stop_at + 1))
-    second = run(tiny_config(work / f"part{stop_at}", train__resume="auto"))
+    second = run(tiny_config(work / f"part{name}", train__resume="auto", optim__optimizer=optimizer))
     resumed = first["history"] + second["history"]
     assert [h["step"] for h in resumed] == list(range(1, 9))
     for a, b in zip(full["history"], resumed):

@@ -191,22 +191,43 @@ class MegatronEngine:
         state = {}
         for name, model in self._parts():
             state[name] = model.module.sharded_state_dict(prefix=f"{name}.")
-        state["d_optimizer"] = self.d_optimizer.sharded_state_dict(state["discriminator"], is_loading=is_loading)
+        state["d_optimizer"] = self._optimizer_state("d_optimizer", self.d_optimizer, state["discriminator"], is_loading)
         state["d_scheduler"] = self.d_scheduler.state_dict()
         if self.g is not None:
             aux_state = {**state["generator"], **state["rtd_head"]}
-            state["aux_optimizer"] = self.aux_optimizer.sharded_state_dict(aux_state, is_loading=is_loading)
+            state["aux_optimizer"] = self._optimizer_state("aux_optimizer", self.aux_optimizer, aux_state, is_loading)
             state["aux_scheduler"] = self.aux_scheduler.state_dict()
         return state
+
+    def _optimizer_state(self, key: str, optimizer, model_state: dict, is_loading: bool):
+        if self.cfg.optim.optimizer == "adamw":
+            return optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        # Adafactor's factored moments are not parameter-shaped, which Megatron's resharding
+        # optimizer checkpoint requires: keep them per (TP, PP) rank, written by DP rank 0.
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        return ShardedObject(
+            f"{key}.adafactor", optimizer.state_dict(),
+            (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()),
+            (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
+            replica_id=ps.get_data_parallel_rank(),
+        )
 
     def load_state_dict(self, state: dict) -> None:
         for name, model in self._parts():
             model.module.load_state_dict(_strip(state[name], f"{name}."), strict=True)
-        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self._load_optimizer(self.d_optimizer, state["d_optimizer"])
         self.d_scheduler.load_state_dict(state["d_scheduler"])
         if self.g is not None:
-            self.aux_optimizer.load_state_dict(state["aux_optimizer"])
+            self._load_optimizer(self.aux_optimizer, state["aux_optimizer"])
             self.aux_scheduler.load_state_dict(state["aux_scheduler"])
+
+    def _load_optimizer(self, optimizer, state: dict) -> None:
+        if self.cfg.optim.optimizer == "adamw":
+            optimizer.load_state_dict(state)
+        else:  # the torch optimizer's own state dict, saved whole (see _optimizer_state)
+            optimizer.optimizer.load_state_dict(state)
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {"discriminator": sum(p.numel() for p in self.d.module.parameters())}
