@@ -1,0 +1,289 @@
+"""Which encoder (E) and decoder (D) layers each pipeline stage holds, decided before any group.
+
+The encoder-decoder pipeline (ARCHITECTURE.md, Parallelism) sends one packed tensor
+``[s_enc + s_dec, b, h]`` through the non-interleaved 1F1B schedule. Stage order follows layer
+order: all encoder layers come before all decoder layers, every layer sits on exactly one stage,
+no stage is empty, and one stage may hold the end of the encoder and the start of the decoder.
+
+The string form is ``parallel.pipeline_layout``: stages separated by ``|``, each ``E<n>``,
+``D<n>`` or ``E<n>D<n>`` (e.g. ``"E6|E6|D4|D4|D4"`` or ``"E4|E2D2|D4"``). Without it, the layout
+is balanced by the FLOPs model of :mod:`spactor_mega.training.schedule`.
+
+Pure Python (no torch): safe to call from config validation and ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from spactor_mega.config import Config, ConfigError
+from spactor_mega.training.schedule import sample_flops
+
+FIELD = "parallel.pipeline_layout"
+DEFAULT_VOCAB_SIZE = 32128  # the padded T5 vocabulary, as ``training.dry_run.describe`` assumes
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Global indices of the encoder and decoder layers one stage holds (either may be empty)."""
+
+    encoder_layers: range
+    decoder_layers: range
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder_layers) + len(self.decoder_layers)
+
+    def describe(self) -> str:
+        parts = []
+        if len(self.encoder_layers):
+            parts.append(f"E{len(self.encoder_layers)}")
+        if len(self.decoder_layers):
+            parts.append(f"D{len(self.decoder_layers)}")
+        return "".join(parts)
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """The stages, in pipeline order. Build it with :func:`parse_layout` or :func:`balanced_layout`."""
+
+    stages: tuple[StageLayout, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def num_encoder_layers(self) -> int:
+        return sum(len(s.encoder_layers) for s in self.stages)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return sum(len(s.decoder_layers) for s in self.stages)
+
+    def describe(self) -> str:
+        """The ``parallel.pipeline_layout`` string; :func:`parse_layout` reads it back."""
+        return "|".join(s.describe() for s in self.stages)
+
+    @property
+    def stage_holding_last_encoder_layer(self) -> Optional[int]:
+        """The stage that applies the encoder's final norm (None if there are no encoder layers)."""
+        found = None
+        for i, s in enumerate(self.stages):
+            if len(s.encoder_layers):
+                found = i
+        return found
+
+    @property
+    def first_decoder_stage(self) -> Optional[int]:
+        """The first stage holding a decoder layer (None if there are no decoder layers)."""
+        for i, s in enumerate(self.stages):
+            if len(s.decoder_layers):
+                return i
+        return None
+
+
+def _from_counts(counts: list[tuple[int, int]]) -> PipelineLayout:
+    """Stages from per-stage (encoder, decoder) layer counts, numbering layers in order."""
+    stages, e, d = [], 0, 0
+    for ne, nd in counts:
+        stages.append(StageLayout(range(e, e + ne), range(d, d + nd)))
+        e, d = e + ne, d + nd
+    return PipelineLayout(tuple(stages))
+
+
+_STAGE = re.compile(r"(?:E(\d+))?(?:D(\d+))?")
+
+
+def parse_layout(text: str, num_encoder_layers: int, num_decoder_layers: int) -> PipelineLayout:
+    """Reads ``"E6|E6|D4|D4|D4"`` / ``"E4|E2D2|D4"``; raises :class:`ConfigError` naming the fault."""
+
+    def fail(what: str) -> None:
+        raise ConfigError(f"{FIELD}={text!r}: {what}")
+
+    if not isinstance(text, str) or not text.strip():
+        fail("is empty; write stages separated by '|', e.g. 'E6|E6|D4|D4|D4'")
+    counts: list[tuple[int, int]] = []
+    for i, token in enumerate(t.strip() for t in text.split("|")):
+        if not token:
+            fail(f"stage {i} is empty; every stage must hold at least one layer")
+        match = _STAGE.fullmatch(token)
+        if match is None:
+            hint = (" (encoder layers come before decoder layers)"
+                    if re.fullmatch(r"D\d+E\d+", token) else "")
+            fail(f"stage {i} {token!r} is not E<n>, D<n> or E<n>D<n>{hint}")
+        ne, nd = (int(g) if g is not None else 0 for g in match.groups())
+        if (match.group(1) is not None and ne == 0) or (match.group(2) is not None and nd == 0):
+            fail(f"stage {i} {token!r} has a zero layer count; leave that stack out of the stage")
+        if ne and any(prev_d for _, prev_d in counts):
+            fail(f"stage {i} {token!r} holds encoder layers after decoder layers of an earlier stage; "
+                 "all encoder layers must come before all decoder layers")
+        counts.append((ne, nd))
+    total_e, total_d = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if total_e != num_encoder_layers:
+        fail(f"holds {total_e} encoder layers but model.num_encoder_layers={num_encoder_layers}")
+    if total_d != num_decoder_layers:
+        fail(f"holds {total_d} decoder layers but model.num_decoder_layers={num_decoder_layers}")
+    return _from_counts(counts)
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Training FLOPs of one sample (``sample_flops`` units) per layer and per stage extra."""
+
+    encoder_layer: float
+    decoder_layer: float
+    first_stage_extra: float  # embedding lookups (no matmul FLOPs) + what the caller adds (e.g. G)
+    last_stage_extra: float  # LM head (+ what the caller adds, e.g. the RTD head before tau)
+
+
+def layer_costs(cfg: Config, encoder_length: int, decoder_length: int, *, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                first_stage_extra_flops: float = 0.0, last_stage_extra_flops: float = 0.0) -> LayerCosts:
+    """Per-layer costs read off :func:`sample_flops` (one layer / no layers), not re-derived here.
+
+    The embedding lookup costs no matmul FLOPs in that model (MFU conventions count matmuls), so
+    stage 0's extra is ``first_stage_extra_flops`` alone: pass G's cost there when G runs inside
+    stage 0's forward step. The last stage always pays the LM head.
+    """
+
+    def discriminator(n_enc: int, n_dec: int, vocab: int) -> float:
+        model = dataclasses.replace(cfg.model, num_encoder_layers=n_enc, num_decoder_layers=n_dec)
+        one = dataclasses.replace(cfg, model=model)
+        return sample_flops(one, encoder_length, decoder_length, vocab, 0).discriminator
+
+    embedding = 0  # a lookup; the matmul-only FLOPs model prices it at zero
+    return LayerCosts(
+        encoder_layer=discriminator(1, 0, 0),
+        decoder_layer=discriminator(0, 1, 0),
+        first_stage_extra=embedding + first_stage_extra_flops,
+        last_stage_extra=discriminator(0, 0, vocab_size) + last_stage_extra_flops,
+    )
+
+
+def stage_costs(layout: PipelineLayout, costs: LayerCosts) -> list[float]:
+    """Cost of each stage of ``layout`` under ``costs``."""
+    out = []
+    for i, s in enumerate(layout.stages):
+        c = len(s.encoder_layers) * costs.encoder_layer + len(s.decoder_layers) * costs.decoder_layer
+        if i == 0:
+            c += costs.first_stage_extra
+        if i == layout.num_stages - 1:
+            c += costs.last_stage_extra
+        out.append(c)
+    return out
+
+
+def balance(num_encoder_layers: int, num_decoder_layers: int, num_stages: int, costs: LayerCosts) -> PipelineLayout:
+    """Exact min-max split of ``[E]*n_enc + [D]*n_dec`` into ``num_stages`` contiguous non-empty parts.
+
+    Dynamic programming, O(p n^2): first the smallest possible maximum stage cost, then, among the
+    splits reaching it, the one with the smallest sum of squared stage costs (deterministic, and it
+    evens out the stages that are not the bottleneck).
+    """
+    n = num_encoder_layers + num_decoder_layers
+    p = num_stages
+    if not 1 <= p <= n:
+        raise ConfigError(f"parallel.pipeline_model_parallel_size={p} must be between 1 and the {n} "
+                          "transformer layers of the model; use fewer stages")
+    prefix = [0.0]
+    for k in range(n):
+        prefix.append(prefix[-1] + (costs.encoder_layer if k < num_encoder_layers else costs.decoder_layer))
+
+    def cost(stage: int, i: int, j: int) -> float:  # layers [i, j) on ``stage``
+        c = prefix[j] - prefix[i]
+        if stage == 0:
+            c += costs.first_stage_extra
+        if stage == p - 1:
+            c += costs.last_stage_extra
+        return c
+
+    inf = float("inf")
+
+    def solve(score, combine, cap: float):
+        # best[s][j]: best score of putting layers [0, j) on stages 0..s-1 (j >= s)
+        best = [[inf] * (n + 1) for _ in range(p + 1)]
+        cut = [[0] * (n + 1) for _ in range(p + 1)]
+        best[0][0] = 0.0
+        for s in range(1, p + 1):
+            for j in range(s, n - (p - s) + 1):
+                for i in range(s - 1, j):
+                    if best[s - 1][i] == inf:
+                        continue
+                    c = cost(s - 1, i, j)
+                    if c > cap:
+                        continue
+                    v = combine(best[s - 1][i], score(c))
+                    if v < best[s][j]:
+                        best[s][j], cut[s][j] = v, i
+        return best[p][n], cut
+
+    optimum, _ = solve(lambda c: c, max, inf)
+    _, cut = solve(lambda c: c * c, lambda a, b: a + b, optimum)
+    bounds, j = [n], n
+    for s in range(p, 0, -1):
+        j = cut[s][j]
+        bounds.append(j)
+    bounds.reverse()
+    counts = []
+    for i, j in zip(bounds, bounds[1:]):
+        ne = max(0, min(j, num_encoder_layers) - i)
+        counts.append((ne, (j - i) - ne))
+    return _from_counts(counts)
+
+
+def balanced_layout(cfg: Config, num_stages: int, encoder_length: int, decoder_length: int, *,
+                    vocab_size: int = DEFAULT_VOCAB_SIZE, first_stage_extra_flops: float = 0.0,
+                    last_stage_extra_flops: float = 0.0) -> PipelineLayout:
+    """The layout minimising the most expensive stage under the FLOPs model (see :func:`balance`)."""
+    costs = layer_costs(cfg, encoder_length, decoder_length, vocab_size=vocab_size,
+                        first_stage_extra_flops=first_stage_extra_flops,
+                        last_stage_extra_flops=last_stage_extra_flops)
+    return balance(cfg.model.num_encoder_layers, cfg.model.num_decoder_layers, num_stages, costs)
+
+
+def resolve_layout(cfg: Config, encoder_length: int, decoder_length: int, **balance_kwargs) -> PipelineLayout:
+    """The layout to build: ``parallel.pipeline_layout`` if set, else :func:`balanced_layout`.
+
+    Rejects, before any process group exists: DeepSpeed with PP > 1, more stages than layers,
+    and a layout string that does not match the model or the number of stages.
+    ``balance_kwargs`` go to :func:`balanced_layout` (vocab size, extra stage-0 / last-stage FLOPs).
+    """
+    m, par = cfg.model, cfg.parallel
+    pp = par.pipeline_model_parallel_size
+    n_layers = m.num_encoder_layers + m.num_decoder_layers
+    if cfg.train.engine == "deepspeed" and pp > 1:
+        raise ConfigError(
+            f"train.engine=deepspeed with parallel.pipeline_model_parallel_size={pp}: DeepSpeed forbids "
+            "ZeRO-2/3 with pipelines, so we run DeepSpeed with PP = 1 only; set "
+            "parallel.pipeline_model_parallel_size=1 or use train.engine=megatron")
+    if pp < 1:
+        raise ConfigError(f"parallel.pipeline_model_parallel_size must be >= 1, got {pp}")
+    if pp > n_layers:
+        raise ConfigError(
+            f"parallel.pipeline_model_parallel_size={pp} exceeds the {n_layers} transformer layers of the "
+            f"model ({m.num_encoder_layers} encoder + {m.num_decoder_layers} decoder); use fewer stages")
+    if par.pipeline_layout:
+        layout = parse_layout(par.pipeline_layout, m.num_encoder_layers, m.num_decoder_layers)
+        if layout.num_stages != pp:
+            raise ConfigError(
+                f"{FIELD}={par.pipeline_layout!r} has {layout.num_stages} stages but "
+                f"parallel.pipeline_model_parallel_size={pp}; make them equal (or unset {FIELD})")
+        return layout
+    return balanced_layout(cfg, pp, encoder_length, decoder_length, **balance_kwargs)
+
+
+def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
+    """Idle fraction of a step under non-interleaved 1F1B: ``(p - 1) / (m + p - 1)``.
+
+    With ``p`` equal stages and ``m`` micro-batches each stage is busy for ``m`` forward+backward
+    slots out of ``m + p - 1`` (the warm-up and cool-down take ``p - 1`` slots), the same bubble
+    as GPipe; 1F1B only bounds activation memory to ``p`` in-flight micro-batches. Ignores p2p
+    time and unequal stages (the slowest stage sets the pace).
+    """
+    if num_stages < 1 or num_microbatches < 1:
+        raise ValueError(f"bubble_fraction needs num_stages >= 1 and num_microbatches >= 1, "
+                         f"got {num_stages}, {num_microbatches}")
+    return (num_stages - 1) / (num_microbatches + num_stages - 1)
