@@ -42,6 +42,11 @@ def describe(cfg: Config, vocab_size: int = 32128) -> str:
         f"stage 2 (SC only) {format_flops(flops.sc_only * batch)}, ratio {flops.hybrid / flops.sc_only:.3f}",
         f"tau {cfg.spactor.tau}, steps {cfg.train.steps}: total {format_flops(_total(cfg, flops) * batch)}",
     ]
+    if cfg.parallel.pipeline_model_parallel_size > 1 or cfg.parallel.pipeline_layout:
+        from spactor_mega.parallel.layout import resolve_layout
+
+        layout = resolve_layout(cfg, s, targets)
+        lines.append(f"pipeline layout ({layout.num_stages} stages): {layout.describe()}")
     return "\n".join(lines)
 
 
