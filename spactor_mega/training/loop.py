@@ -96,7 +96,7 @@ def train(cfg: Config) -> RunResult:
     counts = engine.parameter_counts()
     log.line(
         f"[train] world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x DP {dp_size}; "
-        f"D {counts['discriminator'] / 1e6:.2f}M params, G {generator_num_layers(cfg)} layers "
+        f"D {counts['discriminator'] / 1e6:.2f}M params per rank, G {generator_num_layers(cfg)} layers "
         f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={cfg.spactor.tau}; "
         f"FLOPs/sample hybrid {format_flops(flops.hybrid)}, SC-only {format_flops(flops.sc_only)}"
         + (f"; resumed from {checkpoint} at step {step}" if checkpoint else "")
