@@ -23,6 +23,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -31,18 +32,10 @@ from spactor_mega.config import Config  # noqa: E402
 from spactor_mega.data.dataset import SpactorBatchBuilder  # noqa: E402
 from spactor_mega.data.span_corruption import SpanCorruption, sample_keys  # noqa: E402
 from spactor_mega.training.schedule import sample_flops  # noqa: E402
+from benchlib import table  # noqa: E402
 
 SP_SIZE = 32000
 VOCAB = 32128
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
 def make_config(args) -> Config:
