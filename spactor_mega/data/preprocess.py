@@ -1,18 +1,18 @@
 """C4 text -> one Megatron indexed dataset (``<prefix>.bin/.idx``), one document per JSON line.
 
 Pipeline: the main process reads raw lines (:func:`spactor_mega.data.c4.iter_lines`) into
-chunks of about ``chunk_bytes``; worker processes parse and validate the lines with
-:func:`~spactor_mega.data.c4.parse_line` and encode them with SentencePiece's batch encode
-straight to numpy (EOS appended by SentencePiece), returning each chunk as one array in the
-output dtype; the main process takes the results back in submission order and appends them
+chunks of about ``chunk_bytes``; worker processes take chunks as they get free, parse and
+validate the lines with :func:`~spactor_mega.data.c4.parse_line`'s rules and encode them with
+SentencePiece straight to numpy (EOS appended by SentencePiece), returning each
+chunk as one array in the output dtype; the main process writes the results in chunk order
 with :class:`~spactor_mega.data.indexed_writer.IndexedDatasetWriter`. The output is therefore
-byte-identical for any number of workers, and byte-identical to what Megatron's
-``IndexedDatasetBuilder`` writes for the same documents.
+byte-identical for any number of workers, and to what Megatron's ``IndexedDatasetBuilder``
+writes for the same documents.
 
 Output goes to ``<prefix>.tmp-<pid>.bin/.idx`` and is renamed to ``<prefix>.bin`` and then
 ``<prefix>.idx`` only when complete; any error or Ctrl-C removes the temporary files.
 
-Nothing here imports torch or Megatron (importing ``megatron.core`` alone costs more than
+Nothing here imports torch or Megatron (``megatron.core`` alone takes longer to import than
 preprocessing a small corpus): start-up is Python, numpy and SentencePiece. On Linux the
 workers are forked and inherit the tokenizer the main process has already loaded.
 """
@@ -20,11 +20,14 @@ workers are forked and inherit the tokenizer the main process has already loaded
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +52,10 @@ from spactor_mega.data.indexed_writer import IndexedDatasetWriter, optimal_dtype
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer, TokenizerError
 from spactor_mega.errors import UserError
 
-DEFAULT_CHUNK_BYTES = 512 << 10  # text per work unit: ~30 ms of encoding; small enough that
-# a few MB keep every worker busy to the end, large enough that task overhead stays < 1%
+# Text per work unit: ~30 ms of encoding. Small enough that a few MB keep two workers busy to
+# the end and that a queued chunk fits in a worker pipe (1 MB), large enough that the cost
+# per chunk (~1 ms of pickling and pipe copies) stays small.
+DEFAULT_CHUNK_BYTES = 512 << 10
 
 
 class OutputExistsError(UserError):
@@ -94,25 +99,66 @@ _PRELOADED: dict = {}  # tokenizer path -> SentencePieceProcessor, inherited by 
 
 def _init_worker(tokenizer_path: str, json_keys: tuple, append_eod: bool, dtype: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not run_preprocess's handler, if forked
     sp = _PRELOADED.get(tokenizer_path)
     if sp is None:  # spawned, not forked: load it
         sp = T5SentencePieceTokenizer(tokenizer_path).sp
     _WORKER.update(keys=json_keys, dtype=np.dtype(dtype), empty=1 if append_eod else 0,
-                   encode=_batch_encoder(sp, append_eod))
+                   encode=_encoder(sp, append_eod))
 
 
-def _batch_encoder(sp, add_eos: bool = False):
-    """``texts -> list of int32 arrays`` (EOS last when ``add_eos``) in SentencePiece's C++ loop."""
+def _encoder(sp, add_eos: bool = False):
+    """``texts -> list of int32 arrays`` (EOS last when ``add_eos``), on this thread.
+
+    One ``encode`` per text, to numpy: for documents of C4's size (~2 KB) that is ~7% faster
+    than SentencePiece's batch call, which starts a thread per call and copies every text
+    and id list once more.
+    """
+    encode = sp.encode
     try:  # sentencepiece >= 0.2.1 returns numpy arrays directly (no Python int objects)
-        sp.encode(["a"], out_type="numpy", num_threads=1, add_eos=add_eos)
-        return lambda texts: sp.encode(texts, out_type="numpy", num_threads=1, add_eos=add_eos)
+        encode("a", out_type="numpy", add_eos=add_eos)
+        return lambda texts: [encode(text, out_type="numpy", add_eos=add_eos) for text in texts]
     except (ValueError, TypeError, RuntimeError):
         pass
 
     def encode_lists(texts):
-        return [np.array(ids, dtype=np.int32) for ids in sp.encode(texts, num_threads=1, add_eos=add_eos)]
+        return [np.array(ids, dtype=np.int32) for ids in encode(texts, num_threads=1, add_eos=add_eos)]
 
     return encode_lists
+
+
+def _parse(raw: bytes, keys: tuple) -> str:
+    """:func:`~spactor_mega.data.c4.parse_line`'s result, in half its time for usable lines.
+
+    The fast path only accepts what ``parse_line`` accepts: a line starting with ``{`` (so no
+    blank line or byte order mark), strict UTF-8, a JSON object with string values under
+    ``keys``, text not blank and free of lone surrogates. It tests for those directly
+    (``isascii`` is O(1)) instead of scanning the line for ``\\ud`` escapes first. Everything
+    else goes to ``parse_line``, which raises the right :class:`BadLine`.
+    """
+    if raw[:1] == b"{":
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            obj = None
+        if type(obj) is dict:
+            if len(keys) == 1:
+                text = obj.get(keys[0])
+            else:
+                parts = [obj.get(k) for k in keys]
+                text = "\n".join(parts) if all(type(p) is str for p in parts) else None
+            if (type(text) is str and text and not text.isspace()
+                    and (text.isascii() or not _has_lone_surrogate(text))):
+                return text
+    return parse_line(raw, keys)
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _work(task):
@@ -130,7 +176,7 @@ def _work(task):
         texts, lines = [], []
         for i, raw in enumerate(payload):
             try:
-                texts.append(parse_line(raw, keys))
+                texts.append(_parse(raw, keys))
                 lines.append(first + i)
             except BadLine as e:
                 skips.append((first + i, e.reason, e.detail))
@@ -150,6 +196,188 @@ def _work(task):
     # one pass: concatenated and cast to the output dtype (ids < vocab size fit by choice of dtype)
     flat = np.concatenate(arrays, dtype=dtype, casting="unsafe") if arrays else np.zeros(0, dtype)
     return flat, lengths, parsed, skips
+
+
+def _worker_loop(tasks, lock, results, initargs, inherited=()) -> None:
+    """A worker process: ``(number, task)`` in, ``(number, ok, result or exception)`` out; b"" stops.
+
+    ``inherited``: the main process's pipe ends that a forked worker got a copy of; closed, so
+    that the task pipe ends (EOF: the worker exits) when the main process is gone.
+    """
+    for conn in inherited:
+        conn.close()
+    _init_worker(*initargs)
+    while True:
+        with lock:  # the task pipe is shared: one whole message per reader
+            try:
+                message = tasks.recv_bytes()
+            except EOFError:
+                return
+        if not message:
+            return
+        number, task = pickle.loads(message)
+        try:
+            out = (number, True, _work(task))
+        except BaseException as e:  # raised by the main process, in task order
+            out = (number, False, (e, traceback.format_exc()))
+        try:
+            data = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an unpicklable exception: its text
+            data = pickle.dumps((number, False, (RuntimeError(repr(out[2][0])), out[2][1])))
+        results.send_bytes(data)
+
+
+class _WorkerTraceback(Exception):
+    """The traceback of an error in a worker process (the ``__cause__`` of the re-raised error)."""
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0]
+
+
+_F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032  # Linux fcntl commands
+_PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size
+
+
+def _pipe_capacity(conn, grow: bool) -> int:
+    """Bytes the pipe behind ``conn`` holds (grown to 1 MB where Linux allows), 0 if unknown."""
+    if sys.platform != "linux":
+        return 0
+    import fcntl
+
+    try:
+        if grow:
+            try:
+                fcntl.fcntl(conn.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+            except OSError:  # a lower pipe-max-size or pipe-user-pages limit: keep the default
+                pass
+        return fcntl.fcntl(conn.fileno(), _F_GETPIPE_SZ)
+    except OSError:
+        return 0
+
+
+class _WorkerPool:
+    """Worker processes running :func:`_work`; results are collected by task number.
+
+    Workers take tasks from one shared pipe as they get free (so the last chunks go to
+    whoever is idle) and answer on a pipe of their own. The main process has no threads
+    (``ProcessPoolExecutor``'s feeder and manager threads need the GIL that reading holds,
+    which left workers waiting several ms per chunk) and writes a task only when it cannot
+    wait on a worker that waits on it: when some worker has no task, or when the tasks
+    possibly still in the pipe, this one included, fit in it (1 MB on Linux). Each worker
+    then finds its next task already waiting, up to ``depth`` tasks per worker in flight.
+    """
+
+    def __init__(self, workers: int, ctx, initargs: tuple, depth: int = 2):
+        self.workers = workers
+        self.limit = depth * workers
+        self.procs, self.results = [], []
+        self.owner: dict = {}  # result connection or process sentinel -> worker index
+        self.unanswered: dict = {}  # task number -> message bytes, in submission order
+        self.done: dict = {}  # task number -> (ok, result or exception)
+        self.submitted = 0
+        task_r, self.tasks = ctx.Pipe(duplex=False)
+        self.room = _pipe_capacity(self.tasks, grow=True)
+        lock = ctx.Lock()
+        forked = ctx.get_start_method() == "fork"
+        try:
+            for i in range(workers):
+                result_r, result_w = ctx.Pipe(duplex=False)
+                _pipe_capacity(result_w, grow=True)
+                inherited = [self.tasks, *self.results, result_r] if forked else []
+                proc = ctx.Process(target=_worker_loop, args=(task_r, lock, result_w, initargs, inherited),
+                                   name=f"preprocess-{i}", daemon=True)
+                proc.start()
+                result_w.close()
+                self.procs.append(proc)
+                self.results.append(result_r)
+                self.owner[result_r] = self.owner[proc.sentinel] = i
+        except BaseException:
+            self.terminate()
+            raise
+        finally:
+            task_r.close()
+
+    def submit(self, task) -> int:
+        """Sends ``task`` (collecting results until there is room for it); returns its number."""
+        number = self.submitted
+        message = pickle.dumps((number, task), protocol=pickle.HIGHEST_PROTOCOL)
+        while not self._fits(len(message)):
+            self.collect(block=True)
+        try:
+            self.tasks.send_bytes(message)
+        except OSError as e:  # no reader left
+            raise RuntimeError("preprocessing workers exited") from e
+        self.unanswered[number] = len(message)
+        self.submitted += 1
+        return number
+
+    def _fits(self, size: int) -> bool:
+        """Whether writing a ``size``-byte task now can never wait on a worker that waits on us.
+
+        Workers read tasks in submission order, so the tasks being worked on are the oldest
+        unanswered ones, one per busy worker; the later ones may still sit in the pipe (less
+        a page, which a half-read message can hold on to).
+        """
+        if len(self.unanswered) < self.workers:  # a worker without a task reads whatever comes
+            return True
+        if len(self.unanswered) >= self.limit:
+            return False
+        waiting = list(self.unanswered.values())[self.workers :]
+        return sum(waiting) + 8 * len(waiting) + size + 8 <= self.room - 4096
+
+    def collect(self, block: bool) -> None:
+        """Receives finished results into ``done``; waits for one first when ``block``."""
+        from multiprocessing.connection import wait
+
+        for obj in wait(list(self.owner), timeout=None if block else 0):
+            i = self.owner[obj]
+            if obj is not self.results[i]:  # a process sentinel: workers exit only when told
+                raise self._died(i)
+            try:
+                data = obj.recv_bytes()
+            except EOFError:
+                raise self._died(i) from None
+            number, ok, value = pickle.loads(data)
+            del self.unanswered[number]
+            self.done[number] = (ok, value)
+
+    def _died(self, i: int) -> RuntimeError:
+        self.procs[i].join(1)
+        return RuntimeError(f"preprocessing worker {self.procs[i].name} died "
+                            f"(exit code {self.procs[i].exitcode})")
+
+    def result(self, number: int):
+        """The result of task ``number`` (waiting for it); a worker's exception is raised here."""
+        while number not in self.done:
+            self.collect(block=True)
+        ok, value = self.done.pop(number)
+        if not ok:
+            error, text = value
+            raise error from _WorkerTraceback(text)
+        return value
+
+    def close(self) -> None:
+        """Stops the (idle) workers and waits for them."""
+        try:
+            for _ in self.procs:
+                self.tasks.send_bytes(b"")
+        except OSError:
+            pass
+        for proc in self.procs:
+            proc.join()
+        self._close_pipes()
+
+    def terminate(self) -> None:
+        """Stops the workers now (errors, Ctrl-C)."""
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.join()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for conn in [self.tasks, *self.results]:
+            conn.close()
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,23 +490,25 @@ def preprocess(
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = f"{prefix}.tmp-{os.getpid()}.bin", f"{prefix}.tmp-{os.getpid()}.idx"
 
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
     # fork: workers start in milliseconds with the tokenizer already loaded; they are forked
-    # at the first submit, before the output file and the progress bar (a thread) exist.
+    # first, before the output file and the progress bar (a thread) exist.
     ctx = mp.get_context("fork") if sys.platform == "linux" else mp.get_context()
     _PRELOADED[str(tokenizer_path)] = tok.sp
-    executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(str(tokenizer_path), keys, append_eod, np.dtype(dtype).name))
+    try:
+        pool = _WorkerPool(workers, ctx, (str(tokenizer_path), keys, append_eod, np.dtype(dtype).name))
+    finally:
+        _PRELOADED.pop(str(tokenizer_path), None)
     stats = ReadStats()
     bar: Optional[_Progress] = None
     writer: Optional[IndexedDatasetWriter] = None
     docs = tokens = 0
+    metas: deque = deque()  # (task number, meta) submitted and not yet written, in order
 
-    def handle(future, meta):
+    def write(number, meta):
         nonlocal docs, tokens
-        flat, lengths, parsed, skips = future.result()
+        flat, lengths, parsed, skips = pool.result(number)
         si, disk, nbytes = meta
         for line, reason, detail in skips:
             stats.skip(paths[si], line, reason, detail)
@@ -289,17 +519,15 @@ def preprocess(
         bar.update(disk, nbytes, docs)
 
     try:
-        pending: deque = deque()
-        max_pending = 2 * workers + 2
+        writer = IndexedDatasetWriter(tmp_bin, dtype)
+        bar = _Progress(progress, disk_total)
         for task, meta in _tasks(paths, keys, stats, chunk_bytes):
-            pending.append((executor.submit(_work, task), meta))
-            if writer is None:  # workers exist now: open the output, start the bar's thread
-                writer = IndexedDatasetWriter(tmp_bin, dtype)
-                bar = _Progress(progress, disk_total)
-            if len(pending) >= max_pending:
-                handle(*pending.popleft())
-        while pending:
-            handle(*pending.popleft())
+            metas.append((pool.submit(task), meta))
+            pool.collect(block=False)
+            while metas and metas[0][0] in pool.done:  # written as soon as they are next
+                write(*metas.popleft())
+        while metas:
+            write(*metas.popleft())
         report = stats.report()
         if report:
             print(report, file=sys.stderr)
@@ -309,17 +537,16 @@ def preprocess(
                 "none usable" + (" (see the report above)" if report else "")
             )
         writer.finalize(tmp_idx)
+        pool.close()
         os.replace(tmp_bin, final_bin)
         os.replace(tmp_idx, final_idx)  # the index last: a reader sees both or the old pair
     except BaseException:
-        executor.shutdown(wait=True, cancel_futures=True)
+        pool.terminate()
         if writer is not None:
             writer.close()
         _remove(tmp_bin, tmp_idx)
         raise
     finally:
-        executor.shutdown(wait=True)
-        _PRELOADED.pop(str(tokenizer_path), None)
         if bar is not None:
             bar.close()
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -170,6 +171,48 @@ def test_output_is_byte_identical_for_any_worker_count(tmp_path, tiny_spm, tiny_
     assert (tmp_path / "big.bin").read_bytes() == (tmp_path / "w1.bin").read_bytes()
 
 
+def test_output_is_byte_identical_to_megatrons_builder(tmp_path, tiny_spm, tok, tiny_corpus_texts):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    texts = tiny_corpus_texts[:120]
+    path = write_lines(tmp_path / "a.jsonl.gz", [c4_record(t, i) for i, t in enumerate(texts)])
+    run([str(path)], tmp_path / "ours", tiny_spm, workers=2, chunk_bytes=3000)
+    builder = IndexedDatasetBuilder(str(tmp_path / "megatron.bin"), dtype=DType.optimal_dtype(tok.vocab_size))
+    for doc in expected_docs(tok, texts):
+        builder.add_document(np.array(doc), [len(doc)])
+    builder.finalize(str(tmp_path / "megatron.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"megatron{ext}").read_bytes()
+
+
+@pytest.mark.parametrize("pipe_bytes,chunk_bytes", [(4096, 20_000), (16384, 5_000), (1 << 20, 20_000)])
+def test_small_pipes_do_not_deadlock(tmp_path, tiny_spm, tiny_corpus_texts, monkeypatch, pipe_bytes, chunk_bytes):
+    """Tasks and results larger than the pipes (4 KB: Linux's smallest), or several queued."""
+    import signal as signal_module
+
+    path = write_lines(tmp_path / "a.jsonl", [c4_record(t, i) for i, t in enumerate(tiny_corpus_texts * 10)])
+    run([str(path)], tmp_path / "ref", tiny_spm)
+    monkeypatch.setattr(pp, "_PIPE_BYTES", pipe_bytes)
+
+    def hung(signum, frame):
+        raise TimeoutError("preprocess hung")
+
+    previous = signal_module.signal(signal_module.SIGALRM, hung)
+    signal_module.alarm(60)
+    try:
+        for workers in (1, 2, 3):
+            run([str(path)], tmp_path / f"w{workers}", tiny_spm, workers=workers, chunk_bytes=chunk_bytes)
+            for ext in (".bin", ".idx"):
+                assert (tmp_path / f"w{workers}{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+    finally:
+        signal_module.alarm(0)
+        signal_module.signal(signal_module.SIGALRM, previous)
+
+
 # ----------------------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------------------
@@ -219,6 +262,40 @@ def test_bad_lines_are_skipped_counted_and_reported(tmp_path, tiny_spm, tok, tin
     assert stats.skipped == {r: len(n) for r, n in where.items() if r != NO_TOKENS}
     assert stats.lines == len(lines)
     assert f"{path}:2: {BAD_JSON} (" in stats.report()
+
+
+PARSE_CASES = list(BAD_LINES) + [
+    b'{"text": "plain ascii"}',
+    '{"text": "caf\u00e9 \u2014 na\u00efve \ud55c\uad6d\uc5b4 \U0001f600"}'.encode(),  # raw UTF-8, Hangul (0xed ..)
+    b'{"text": "escaped \\u00e9 and a pair \\ud83d\\ude00"}',
+    b'{"text": "lone low \\udc00 surrogate"}',
+    b'{"text": "upper-case \\uD800 escape"}',
+    b'{"text": "fine", "title": "lone \\ud800 elsewhere"}',
+    b'{"text": "a", "title": 5}',
+    b'{"title": "t"}',
+    b'{"text": "\\t\\n"}',
+    b'\xef\xbb\xbf{"text": "after a byte order mark"}',
+    b'  {"text": "leading blanks"}',
+    b'{"text": "trailing garbage"} x',
+    b'{"text": "surrogate bytes \xed\xa0\x80"}',
+    b"[1, 2]",
+    b"{}",
+    b"{",
+]
+
+
+@pytest.mark.parametrize("keys", [("text",), ("title", "text")])
+def test_fast_parse_matches_parse_line(keys):
+    from spactor_mega.data.c4 import BadLine, parse_line
+
+    def outcome(fn, raw):
+        try:
+            return ("text", fn(raw, keys))
+        except BadLine as e:
+            return ("bad", e.reason, e.detail)
+
+    for raw in PARSE_CASES + [raw.replace(b'"text"', b'"title": "T", "text"', 1) for raw in PARSE_CASES]:
+        assert outcome(pp._parse, raw) == outcome(parse_line, raw), raw
 
 
 def test_report_keeps_the_first_few_examples_per_reason(tmp_path):
@@ -311,6 +388,61 @@ def test_interrupt_removes_temporary_files(tmp_path, tiny_spm, tiny_corpus_texts
     assert leftovers(tmp_path) == []
 
 
+def test_worker_error_is_raised_with_its_traceback_and_leaves_no_output(tmp_path, tiny_spm, tiny_corpus_texts,
+                                                                        monkeypatch):
+    path = write_lines(tmp_path / "a.jsonl", [c4_record(t) for t in tiny_corpus_texts])
+    real_work = pp._work
+
+    def failing(task):  # forked workers inherit the patched module
+        if task[1] > 100:
+            raise ZeroDivisionError("bug in a worker")
+        return real_work(task)
+
+    monkeypatch.setattr(pp, "_work", failing)
+    with pytest.raises(ZeroDivisionError, match="bug in a worker") as info:
+        run([str(path)], tmp_path / "ds", tiny_spm, workers=2, chunk_bytes=2000)
+    assert "in failing" in str(info.value.__cause__)
+    assert leftovers(tmp_path) == []
+
+
+def test_worker_death_is_an_error_and_leaves_no_output(tmp_path, tiny_spm, tiny_corpus_texts, monkeypatch):
+    path = write_lines(tmp_path / "a.jsonl", [c4_record(t) for t in tiny_corpus_texts])
+    real_work = pp._work
+
+    def dying(task):
+        if task[1] > 100:
+            os._exit(3)
+        return real_work(task)
+
+    monkeypatch.setattr(pp, "_work", dying)
+    with pytest.raises(RuntimeError, match=r"worker preprocess-\d died \(exit code 3\)"):
+        run([str(path)], tmp_path / "ds", tiny_spm, workers=2, chunk_bytes=2000)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_workers_exit_when_the_main_process_is_killed(tiny_spm):
+    probe = (
+        "import multiprocessing as mp, os; from spactor_mega.data import preprocess as pp; "
+        f"pool = pp._WorkerPool(2, mp.get_context('fork'), ({str(tiny_spm)!r}, ('text',), True, 'uint16')); "
+        "print(*[p.pid for p in pool.procs], flush=True); os._exit(0)"  # no clean-up at all
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out.stderr
+
+    def running(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(running, pids))
+
+
 # ----------------------------------------------------------------------------------------
 # outputs, patterns, command line
 # ----------------------------------------------------------------------------------------
@@ -369,6 +501,20 @@ def test_script_help_and_light_imports():
     assert out.stdout.strip() == "[]", out.stderr
 
 
+def test_a_run_imports_neither_torch_nor_megatron(tmp_path, tiny_spm, tiny_corpus_texts):
+    path = write_lines(tmp_path / "a.json.gz", [c4_record(t) for t in tiny_corpus_texts[:50]])
+    probe = (
+        "import sys; from spactor_mega.cli import main; "
+        f"code = main(['preprocess', '--input', {str(path)!r}, '--output-prefix', {str(tmp_path / 'ds')!r}, "
+        f"'--tokenizer', {str(tiny_spm)!r}, '--workers', '2']); "
+        "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "0 []", out.stderr
+    assert "wrote" in out.stderr
+    assert len(read_docs(tmp_path / "ds")) == 50
+
+
 def test_encoder_fallback_without_numpy_output():
     class OldSentencePiece:  # sentencepiece < 0.2.1: no out_type="numpy"
         def encode(self, texts, out_type=int, num_threads=-1, add_eos=False):
@@ -376,7 +522,15 @@ def test_encoder_fallback_without_numpy_output():
                 raise ValueError("unknown out_type")
             return [[ord(c) for c in t] + [1] * add_eos for t in texts]
 
-    arrays = pp._batch_encoder(OldSentencePiece())(["ab", ""])
+    arrays = pp._encoder(OldSentencePiece())(["ab", ""])
     assert [a.dtype for a in arrays] == [np.int32, np.int32] and [a.tolist() for a in arrays] == [[97, 98], []]
-    arrays = pp._batch_encoder(OldSentencePiece(), add_eos=True)(["ab", ""])
+    arrays = pp._encoder(OldSentencePiece(), add_eos=True)(["ab", ""])
     assert [a.tolist() for a in arrays] == [[97, 98, 1], [1]]
+
+
+def test_encoder_matches_sentencepiece(tok, tiny_corpus_texts):
+    texts = tiny_corpus_texts[:30] + ["\u200b", "x"]
+    for add_eos in (False, True):
+        arrays = pp._encoder(tok.sp, add_eos)(texts)
+        assert all(a.dtype == np.int32 for a in arrays)
+        assert [a.tolist() for a in arrays] == [tok.sp.encode(t) + [tok.eos_id] * add_eos for t in texts]
