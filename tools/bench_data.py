@@ -32,21 +32,15 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from benchlib import table  # noqa: E402
 
 from spactor_mega.data.span_corruption import SpanCorruption, sample_keys  # noqa: E402
 
 # (a) runs first and must not inherit torch/Megatron (which spactor_mega.data.dataset imports):
 # `spactor preprocess` never loads them, and forking workers from a process that has makes
 # each fork several times slower. (b) imports it when it starts.
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
 # (b) baseline: per-row span corruption as in HF's Flax T5 example -------------------------
