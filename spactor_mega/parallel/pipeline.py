@@ -84,9 +84,16 @@ def build_stage_modules(
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
     recompute_granularity: Optional[str] = None,
+    exact_init: bool = True,
 ):
     """(D stage, G or None, RTD head or None) for this pipeline rank: G on stage 0 (it shares
-    the embedding there), the RTD head on the last stage. PP = 1 gives the whole model."""
+    the embedding there), the RTD head on the last stage. PP = 1 gives the whole model.
+
+    ``exact_init``: the stage starts from exactly the weights PP = 1 would have (same seed), by
+    building the whole model first and copying this stage's parameters by global name; the
+    default RNG is left where the PP = 1 build leaves it. This briefly holds the whole model on
+    every rank (fine for the sizes trained on CPU; large runs should pass False, or load a
+    checkpoint, until per-layer seeding exists)."""
     from megatron.core import parallel_state as ps
 
     from spactor_mega.model.generator import T5Generator
@@ -106,6 +113,12 @@ def build_stage_modules(
                   recompute_granularity=recompute_granularity)
     enc, dec = split[rank]
     first, last = rank == 0, rank == pp - 1
+    whole = None
+    if exact_init:
+        from spactor_mega.model.spactor import build_whole_modules
+
+        whole = build_whole_modules(cfg, vocab_size, with_generator=with_generator, **common)
+        rng = torch.random.get_rng_state()
     d = T5Discriminator(m, vocab_size, pre_process=first, post_process=last,
                         encoder_layers=enc, decoder_layers=dec, **common)
     if d.config.pipeline_dtype is None:
@@ -117,6 +130,16 @@ def build_stage_modules(
         g = T5Generator(m, cfg.generator, generator_num_layers(m, cfg.generator), d.embedding, **common)
     if with_generator and last:
         rtd = RTDHead(d.encoder_config)
+    if whole is not None:
+        full = dict(whole[0].named_parameters())
+        with torch.no_grad():
+            for name, p in d.named_parameters():
+                p.copy_(full[d.global_parameter_name(name)])
+            for part, src in ((g, whole[1]), (rtd, whole[2])):
+                if part is not None:
+                    part.load_state_dict(src.state_dict(), strict=True)
+        del whole, full
+        torch.random.set_rng_state(rng)
     return d, g, rtd
 
 
