@@ -32,6 +32,10 @@ class RTDHead(MegatronModule):
         super().__init__(config=config)
         d = config.hidden_size
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        # Read by Megatron's finalize_model_grads (on the last pipeline stage it looks for a
+        # shared word embedding: the head has none).
+        self.share_embeddings_and_output_weights = False
+        self.pre_process = self.post_process = True
         self.dense = torch.nn.Linear(d, d, bias=True, dtype=torch.float32)
         self.out = torch.nn.Linear(d, 1, bias=True, dtype=torch.float32)
         with torch.no_grad():

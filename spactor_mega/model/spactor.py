@@ -61,12 +61,38 @@ def build_spactor_modules(
 ):
     """(D, G or None, RTD head or None) for ``cfg`` (a :class:`spactor_mega.config.Config`).
 
-    ``with_generator`` defaults to ``cfg.spactor.tau > 0``. Call after ``initialize_parallel``;
+    ``with_generator`` defaults to ``cfg.spactor.tau > 0``. With PP > 1 this rank's pipeline
+    stage (:func:`spactor_mega.parallel.pipeline.build_stage_modules`: G on stage 0, the RTD head
+    on the last stage, None elsewhere). Call after ``initialize_parallel``;
     build order (D, then G, then the head) fixes the RNG stream, so the same seed gives the same
     weights for every TP size (with CPU initialisation).
     """
     if with_generator is None:
         with_generator = cfg.spactor.tau > 0
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        from spactor_mega.parallel.pipeline import build_stage_modules
+
+        # This rank's stage (default even split; [3/5] layout parsing will pass its own split).
+        return build_stage_modules(
+            cfg, vocab_size, with_generator=with_generator, params_dtype=params_dtype,
+            use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
+        )
+    return build_whole_modules(
+        cfg, vocab_size, with_generator=with_generator, params_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
+    )
+
+
+def build_whole_modules(
+    cfg,
+    vocab_size: int,
+    *,
+    with_generator: bool,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: Optional[bool] = None,
+    recompute_granularity: Optional[str] = None,
+):
+    """The whole (one-stage) D, G, RTD head, whatever the pipeline size (see build_spactor_modules)."""
     common = dict(
         params_dtype=params_dtype,
         use_cpu_initialization=use_cpu_initialization,
@@ -141,7 +167,10 @@ class SpactorObjective:
         value = loss.detach().float().item()
         return loss, {"loss": value, "sc_loss": value}
 
-    def hybrid_step(self, batch: dict, d, g, rtd_head, step: int, micro_batch: int):
+    def generator_pass(self, batch: dict, d, g, step: int, micro_batch: int) -> dict:
+        """G's half of the hybrid step: MLM logits on the masked encoder input, Gumbel-max
+        replacements, D's input. Returns ``mlm_loss`` (with graph), ``d_input``, ``is_replaced``,
+        ``mlm_accuracy`` (0-d tensor) and ``sampled``. (A pipeline runs this on stage 0 only.)"""
         enc = batch["enc_tokens"]
         enc_mask = batch["enc_mask"].bool()
         positions = batch["mlm_positions"]
@@ -169,22 +198,34 @@ class SpactorObjective:
             fill = torch.zeros_like(enc).scatter_add_(1, positions, torch.where(real, sampled, 0))
             d_input = torch.where(masked, fill, enc)
             is_replaced = masked & (d_input != enc)
+            mlm_accuracy = masked_mean(mlm_correct, weights)
 
         mlm_loss = masked_mean(vocab_parallel_ce(g_logits, targets), weights)  # consumes g_logits
+        return dict(mlm_loss=mlm_loss, d_input=d_input, is_replaced=is_replaced, mlm_accuracy=mlm_accuracy,
+                    sampled=sampled)
 
-        encoder_hidden = d.encode(d_input, enc_mask)
+    def discriminator_losses(self, batch: dict, d, rtd_head, encoder_hidden, decoder_hidden, gen: Optional[dict]):
+        """D's losses from its final hidden states ``[s, b, h]``. ``gen`` None: SC only. Otherwise
+        the output of :meth:`generator_pass` (or its broadcast: ``is_replaced``, ``mlm_loss``,
+        ``mlm_accuracy``); a ``mlm_loss`` with a graph is part of the returned loss, a detached
+        one (a pipeline, where G's backward already ran on stage 0) only of the reported total."""
+        l_sc = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"])
+        if gen is None:
+            value = l_sc.detach().float().item()
+            return l_sc, {"loss": value, "sc_loss": value}
+        enc_mask = batch["enc_mask"].bool()
+        is_replaced = gen["is_replaced"]
         rtd_logits = rtd_head(encoder_hidden).transpose(0, 1)  # [b, s]
         l_rtd = rtd_loss(rtd_logits, is_replaced, enc_mask)
-        decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, enc_mask)
-        l_sc = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"])
-
+        mlm_loss = gen["mlm_loss"]
         total = self.mlm_weight * mlm_loss + self.rtd_weight * l_rtd + l_sc
+        loss = total if mlm_loss.requires_grad else self.rtd_weight * l_rtd + l_sc
         with torch.no_grad():
             values = torch.cat(
                 [
                     torch.stack([total.detach(), l_sc.detach(), mlm_loss.detach(), l_rtd.detach()]).float(),
                     rtd_stats(rtd_logits.detach(), is_replaced, enc_mask),
-                    masked_mean(mlm_correct, weights).reshape(1),
+                    gen["mlm_accuracy"].float().reshape(1),
                 ]
             ).tolist()
         names = (
@@ -192,6 +233,12 @@ class SpactorObjective:
             "rtd_accuracy", "rtd_precision", "rtd_recall", "replaced_fraction",
             "mlm_accuracy",
         )
-        metrics = dict(zip(names, values))
-        self.last_samples = sampled  # the replacements of this call (detached [b, m]; tests, debugging)
+        return loss, dict(zip(names, values))
+
+    def hybrid_step(self, batch: dict, d, g, rtd_head, step: int, micro_batch: int):
+        gen = self.generator_pass(batch, d, g, step, micro_batch)
+        encoder_hidden = d.encode(gen["d_input"], batch["enc_mask"].bool())
+        decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, batch["enc_mask"].bool())
+        total, metrics = self.discriminator_losses(batch, d, rtd_head, encoder_hidden, decoder_hidden, gen)
+        self.last_samples = gen["sampled"]  # the replacements of this call (detached [b, m]; tests, debugging)
         return total, metrics

@@ -15,10 +15,14 @@ Layout (parameter names are what :mod:`spactor_mega.model.hf_mapping` maps):
 
 Tensors are batch-first at this module's edges and sequence-first ``[s, b, h]`` inside.
 
-Pipeline stages ([3/5]) are anticipated but not implemented: ``pre_process`` (embedding here),
-``post_process`` (LM head, final dropout here), ``add_encoder`` / ``add_decoder``; the layers are
-``ModuleList``s and the stacks' layer configs keep ``pipeline_model_parallel_size=1``. The RTD
-head is not part of D (see :mod:`spactor_mega.model.heads`), so D is exactly what is exported.
+Pipeline stages ([3/5], see :mod:`spactor_mega.parallel.pipeline`): ``encoder_layers`` /
+``decoder_layers`` (global ``[start, end)`` ranges) select the layers a stage holds;
+``pre_process`` (embedding here) is stage 0, ``post_process`` (LM head) the last stage. Stage
+modules keep *global* parameter names in checkpoints (layer ``k`` of the encoder is
+``encoder.layers.k`` whatever the stage), and :meth:`T5Discriminator.stage_forward` moves one
+packed ``[s_enc + s_dec, b, h]`` tensor between stages. The stacks' layer configs keep
+``pipeline_model_parallel_size=1`` (Megatron's own splitting is not used). The RTD head is not
+part of D (see :mod:`spactor_mega.model.heads`), so D is exactly what is exported.
 
 Differences from HF that matter only with dropout > 0 (T5 v1.1 pretrains without dropout): HF
 also drops out inside the FFN (after ``gelu(wi_0 x) * wi_1 x``); Megatron's MLP has no such site.
@@ -73,7 +77,11 @@ class T5Stack(TransformerBlock):
         pre_process: bool = True,
         post_process: bool = True,
         pg_collection=None,
+        layer_offset: int = 0,
     ):
+        """``num_layers`` is the number of layers *held* (a pipeline stage's share), the first of
+        them global layer ``layer_offset``; ``config.num_layers`` stays the stack's total.
+        ``post_process``: this part holds the stack's last layer (gets the final norm)."""
         spec = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=T5RMSNorm)
         super().__init__(
             config=config,
@@ -86,6 +94,22 @@ class T5Stack(TransformerBlock):
         self.relative_attention_bias = RelativePositionBias(
             config, bidirectional, num_buckets, max_distance, tp_group=self.tp_group
         )
+        self.layer_offset = layer_offset
+        for layer in self.layers:  # global numbering, as Megatron's own pipeline split does
+            layer.layer_number += layer_offset
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Megatron's, with this part's layers at their global positions (so checkpoints do not
+        depend on the pipeline split)."""
+        from megatron.core.transformer import transformer_block
+
+        original = transformer_block.get_transformer_layer_offset
+        offset = self.layer_offset
+        transformer_block.get_transformer_layer_offset = lambda *args, **kwargs: offset
+        try:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            transformer_block.get_transformer_layer_offset = original
 
     def run(
         self,
@@ -135,7 +159,21 @@ class T5Discriminator(MegatronModule):
         add_decoder: bool = True,
         use_cpu_initialization: Optional[bool] = None,
         recompute_granularity: Optional[str] = None,
+        encoder_layers: Optional[tuple[int, int]] = None,
+        decoder_layers: Optional[tuple[int, int]] = None,
     ):
+        """``encoder_layers`` / ``decoder_layers``: the global ``[start, end)`` layers of each
+        stack this (pipeline stage) module holds; None = all of that stack if ``add_encoder`` /
+        ``add_decoder``. An empty range means the stack is absent here."""
+        n_enc, n_dec = model_cfg.num_encoder_layers, model_cfg.num_decoder_layers
+        if encoder_layers is None:
+            encoder_layers = (0, n_enc) if add_encoder else (0, 0)
+        if decoder_layers is None:
+            decoder_layers = (0, n_dec) if add_decoder else (0, 0)
+        for what, (a, b), n in (("encoder", encoder_layers, n_enc), ("decoder", decoder_layers, n_dec)):
+            if not 0 <= a <= b <= n:
+                raise ValueError(f"{what} layer range {(a, b)} is not within [0, {n}]")
+        add_encoder, add_decoder = encoder_layers[1] > encoder_layers[0], decoder_layers[1] > decoder_layers[0]
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if vocab_size % tp:
             raise ValueError(f"vocab_size {vocab_size} is not divisible by TP size {tp}; pad it")
@@ -160,6 +198,9 @@ class T5Discriminator(MegatronModule):
         self.encoder_config, self.decoder_config = encoder_config, decoder_config
         self.pre_process, self.post_process = pre_process, post_process
         self.add_encoder, self.add_decoder = add_encoder, add_decoder
+        self.encoder_layers, self.decoder_layers = tuple(encoder_layers), tuple(decoder_layers)
+        # This part holds the encoder's last layer: it applies the encoder's final norm.
+        self.ends_encoder = add_encoder and encoder_layers[1] == n_enc
         # Read by Megatron's finalize_model_grads / pipeline schedules (one packed stream: [3/5]).
         self.share_embeddings_and_output_weights = False
         self.model_type = ModelType.encoder_or_decoder
@@ -181,20 +222,24 @@ class T5Discriminator(MegatronModule):
             self.encoder = T5Stack(
                 encoder_config,
                 t5_encoder_layer_spec(),
-                model_cfg.num_encoder_layers,
+                encoder_layers[1] - encoder_layers[0],
                 bidirectional=True,
-                pre_process=pre_process,
-                post_process=True,
+                pre_process=True,  # hidden states are always passed explicitly (see stage_forward)
+                post_process=self.ends_encoder,
+                layer_offset=encoder_layers[0],
                 **buckets,
             )
         if add_decoder:
+            if post_process and decoder_layers[1] != n_dec:
+                raise ValueError("the last stage must hold the last decoder layer")
             self.decoder = T5Stack(
                 decoder_config,
                 t5_decoder_layer_spec(),
-                model_cfg.num_decoder_layers,
+                decoder_layers[1] - decoder_layers[0],
                 bidirectional=False,
-                pre_process=pre_process,
-                post_process=post_process,
+                pre_process=True,
+                post_process=decoder_layers[1] == n_dec,
+                layer_offset=decoder_layers[0],
                 **buckets,
             )
         if post_process:
@@ -217,9 +262,67 @@ class T5Discriminator(MegatronModule):
             input_tensor = input_tensor[0]
         if input_tensor is not None and self.pre_process:
             raise RuntimeError("the first pipeline stage takes no input tensor")
-        if input_tensor is not None:
-            raise NotImplementedError("pipeline parallelism of D arrives in [3/5]")
         self.input_tensor = input_tensor
+
+    # ---- pipeline stage (one packed [s_enc + s_dec, b, h] stream) --------------------------------
+    def stage_forward(
+        self,
+        enc_tokens: Optional[torch.Tensor],
+        dec_input: torch.Tensor,
+        enc_mask: Optional[torch.Tensor] = None,
+    ):
+        """This stage's part of D. Stage 0 embeds ``enc_tokens`` and ``dec_input``; later stages
+        read the packed tensor given to :meth:`set_input_tensor`. Encoder layers update the
+        encoder part, decoder layers the decoder part (cross-attending to the encoder part, which
+        has had the final norm by then). Returns the packed ``[s_enc + s_dec, b, h]`` tensor, or on
+        the last stage ``(encoder_hidden, decoder_hidden)`` (both final-normed).
+        ``dec_input`` is needed on every stage for the decoder length."""
+        s_dec = dec_input.size(1)
+        mask = padding_mask_or_none(enc_mask)
+        if self.pre_process:
+            enc = self.dropout(self.embed(enc_tokens))
+            dec = self.dropout(self.embed(dec_input))
+        else:
+            packed = self.input_tensor
+            if packed is None:
+                raise RuntimeError("a non-first stage needs set_input_tensor before stage_forward")
+            s_enc = packed.size(0) - s_dec
+            enc, dec = packed[:s_enc], packed[s_enc:]
+        if self.add_encoder:
+            enc = self.encoder.run(enc, mask)
+            if self.ends_encoder:
+                enc = self.dropout(enc)
+        if self.add_decoder:
+            dec = self.decoder.run(dec, None, context=enc, context_padding_mask=mask)
+            if self.post_process:
+                dec = self.dropout(dec)
+        if self.post_process:
+            return enc, dec
+        return torch.cat([enc, dec], dim=0)  # a new tensor (the schedule may deallocate outputs)
+
+    def global_parameter_name(self, name: str) -> str:
+        """The parameter's name in the whole (one-stage) model: stage layer ``i`` of a stack is
+        global layer ``i + offset``."""
+        for stack, (start, _) in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
+            head = f"{stack}.layers."
+            if name.startswith(head):
+                index, rest = name[len(head):].split(".", 1)
+                return f"{head}{int(index) + start}.{rest}"
+        return name
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Megatron's; relative-bias tables replicated on several stages are saved by the first
+        stage holding them (the others are marked replicas)."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for stack, (start, end) in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
+            first_holder = start == 0
+            if end > start and not first_holder:
+                for key, value in sd.items():
+                    if key.startswith(f"{prefix}{stack}.relative_attention_bias.") and hasattr(value, "replica_id"):
+                        rid = value.replica_id
+                        rid = tuple(rid) if isinstance(rid, (tuple, list)) else (rid,)
+                        value.replica_id = (1, *rid[1:])
+        return sd
 
     # ---- pieces (the step function and G use these) -------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,7 @@ def train(cfg: Config) -> RunResult:
     while step < t.steps:
         stage = stage_at(step, cfg.spactor.tau)
         hybrid = stage is Stage.HYBRID
-        if not hybrid and engine.g is not None:
+        if not hybrid and engine.has_generator:
             engine.release_generator()
             counts = engine.parameter_counts()
             log.line(f"[train] step {step}: tau reached, SC only from here; generator released "
@@ -201,6 +201,7 @@ def _loss_fn(cfg: Config, tokenizer):
     def loss(batch, d, g, rtd, hybrid: bool, step: int, micro_batch: int):
         return objective(batch, d, g, rtd, stage=HYBRID if hybrid else SC_ONLY, step=step, micro_batch=micro_batch)
 
+    loss.objective = objective  # the pipeline (PP > 1) calls its stage pieces
     return loss
 
 

@@ -6,6 +6,13 @@ tau frees their parameters, gradients (DDP buffers) and optimizer state and leav
 buckets untouched. Micro-batches go through Megatron's ``get_forward_backward_func`` so
 pipeline parallelism can plug into the same loop; both models' gradient syncs are deferred
 to the last micro-batch through the schedule's ``no_sync_func``/``finalize_model_grads_func``.
+
+With PP > 1 (:mod:`spactor_mega.parallel.pipeline`) this rank holds one stage of D; G only on
+stage 0 and the RTD head only on the last stage. G runs for all micro-batches before D's
+schedule; the losses exist on the last stage and are broadcast over the pipeline group for
+logging. The G + RTD optimizer's grad-norm (clipping) is reduced over a group of the first and
+last stages of this model-parallel group (stages in between hold neither), so it clips by the
+same norm as with PP = 1.
 """
 
 from __future__ import annotations
@@ -69,16 +76,33 @@ class MegatronEngine:
 
         from spactor_mega.training.schedule import build_lr_scheduler
 
+        from megatron.core import parallel_state as ps
+
         self.cfg = cfg
         self.loss_fn = loss_fn
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.objective = getattr(loss_fn, "objective", None)
+        if self.pp > 1 and self.objective is None:
+            raise ValueError("pipeline parallelism needs loss_fn.objective (a SpactorObjective)")
         self.d = DDP(discriminator.config, _ddp_config(), discriminator)
         self.d_optimizer = _optimizer(cfg, [self.d], bf16)
         self.d_scheduler = build_lr_scheduler(self.d_optimizer, cfg)
         self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
+        # Whether the run still has the hybrid stage's modules somewhere (on some stage with PP).
+        self.has_generator = generator is not None or rtd_head is not None
+        if self.pp > 1:
+            self.has_generator = _any_rank(self.has_generator)
+        aux_group = _first_last_stage_group() if (self.pp > 1 and self.has_generator) else None
         if generator is not None:
             self.g = DDP(generator.config, _ddp_config(), generator)
+        if rtd_head is not None:
             self.rtd = DDP(rtd_head.config, _ddp_config(), rtd_head)
-            self.aux_optimizer = _optimizer(cfg, [self.g, self.rtd], bf16)
+        aux = [m for m in (self.g, self.rtd) if m is not None]
+        if aux:
+            self.aux_optimizer = _optimizer(cfg, aux, bf16)
+            if aux_group is not None:
+                for part in getattr(self.aux_optimizer, "chained_optimizers", [self.aux_optimizer]):
+                    part.grad_stats_parallel_group = aux_group
             self.aux_scheduler = build_lr_scheduler(self.aux_optimizer, cfg)
         self._install_schedule_hooks()
 
@@ -101,6 +125,10 @@ class MegatronEngine:
         def finalize(models, num_tokens=None, *args, **kwargs):
             for model in engine._models():
                 finalize_model_grads([model], num_tokens)
+            if engine.pp > 1:
+                from spactor_mega.parallel.pipeline import allreduce_relative_bias_grads
+
+                allreduce_relative_bias_grads(engine.d.module)
 
         config = self.d.config
         config.no_sync_func = no_sync
@@ -110,6 +138,15 @@ class MegatronEngine:
     def release_generator(self) -> None:
         """Drops G, the RTD head, their DDP buffers and optimizer state (tau reached)."""
         self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
+        self.has_generator = False
+
+    def _pipeline_step(self, micro_batches: list[dict], hybrid: bool, step: int, forward_only: bool) -> dict:
+        from spactor_mega.parallel.pipeline import pipeline_step
+
+        return pipeline_step(
+            self.objective, micro_batches, self.d, self.g if hybrid else None, self.rtd if hybrid else None,
+            hybrid=hybrid, step=step, forward_only=forward_only, reduce_bias_grads=False,
+        )
 
     # One optimizer step -------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict], hybrid: bool, step: int) -> dict[str, float]:
@@ -120,18 +157,21 @@ class MegatronEngine:
         for optimizer in (self.d_optimizer, self.aux_optimizer):
             if optimizer is not None:
                 optimizer.zero_grad()
-        outputs = get_forward_backward_func()(
-            forward_step_func=self._forward_step(hybrid, step),
-            data_iterator=iter(micro_batches),
-            model=[self.d],
-            num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0]["enc_tokens"].shape[1],
-            micro_batch_size=micro_batches[0]["enc_tokens"].shape[0],
-            forward_only=False,
-        )
+        if self.pp > 1:
+            metrics = self._pipeline_step(micro_batches, hybrid, step, forward_only=False)
+        else:
+            outputs = get_forward_backward_func()(
+                forward_step_func=self._forward_step(hybrid, step),
+                data_iterator=iter(micro_batches),
+                model=[self.d],
+                num_microbatches=len(micro_batches),
+                seq_length=micro_batches[0]["enc_tokens"].shape[1],
+                micro_batch_size=micro_batches[0]["enc_tokens"].shape[0],
+                forward_only=False,
+            )
+            metrics = _average(outputs)
         ok, grad_norm, _ = self.d_optimizer.step()
         self.d_scheduler.step(increment=1)
-        metrics = _average(outputs)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.d_optimizer.param_groups[0]["lr"]
         if hybrid and self.aux_optimizer is not None:
@@ -149,6 +189,8 @@ class MegatronEngine:
         for model in self._models():
             model.eval()
         try:
+            if self.pp > 1:
+                return self._pipeline_step(micro_batches, hybrid, step, forward_only=True)
             outputs = get_forward_backward_func()(
                 forward_step_func=self._forward_step(hybrid, step),
                 data_iterator=iter(micro_batches),
@@ -193,8 +235,8 @@ class MegatronEngine:
             state[name] = model.module.sharded_state_dict(prefix=f"{name}.")
         state["d_optimizer"] = self._optimizer_state("d_optimizer", self.d_optimizer, state["discriminator"], is_loading)
         state["d_scheduler"] = self.d_scheduler.state_dict()
-        if self.g is not None:
-            aux_state = {**state["generator"], **state["rtd_head"]}
+        if self.aux_optimizer is not None:
+            aux_state = {**state.get("generator", {}), **state.get("rtd_head", {})}
             state["aux_optimizer"] = self._optimizer_state("aux_optimizer", self.aux_optimizer, aux_state, is_loading)
             state["aux_scheduler"] = self.aux_scheduler.state_dict()
         return state
@@ -219,7 +261,7 @@ class MegatronEngine:
             model.module.load_state_dict(_strip(state[name], f"{name}."), strict=True)
         self._load_optimizer(self.d_optimizer, state["d_optimizer"])
         self.d_scheduler.load_state_dict(state["d_scheduler"])
-        if self.g is not None:
+        if self.aux_optimizer is not None:
             self._load_optimizer(self.aux_optimizer, state["aux_optimizer"])
             self.aux_scheduler.load_state_dict(state["aux_scheduler"])
 
@@ -255,3 +297,30 @@ def _average(outputs: list[dict]) -> dict[str, float]:
     if not outputs:
         return {}
     return {k: float(sum(float(o[k]) for o in outputs) / len(outputs)) for k in outputs[0]}
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when ``flag`` is True on any rank (collective over the world)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _first_last_stage_group():
+    """This rank's group of the first- and last-stage ranks of its model-parallel group
+    (TP x {first, last stage}). Every rank creates every such group, in the same order."""
+    from megatron.core import parallel_state as ps
+
+    mine_mp = tuple(torch.distributed.get_process_group_ranks(ps.get_model_parallel_group()))
+    pipe = tuple(torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group()))
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, (mine_mp, pipe))
+    ends: dict = {}
+    for mp, p in everyone:
+        ends.setdefault(tuple(mp), set()).update((p[0], p[-1]))
+    chosen = None
+    for mp in sorted(ends):
+        group = torch.distributed.new_group(ranks=sorted(ends[mp]))
+        if mp == mine_mp:
+            chosen = group
+    return chosen

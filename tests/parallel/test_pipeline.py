@@ -1,0 +1,170 @@
+"""Pipeline parallelism of D (packed encoder-decoder tensor through Megatron's 1F1B) == PP=1:
+losses and (gathered, global-name) gradients, in the hybrid and the SC-only stage."""
+
+import pytest
+import torch
+
+from spactor_mega.parallel.testing import run_distributed
+
+N_MICRO = 3
+
+
+def _cfg():
+    from spactor_mega.model.synthetic import tiny_config
+
+    return tiny_config(num_heads=4, num_encoder_layers=4, num_decoder_layers=2)
+
+
+def _batches():
+    from spactor_mega.model.synthetic import synthetic_batch
+
+    return [synthetic_batch(2, 16, 6, mlm_slots=4, sp_size=150, seed=10 + i, pad_rows=1) for i in range(N_MICRO)]
+
+
+def _objective():
+    from spactor_mega.model.spactor import SpactorObjective
+
+    return SpactorObjective(mask_id=250, sample_vocab_size=150, temperature=2.0, mlm_weight=1.0, rtd_weight=10.0)
+
+
+def _grads(module, global_names=None):
+    from spactor_mega.parallel.tensor_shards import gather_full_state_dict
+
+    if module is None:
+        return {}
+    full = gather_full_state_dict(module, grads=True)
+    rename = global_names or (lambda n: n)
+    return {rename(k): v for k, v in full.items()}
+
+
+def _run(tp, pp, split, reference):
+    """Returns {stage: {"metrics", "grads"}} (grads merged over PP ranks on the caller side)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from spactor_mega.parallel.pipeline import build_stage_modules, pipeline_step
+    from spactor_mega.parallel.state import initialize_parallel
+    from spactor_mega.parallel.tensor_shards import load_full_state_dict
+
+    initialize_parallel(tp=tp, pp=pp, seed=11)
+    d, g, rtd = build_stage_modules(_cfg(), 256, split)
+    with torch.no_grad():  # the PP=1 weights, by global name
+        load_full_state_dict(d, {n: reference["d"][d.global_parameter_name(n)] for n, _ in d.named_parameters()})
+        if g is not None:
+            load_full_state_dict(g, reference["g"], group=g.tp_group)
+        if rtd is not None:
+            load_full_state_dict(rtd, reference["rtd"])
+    out = {}
+    for stage in ("hybrid", "sc"):
+        for m in (d, g, rtd):
+            if m is not None:
+                m.zero_grad(set_to_none=True)
+        metrics = pipeline_step(_objective(), _batches(), d, g, rtd, hybrid=stage == "hybrid", step=3)
+        grads = {f"d.{k}": v for k, v in _grads(d, d.global_parameter_name).items()}
+        if stage == "hybrid":
+            grads.update({f"g.{k}": v for k, v in _grads(g).items() if g is not None})
+            grads.update({f"rtd.{k}": v for k, v in _grads(rtd).items() if rtd is not None})
+        out[stage] = {"metrics": metrics, "grads": grads}
+    # every pipeline rank's grads, to the first TP/DP rank of the pipeline
+    gathered = [None] * pp
+    dist.all_gather_object(gathered, out, group=ps.get_pipeline_model_parallel_group())
+    return gathered
+
+
+def _reference():
+    """PP=1 (and TP=1): weights, and the objective's per-micro-batch loss path as the truth."""
+    from spactor_mega.model.spactor import build_spactor_modules
+    from spactor_mega.parallel.pipeline import pipeline_step
+    from spactor_mega.parallel.state import initialize_parallel
+    from spactor_mega.parallel.tensor_shards import gather_full_state_dict
+
+    initialize_parallel(tp=1, pp=1, seed=11)
+    d, g, rtd = build_spactor_modules(_cfg(), 256)
+    ref = {"d": gather_full_state_dict(d), "g": gather_full_state_dict(g, group=g.tp_group),
+           "rtd": gather_full_state_dict(rtd)}
+    objective = _objective()
+    for stage in ("hybrid", "sc"):
+        for m in (d, g, rtd):
+            m.zero_grad(set_to_none=True)
+        metrics = []
+        for i, batch in enumerate(_batches()):  # plain autograd, no schedule
+            loss, m = objective(batch, d, g, rtd, stage=stage, step=3, micro_batch=i)
+            (loss / N_MICRO).backward()
+            metrics.append(m)
+        avg = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        grads = {f"d.{k}": v for k, v in _grads(d).items()}
+        if stage == "hybrid":
+            grads.update({f"g.{k}": v for k, v in _grads(g).items()})
+            grads.update({f"rtd.{k}": v for k, v in _grads(rtd).items()})
+        ref[stage] = {"metrics": avg, "grads": grads}
+        # the PP=1 schedule path agrees too
+        for m in (d, g, rtd):
+            m.zero_grad(set_to_none=True)
+        ref[stage]["schedule_metrics"] = pipeline_step(objective, _batches(), d, g, rtd, hybrid=stage == "hybrid", step=3)
+    return ref
+
+
+def _worker(rank, world_size, layouts):
+    from spactor_mega.parallel.state import destroy_parallel
+
+    ref = _reference()  # every rank computes it (DP rank differs: sampling key!) -> use DP rank 0's
+    import torch.distributed as dist
+
+    refs = [None] * world_size
+    dist.all_gather_object(refs, {k: ref[k] for k in ("d", "g", "rtd")})
+    ref0 = refs[0]
+    results = {}
+    for name, (tp, pp, split) in layouts.items():
+        results[name] = _run(tp, pp, split, ref0)
+    destroy_parallel()
+    return {"ref": ref, "results": results} if rank == 0 else None
+
+
+def _merge(per_stage: list, stage: str) -> dict:
+    merged = {}
+    for out in per_stage:
+        for k, v in out[stage]["grads"].items():
+            if k in merged and "relative_attention_bias" not in k:
+                raise AssertionError(f"{k} on two stages")
+            if k in merged:
+                assert torch.allclose(merged[k], v, atol=0, rtol=0), f"replicated {k} grads differ"
+            merged[k] = v
+    return merged
+
+
+def _check(ref, per_stage):
+    for stage in ("hybrid", "sc"):
+        want = ref[stage]
+        for out in per_stage:  # metrics broadcast to every pipeline rank
+            got = out[stage]["metrics"]
+            assert set(got) == set(want["metrics"]), stage
+            for k, v in want["metrics"].items():
+                assert abs(v - got[k]) <= 1e-5 * max(abs(v), 1e-3), (stage, k, v, got[k])
+        grads = _merge(per_stage, stage)
+        assert set(grads) == set(want["grads"]), (stage, set(grads) ^ set(want["grads"]))
+        for k, v in want["grads"].items():
+            scale = v.abs().max().clamp(min=1e-8)
+            diff = (v - grads[k]).abs().max()
+            assert diff <= 1e-5 * scale, f"{stage} {k}: max diff {diff:.3e} vs scale {scale:.3e}"
+
+
+SPLIT_INSIDE_ENCODER = [((0, 3), (0, 0)), ((3, 4), (0, 2))]
+STAGE_WITH_BOTH = [((0, 3), (0, 0)), ((3, 4), (0, 1)), ((4, 4), (1, 2))]
+
+
+@pytest.mark.parametrize(
+    "world,layouts",
+    [
+        (2, {"pp2": (1, 2, SPLIT_INSIDE_ENCODER)}),
+        (3, {"pp3": (1, 3, STAGE_WITH_BOTH)}),
+    ],
+)
+def test_pipeline_matches_pp1(world, layouts):
+    res = run_distributed(_worker, world, layouts, timeout=240)[0]
+    ref = res["ref"]
+    for stage in ("hybrid", "sc"):  # PP=1 through the schedule == plain autograd
+        for k, v in ref[stage]["metrics"].items():
+            assert abs(v - ref[stage]["schedule_metrics"][k]) <= 1e-6 * max(abs(v), 1e-3), (stage, k)
+    assert ref["hybrid"]["metrics"]["replaced_fraction"] > 0
+    for name, per_stage in res["results"].items():
+        _check(ref, per_stage)
