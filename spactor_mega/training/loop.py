@@ -53,8 +53,8 @@ def train(cfg: Config) -> RunResult:
     if p.pipeline_model_parallel_size > 1:
         from spactor_mega.config import ConfigError
 
-        raise ConfigError("parallel.pipeline_model_parallel_size > 1: the encoder-decoder pipeline is not in this "
-                          "release yet; use tensor and data parallelism (PP = 1)")
+        raise ConfigError("parallel.pipeline_model_parallel_size > 1: training through the encoder-decoder pipeline "
+                          "is not verified end to end yet; use tensor and data parallelism (PP = 1)")
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed)
     world = torch.distributed.get_world_size()
     validate(cfg, world)
