@@ -259,11 +259,11 @@ def _check_text(text: str, raw_json: Optional[str] = None) -> None:
     if not text or text.isspace():
         raise BadLine(EMPTY_TEXT)
     # json turns a lone "\\udXXX" escape into a surrogate that no tokenizer can encode
-    if raw_json is not None and ("\\ud" in raw_json or "\\uD" in raw_json) and _has_lone_surrogate(text):
+    if raw_json is not None and ("\\ud" in raw_json or "\\uD" in raw_json) and has_lone_surrogate(text):
         raise BadLine(LONE_SURROGATE)
 
 
-def _has_lone_surrogate(text: str) -> bool:
+def has_lone_surrogate(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -41,6 +41,7 @@ from spactor_mega.data.c4 import (
     InputError,
     ReadStats,
     expand_inputs,
+    has_lone_surrogate,
     is_hf_source,
     iter_documents,
     iter_lines,
@@ -148,17 +149,9 @@ def _parse(raw: bytes, keys: tuple) -> str:
                 parts = [obj.get(k) for k in keys]
                 text = "\n".join(parts) if all(type(p) is str for p in parts) else None
             if (type(text) is str and text and not text.isspace()
-                    and (text.isascii() or not _has_lone_surrogate(text))):
+                    and (text.isascii() or not has_lone_surrogate(text))):
                 return text
     return parse_line(raw, keys)
-
-
-def _has_lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _work(task):

@@ -150,26 +150,12 @@ class MegatronEngine:
 
     # One optimizer step -------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict], hybrid: bool, step: int) -> dict[str, float]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         for model in self._models():
             model.zero_grad_buffer()
         for optimizer in (self.d_optimizer, self.aux_optimizer):
             if optimizer is not None:
                 optimizer.zero_grad()
-        if self.pp > 1:
-            metrics = self._pipeline_step(micro_batches, hybrid, step, forward_only=False)
-        else:
-            outputs = get_forward_backward_func()(
-                forward_step_func=self._forward_step(hybrid, step),
-                data_iterator=iter(micro_batches),
-                model=[self.d],
-                num_microbatches=len(micro_batches),
-                seq_length=micro_batches[0]["enc_tokens"].shape[1],
-                micro_batch_size=micro_batches[0]["enc_tokens"].shape[0],
-                forward_only=False,
-            )
-            metrics = _average(outputs)
+        metrics = self._run_schedule(micro_batches, hybrid, step, forward_only=False)
         ok, grad_norm, _ = self.d_optimizer.step()
         self.d_scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -184,25 +170,29 @@ class MegatronEngine:
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict], hybrid: bool, step: int) -> dict[str, float]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         for model in self._models():
             model.eval()
         try:
-            if self.pp > 1:
-                return self._pipeline_step(micro_batches, hybrid, step, forward_only=True)
-            outputs = get_forward_backward_func()(
-                forward_step_func=self._forward_step(hybrid, step),
-                data_iterator=iter(micro_batches),
-                model=[self.d],
-                num_microbatches=len(micro_batches),
-                seq_length=micro_batches[0]["enc_tokens"].shape[1],
-                micro_batch_size=micro_batches[0]["enc_tokens"].shape[0],
-                forward_only=True,
-            )
+            return self._run_schedule(micro_batches, hybrid, step, forward_only=True)
         finally:
             for model in self._models():
                 model.train()
+
+    def _run_schedule(self, micro_batches: list[dict], hybrid: bool, step: int, forward_only: bool) -> dict[str, float]:
+        """Forward (and backward) of all micro-batches; averaged metrics."""
+        if self.pp > 1:
+            return self._pipeline_step(micro_batches, hybrid, step, forward_only=forward_only)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=self._forward_step(hybrid, step),
+            data_iterator=iter(micro_batches),
+            model=[self.d],
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0]["enc_tokens"].shape[1],
+            micro_batch_size=micro_batches[0]["enc_tokens"].shape[0],
+            forward_only=forward_only,
+        )
         return _average(outputs)
 
     def _forward_step(self, hybrid: bool, step: int):
