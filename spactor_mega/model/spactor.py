@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
+from spactor_mega.config import generator_num_layers
+
 from .generator import T5Generator, gumbel_max_sample, sampling_seed, vocab_parallel_argmax
 from .heads import RTDHead
 from .losses import masked_mean, rtd_loss, rtd_stats, sc_loss, vocab_parallel_ce
@@ -43,11 +45,6 @@ def unwrap(module):
     while module is not None and hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
         module = module.module
     return module
-
-
-def generator_num_layers(model_cfg, generator_cfg) -> int:
-    """round(depth_fraction * D encoder layers), at least 1 (same rule as config.generator_num_layers)."""
-    return max(1, round(generator_cfg.depth_fraction * model_cfg.num_encoder_layers))
 
 
 def build_spactor_modules(
@@ -104,7 +101,7 @@ def build_whole_modules(
     g = T5Generator(
         cfg.model,
         cfg.generator,
-        generator_num_layers(cfg.model, cfg.generator),
+        generator_num_layers(cfg),
         d.embedding,
         **common,
     )

@@ -98,7 +98,7 @@ def build_stage_modules(
 
     from spactor_mega.model.generator import T5Generator
     from spactor_mega.model.heads import RTDHead
-    from spactor_mega.model.spactor import generator_num_layers
+    from spactor_mega.config import generator_num_layers
     from spactor_mega.model.t5 import T5Discriminator
 
     pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
@@ -127,7 +127,7 @@ def build_stage_modules(
         sync_relative_bias(d)
     g = rtd = None
     if with_generator and first:
-        g = T5Generator(m, cfg.generator, generator_num_layers(m, cfg.generator), d.embedding, **common)
+        g = T5Generator(m, cfg.generator, generator_num_layers(cfg), d.embedding, **common)
     if with_generator and last:
         rtd = RTDHead(d.encoder_config)
     if whole is not None:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 
 from spactor_mega.config import Config, generator_num_layers
@@ -101,6 +100,3 @@ def format_flops(value: float) -> str:
             return f"{value / scale:.2f} {unit}FLOP"
     return f"{value:.0f} FLOP"
 
-
-def is_finite_tau(tau: float) -> bool:
-    return not math.isinf(tau)
