@@ -4,9 +4,14 @@
 Prints, from one run on one machine:
 (a) tokens/s of our SC-only (stage 2) optimizer step vs ``transformers.T5ForConditionalGeneration``
     of the same shape, batch and optimizer (torch AdamW), the named baseline;
-(b) our stage-1 (hybrid) vs stage-2 step time, beside the FLOPs model's ratio of the two.
+(b) our stage-1 (hybrid) vs stage-2 step time, beside the FLOPs model's ratio of the two;
+(c) the pipeline bubble: the idle fraction of each pipeline rank's step, measured, beside the
+    non-interleaved 1F1B formula ``(p - 1) / (m + p - 1)`` (the named baseline), for PP = 2 and 4
+    at several micro-batch counts, in stage 1 (hybrid: G runs on stage 0 before the schedule) and
+    stage 2 (SC only). One process per stage, one thread each: with fewer cores than stages the
+    processes share cores and the measured bubble is not meaningful (the table says so).
 
-Usage: python tools/bench_train.py [--d-model 256 --layers 4 --batch 8 --steps 6]
+Usage: python tools/bench_train.py [--parts a,b,c] [--d-model 256 --layers 4 --batch 8 --steps 6]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from spactor_mega.data.dataset import SpactorBatchBuilder  # noqa: E402
 from spactor_mega.data.span_corruption import SpanCorruption, sample_keys  # noqa: E402
 from spactor_mega.training.schedule import sample_flops  # noqa: E402
 from benchlib import table  # noqa: E402
+from spactor_mega.parallel.layout import balanced_layout, bubble_fraction  # noqa: E402
 
 SP_SIZE = 32000
 VOCAB = 32128
@@ -118,6 +124,92 @@ def bench_hf(cfg: Config, steps: int) -> float:
     return timed(step, steps)
 
 
+class StepTimers:
+    """The ``config.timers`` protocol of Megatron's schedules (``timers(name, log_level).start()/.stop()``)
+    accumulating wall time per name. Hand-written because megatron.core's ``Timer`` calls
+    ``torch.cuda.synchronize()`` unconditionally, which a CPU build of torch cannot do."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+        self.first_start: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def __call__(self, name: str, log_level: int = 0):
+        timers = self
+
+        class _Timer:
+            def start(self, barrier: bool = False):
+                now = time.perf_counter()
+                timers._started[name] = now
+                timers.first_start.setdefault(name, now)
+
+            def stop(self, barrier: bool = False):
+                timers.total[name] = timers.total.get(name, 0.0) + time.perf_counter() - timers._started.pop(name)
+
+        return _Timer()
+
+
+def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], steps: int) -> dict:
+    """One pipeline rank: for each micro-batch count and stage, the median over ``steps`` of its idle
+    fraction of the step region [step start, end of the forward-backward schedule]. Busy time is the
+    schedule's forward+backward compute, plus (stage 0, hybrid) the generator pass before it."""
+    from spactor_mega.model.spactor import HYBRID, SC_ONLY, SpactorObjective
+    from spactor_mega.parallel.pipeline import build_stage_modules
+    from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
+    from spactor_mega.training.engines.megatron import MegatronEngine
+
+    initialize_parallel(1, world, seed=1)
+    sc = SpanCorruption(cfg.data.encoder_seq_length, SP_SIZE + 99)
+    layout = balanced_layout(cfg, world, sc.encoder_length, sc.decoder_length, vocab_size=VOCAB)
+    split = [((s.encoder_layers.start, s.encoder_layers.stop), (s.decoder_layers.start, s.decoder_layers.stop))
+             for s in layout.stages]
+    d, g, rtd = build_stage_modules(cfg, VOCAB, split, with_generator=True, exact_init=False)
+    objective = SpactorObjective.from_config(cfg, mask_id=SP_SIZE + 100, sample_vocab_size=SP_SIZE)
+
+    def loss_fn(batch, d, g, rtd, hybrid, step, micro_batch):
+        return objective(batch, d, g, rtd, stage=HYBRID if hybrid else SC_ONLY, step=step, micro_batch=micro_batch)
+
+    loss_fn.objective = objective
+    engine = MegatronEngine(cfg, d, g, rtd, loss_fn, bf16=False)
+    results = {"layout": layout.describe()}
+    for hybrid in (True, False):
+        for m in microbatches:
+            data, _, _ = batches(cfg, m, hybrid)
+            fractions = []
+            for i in range(steps + 1):
+                timers = StepTimers()
+                engine.d.config.timers = timers
+                torch.distributed.barrier()
+                start = time.perf_counter()
+                engine.train_step(data, hybrid=hybrid, step=i)
+                engine.d.config.timers = None
+                schedule_start = timers.first_start["forward-backward"]
+                region = schedule_start - start + timers.total["forward-backward"]
+                busy = timers.total.get("forward-compute", 0.0) + timers.total.get("backward-compute", 0.0)
+                if rank == 0 and hybrid:
+                    busy += schedule_start - start  # the generator pass (and gradient zeroing)
+                if i:  # the first step is warm-up
+                    fractions.append(1.0 - busy / region)
+            results[("hybrid" if hybrid else "sc", m)] = statistics.median(fractions)
+    destroy_parallel()
+    return results
+
+
+def bench_bubble(cfg: Config, stages: list[int], microbatches: list[int], steps: int) -> list[list]:
+    from spactor_mega.parallel.testing import run_distributed
+
+    rows = []
+    for pp in stages:
+        per_rank = run_distributed(_bubble_worker, pp, cfg, microbatches, steps, timeout=3600)
+        shared = " (cores shared)" if pp > (os.cpu_count() or 1) else ""
+        for stage_name, key in (("1 (hybrid)", "hybrid"), ("2 (SC only)", "sc")):
+            for m in microbatches:
+                measured = [r[(key, m)] for r in per_rank]
+                rows.append([f"{pp} {per_rank[0]['layout']}{shared}", stage_name, m, f"{bubble_fraction(pp, m):.3f}",
+                             f"{statistics.mean(measured):.3f}", " ".join(f"{x:.2f}" for x in measured)])
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-model", type=int, default=256)
@@ -127,7 +219,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--encoder-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
+    parser.add_argument("--parts", default="a,b,c", help="which tables: a (vs HF), b (stage 1 vs 2), c (bubble)")
+    parser.add_argument("--pipeline-stages", default="2,4", help="(c) PP sizes")
+    parser.add_argument("--microbatches", default="1,2,4,8", help="(c) micro-batches per step")
+    parser.add_argument("--pipeline-batch", type=int, default=2, help="(c) micro-batch size")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
 
     cfg = make_config(args)
     _, sc, builder = batches(cfg, 1, False)
@@ -136,19 +233,29 @@ def main() -> int:
           f"{'GPU' if torch.cuda.is_available() else 'CPU'}; model d_model {args.d_model}, {args.layers}+{args.layers} "
           f"layers, vocab {VOCAB}; batch {args.batch} x {sc.encoder_length}/{sc.decoder_length}; fp32, AdamW")
 
-    hf = bench_hf(cfg, args.steps)
-    ours = bench_ours(cfg, args.steps)
-    table("(a) SC-only training step, encoder tokens/s (median step)", ["implementation", "s/step", "tokens/s", "vs HF"], [
-        ["transformers T5ForConditionalGeneration (baseline)", f"{hf:.3f}", f"{tokens / hf:,.0f}", "1.00x"],
-        ["spactor_mega, Megatron-Core engine, stage 2", f"{ours['sc']:.3f}", f"{tokens / ours['sc']:,.0f}",
-         f"{hf / ours['sc']:.2f}x"],
-    ])
+    if parts & {"a", "b"}:
+        hf = bench_hf(cfg, args.steps)
+        ours = bench_ours(cfg, args.steps)
+    if "a" in parts:
+        table("(a) SC-only training step, encoder tokens/s (median step)", ["implementation", "s/step", "tokens/s", "vs HF"], [
+            ["transformers T5ForConditionalGeneration (baseline)", f"{hf:.3f}", f"{tokens / hf:,.0f}", "1.00x"],
+            ["spactor_mega, Megatron-Core engine, stage 2", f"{ours['sc']:.3f}", f"{tokens / ours['sc']:,.0f}",
+             f"{hf / ours['sc']:.2f}x"],
+        ])
     flops = sample_flops(cfg, sc.encoder_length, sc.decoder_length, VOCAB, builder.mlm_capacity)
-    table("(b) stage 1 (hybrid) vs stage 2 (SC only)", ["stage", "s/step", "measured ratio", "FLOPs-model ratio"], [
-        ["stage 2: SC only", f"{ours['sc']:.3f}", "1.00", "1.00"],
-        ["stage 1: SC + MLM(G) + RTD", f"{ours['hybrid']:.3f}", f"{ours['hybrid'] / ours['sc']:.2f}",
-         f"{flops.hybrid / flops.sc_only:.2f}"],
-    ])
+    if "b" in parts:
+        table("(b) stage 1 (hybrid) vs stage 2 (SC only)", ["stage", "s/step", "measured ratio", "FLOPs-model ratio"], [
+            ["stage 2: SC only", f"{ours['sc']:.3f}", "1.00", "1.00"],
+            ["stage 1: SC + MLM(G) + RTD", f"{ours['hybrid']:.3f}", f"{ours['hybrid'] / ours['sc']:.2f}",
+             f"{flops.hybrid / flops.sc_only:.2f}"],
+        ])
+    if "c" in parts:
+        pipe_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=args.pipeline_batch))
+        rows = bench_bubble(pipe_cfg, [int(x) for x in args.pipeline_stages.split(",")],
+                            [int(x) for x in args.microbatches.split(",")], args.steps)
+        table(f"(c) pipeline bubble, idle fraction of the step per rank (micro-batch {args.pipeline_batch}, "
+              "FLOPs-balanced layout)", ["PP, layout", "stage", "micro-batches", "1F1B formula (baseline)",
+                                         "measured, mean", "measured per rank"], rows)
     return 0
 
 
