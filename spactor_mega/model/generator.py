@@ -117,6 +117,10 @@ class T5Generator(MegatronModule):
             max_distance=model_cfg.relative_attention_max_distance,
             pg_collection=self.pg_collection,
         )
+        # Megatron's linears mark their weights TP-split even at TP size 1; G's are whole copies
+        # on every TP rank, so the optimizer's grad norm must count them once per TP group.
+        for p in self.parameters():
+            p.tensor_model_parallel = False
         self.dropout = torch.nn.Dropout(model_cfg.dropout)
         self.mlm_head = MLMHead()
         # Shared with D; bypass nn.Module registration on purpose (see the module docstring).
