@@ -151,7 +151,7 @@ class T5Generator(MegatronModule):
                          parallel_state.get_tensor_model_parallel_world_size())
         mask = None if enc_mask is None else padding_mask_or_none(enc_mask[mine])
         hidden = self._local_rows(emb)  # [rows, s, h]
-        if hidden.size(0) > 0:  # b < TP leaves some ranks no rows (Megatron's attention needs one)
+        if hidden.size(0) > 0:  # b < TP leaves a rank no rows; Megatron's attention cannot reshape none
             with tensor_parallel.get_cuda_rng_tracker().fork(ROW_SHARD_RNG):
                 hidden = self.encoder.run(hidden.transpose(0, 1).contiguous(), mask).transpose(0, 1)
         if positions is not None:
