@@ -177,9 +177,10 @@ class GeneratorDDP(DistributedDataParallel):
     """
 
     def __init__(self, generator: "T5Generator", ddp_config):
-        if ddp_config.overlap_grad_reduce:
-            # Overlapped buckets start reducing during backward, before the TP scaling below.
-            raise ValueError("GeneratorDDP needs overlap_grad_reduce=False")
+        if ddp_config.overlap_grad_reduce or ddp_config.use_distributed_optimizer:
+            # Overlapped buckets start reducing during backward, before the TP scaling below; a
+            # distributed optimizer would shard G over Megatron's DP group, not over TP x DP.
+            raise ValueError("GeneratorDDP needs overlap_grad_reduce=False and use_distributed_optimizer=False")
         groups = copy.copy(generator.pg_collection)
         groups.dp = groups.dp_cp = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
         super().__init__(generator.config, ddp_config, generator, pg_collection=groups)
