@@ -8,11 +8,28 @@ buckets and optimizer never hold it: the gradient G sends into it lands in D's D
 the hook D's DDP put on that parameter) and its MLM head is tied to it (vocab-parallel logits).
 
 G's layers are not tensor-split: they are Megatron layers built with a TP-size-1 config and a
-process group holding only this rank (:func:`spactor_mega.parallel.state.self_group`). Today every
-TP rank runs G on all rows (identical work, identical gradients, so no TP reduction of G's grads
-is needed). Only the part between the embedding lookup and the vocab-parallel head is row-local
-(:meth:`T5Generator._local_rows` / :meth:`_gather_rows`), which is where [3/5] can give each TP
-rank a share of the rows (G's DDP would then reduce over TP x DP).
+process group holding only this rank (:func:`spactor_mega.parallel.state.self_group`), and no two
+TP ranks run them on the same rows. Per micro-batch ``[b, s]``:
+
+1. Embedding lookup on all rows (vocab-parallel: each TP rank looks up its vocabulary shard and
+   Megatron all-reduces), input dropout on all rows (the default generator is in step over TP).
+2. :meth:`T5Generator._local_rows`: TP rank r keeps its share of the ``b`` rows (contiguous, as
+   even as possible; :mod:`spactor_mega.parallel.row_shards`) and runs G's layers on those rows
+   only, under the per-TP-rank RNG state :data:`~spactor_mega.parallel.state.ROW_SHARD_RNG` (so
+   its dropout neither repeats another rank's masks nor desynchronises the default generator).
+3. The MLM positions of those rows are picked, and :meth:`T5Generator._gather_rows` all-gathers
+   them (``[b, m, h]``, the same on every TP rank) before output dropout and the tied,
+   vocab-parallel MLM head; the MLM loss and Gumbel-max sampling work on its vocab-parallel
+   logits as before.
+
+Backward: the MLM head all-reduces the hidden-state gradient over TP, so every TP rank holds the
+full ``[b, m, h]`` gradient and the gather hands each rank the gradient of its own rows; G's
+parameter gradients on rank r are those of its rows only (their sum over TP is the full
+gradient), and the split all-gathers the input gradients, so every rank passes the full
+gradient of all rows into its shard of D's embedding (exact, as with TP = 1).
+:class:`GeneratorDDP` reduces G's gradients over exactly the ranks that hold copies of G, TP x DP
+(of stage 0), summing over TP and averaging over DP. G's FLOPs per TP rank are 1/TP of the
+total (layers: the rank's rows; head: its vocabulary shard) up to the rounding of an uneven share.
 
 Sampling (:func:`gumbel_max_sample`): ``argmax(logit / T + g)`` with Gumbel noise ``g`` drawn for
 the *full* padded vocabulary from a generator seeded by a key (seed, step, micro-batch, DP rank)
@@ -25,15 +42,18 @@ for a T5 vocabulary the sentinels and the mask token, which sit above the Senten
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
-from ..parallel.state import self_group
+from ..parallel.row_shards import gather_rows, row_slice, split_rows
+from ..parallel.state import ROW_SHARD_RNG, self_group
 from .heads import MLMHead
 from .spec import t5_encoder_layer_spec, t5_transformer_config
 from .t5 import T5Stack, padding_mask_or_none
@@ -97,6 +117,10 @@ class T5Generator(MegatronModule):
             max_distance=model_cfg.relative_attention_max_distance,
             pg_collection=self.pg_collection,
         )
+        # Megatron's linears mark their weights TP-split even at TP size 1; G's are whole copies
+        # on every TP rank, so the optimizer's grad norm must count them once per TP group.
+        for p in self.parameters():
+            p.tensor_model_parallel = False
         self.dropout = torch.nn.Dropout(model_cfg.dropout)
         self.mlm_head = MLMHead()
         # Shared with D; bypass nn.Module registration on purpose (see the module docstring).
@@ -106,13 +130,13 @@ class T5Generator(MegatronModule):
     def shared_embedding(self) -> torch.nn.Module:
         return self._shared_embedding
 
-    def _local_rows(self, batch_size: int) -> slice:
-        """Rows of the micro-batch this rank runs through G's layers ([3/5]: a TP share)."""
-        return slice(0, batch_size)
+    def _local_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This TP rank's share of the rows of ``full`` ``[b, ...]`` (the same on every TP rank)."""
+        return split_rows(full, parallel_state.get_tensor_model_parallel_group())
 
-    def _gather_rows(self, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Inverse of :meth:`_local_rows` (``[s, rows, h]`` -> ``[s, b, h]``); identity today."""
-        return hidden
+    def _gather_rows(self, local: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Inverse of :meth:`_local_rows`: ``[rows, ...]`` -> ``[b, ...]`` on every TP rank."""
+        return gather_rows(local, batch_size, parallel_state.get_tensor_model_parallel_group())
 
     def forward(
         self,
@@ -121,14 +145,18 @@ class T5Generator(MegatronModule):
         positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """MLM logits ``[b, m, V/tp]`` at ``positions`` ``[b, m]`` (all positions when None)."""
-        emb = self.shared_embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h], TP collective
-        emb = self.dropout(emb)
-        mask = padding_mask_or_none(enc_mask)
-        rows = self._local_rows(tokens.size(0))
-        hidden = self.encoder.run(emb[:, rows], None if mask is None else mask[rows])
-        hidden = self._gather_rows(self.dropout(hidden), tokens.size(0)).transpose(0, 1)  # [b, s, h]
+        b = tokens.size(0)
+        emb = self.dropout(self.shared_embedding(tokens))  # [b, s, h], TP collective
+        mine = row_slice(b, parallel_state.get_tensor_model_parallel_rank(),
+                         parallel_state.get_tensor_model_parallel_world_size())
+        mask = None if enc_mask is None else padding_mask_or_none(enc_mask[mine])
+        hidden = self._local_rows(emb)  # [rows, s, h]
+        if hidden.size(0) > 0:  # b < TP leaves a rank no rows; Megatron's attention cannot reshape none
+            with tensor_parallel.get_cuda_rng_tracker().fork(ROW_SHARD_RNG):
+                hidden = self.encoder.run(hidden.transpose(0, 1).contiguous(), mask).transpose(0, 1)
         if positions is not None:
-            hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+            hidden = hidden.gather(1, positions[mine].unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+        hidden = self.dropout(self._gather_rows(hidden, b))  # [b, m, h], the same on every TP rank
         return self.mlm_head(hidden, self.shared_embedding.weight)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
@@ -137,6 +165,31 @@ class T5Generator(MegatronModule):
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         _set_tp_replica(sd, tp_rank)
         return sd
+
+
+class GeneratorDDP(DistributedDataParallel):
+    """Megatron DDP for G over every rank holding a copy of it: the TP x DP group (of stage 0).
+
+    Each TP rank back-propagates only its rows, so G's gradient is the *sum* over TP and the
+    *mean* over DP. Megatron DDP scales by 1 / (its group's size) = 1 / (TP x DP) before its sum
+    all-reduce (and has no separate scale for a group that is not all data parallel), so
+    :meth:`finish_grad_sync` first multiplies the accumulated local gradients by TP.
+    """
+
+    def __init__(self, generator: "T5Generator", ddp_config):
+        if ddp_config.overlap_grad_reduce or ddp_config.use_distributed_optimizer:
+            # Overlapped buckets start reducing during backward, before the TP scaling below; a
+            # distributed optimizer would shard G over Megatron's DP group, not over TP x DP.
+            raise ValueError("GeneratorDDP needs overlap_grad_reduce=False and use_distributed_optimizer=False")
+        groups = copy.copy(generator.pg_collection)
+        groups.dp = groups.dp_cp = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        super().__init__(generator.config, ddp_config, generator, pg_collection=groups)
+        self.row_shards = parallel_state.get_tensor_model_parallel_world_size()
+
+    def finish_grad_sync(self, *args, **kwargs):
+        if self.row_shards > 1:
+            self.scale_gradients(float(self.row_shards))
+        return super().finish_grad_sync(*args, **kwargs)
 
 
 def _set_tp_replica(tree, tp_rank: int) -> None:

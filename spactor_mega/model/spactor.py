@@ -15,10 +15,11 @@ is the mean CE over target tokens:
 ``stage="sc"``: only D runs; ``total = L_sc``. G, masking and the RTD head are not touched.
 
 Megatron DDP: wrap D, G and the RTD head separately (``DistributedDataParallel(config, ddp_config,
-module)``), one ``get_megatron_optimizer`` per wrapped group (G and the RTD head may share one
-as two model chunks); at tau drop G's and the head's wrappers and optimizer. G borrows D's
-embedding without registering it, so the embedding's gradient (from D and G) accumulates in D's
-DDP buffer only.
+module)``; G in :class:`~spactor_mega.model.generator.GeneratorDDP`, which reduces over TP x DP
+because each TP rank runs G on its own rows), one ``get_megatron_optimizer`` per wrapped group
+(G and the RTD head may share one as two model chunks); at tau drop G's and the head's wrappers
+and optimizer. G borrows D's embedding without registering it, so the embedding's gradient (from
+D and G) accumulates in D's DDP buffer only.
 """
 
 from __future__ import annotations

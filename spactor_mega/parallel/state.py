@@ -9,7 +9,10 @@ and seeding of Python, NumPy and torch's default generator.
 Seeding convention: the default torch generator gets ``seed`` on *every* rank, so weights
 initialised on the CPU (``use_cpu_initialization=True``, which Megatron's layers do by building
 the full master weight and slicing it) are identical for any TP/DP layout. Megatron's tracker
-gets the usual ``seed + 2718 + tp_rank`` model-parallel state for dropout inside TP regions.
+gets the usual ``seed + 2718 + tp_rank`` model-parallel state for dropout inside TP regions, and
+one more per-TP-rank state, :data:`ROW_SHARD_RNG`, for layers that run different rows on each TP
+rank (G's): their dropout must not advance the default generator by different amounts on
+different TP ranks, since that generator drops TP-replicated activations and must stay in step.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import torch.distributed as dist
 from .cpu_compat import apply_cpu_compat
 
 _OWNS_PROCESS_GROUP = False
+
+# RNG-tracker state for row-sharded work (see the module docstring); fork it around such work.
+ROW_SHARD_RNG = "row-shard-rng"
 
 
 def free_port() -> int:
@@ -76,6 +82,8 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # An offset unused by Megatron's states (seed, seed + 2718 + tp_rank, seed + 1024 + ...).
+    tensor_parallel.get_cuda_rng_tracker().add(ROW_SHARD_RNG, seed + 3 * 2718 + tp_rank())
 
 
 def initialize_parallel(

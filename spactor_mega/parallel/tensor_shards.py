@@ -7,7 +7,7 @@ own TP-split modules (the relative-position tables). For tests (TP=k vs TP=1), i
 conversion and small exports; large checkpoints go through ``dist_checkpointing``.
 
 ``group``: the TP group the module was built on - Megatron's (default) for D, ``g.tp_group``
-(size 1) for G, whose layers carry TP attributes but are not split.
+(size 1) for G, whose layers are not split (G clears their TP marks).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ def _worker(rank, world_size, ckpt_dir):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from spactor_mega.model.generator import GeneratorDDP
     from spactor_mega.model.spactor import SpactorObjective, build_spactor_modules
     from spactor_mega.model.synthetic import synthetic_batch, tiny_config
     from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
@@ -38,7 +39,8 @@ def _worker(rank, world_size, ckpt_dir):
     cfg = tiny_config()
     d, g, rtd = build_spactor_modules(cfg, 256)
     ddp_cfg = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
-    dd, dg, dr = (DistributedDataParallel(config=m.config, ddp_config=ddp_cfg, module=m) for m in (d, g, rtd))
+    dd, dr = (DistributedDataParallel(config=m.config, ddp_config=ddp_cfg, module=m) for m in (d, rtd))
+    dg = GeneratorDDP(g, ddp_cfg)  # G's TP ranks hold different rows: reduced over TP x DP
     opt_cfg = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, clip_grad=1.0, params_dtype=torch.float32)
     opt_d = get_megatron_optimizer(opt_cfg, [dd])
     opt_aux = get_megatron_optimizer(opt_cfg, [dg, dr])  # G + RTD head: dropped together at tau

@@ -102,12 +102,13 @@ def test_config_rejections_name_the_field(tmp_path):
 
 
 def test_tensor_parallel_training_matches_single_rank(work):
-    """TP=2 on 2 processes: the same losses as TP=1, step by step, in both stages."""
+    """TP=2 on 2 processes: the same losses and gradient norms (G's counted once over TP) as
+    TP=1, step by step, in both stages."""
     single = run(tiny_config(work / "tp1"))["history"]
     split = run(tiny_config(work / "tp2", parallel__tensor_model_parallel_size=2), world_size=2)["history"]
     assert [h["stage"] for h in split] == [h["stage"] for h in single]
     for a, b in zip(single, split):
-        for key in ("loss", "sc_loss", "rtd_loss", "mlm_loss"):
+        for key in ("loss", "sc_loss", "rtd_loss", "mlm_loss", "grad_norm", "generator_grad_norm"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 

@@ -94,7 +94,9 @@ class MegatronEngine:
             self.has_generator = _any_rank(self.has_generator)
         aux_group = _first_last_stage_group() if (self.pp > 1 and self.has_generator) else None
         if generator is not None:
-            self.g = DDP(generator.config, _ddp_config(), generator)
+            from spactor_mega.model.generator import GeneratorDDP
+
+            self.g = GeneratorDDP(generator, _ddp_config())  # reduces over TP x DP (G's copies)
         if rtd_head is not None:
             self.rtd = DDP(rtd_head.config, _ddp_config(), rtd_head)
         aux = [m for m in (self.g, self.rtd) if m is not None]
