@@ -25,7 +25,8 @@ ZERO_VARIANTS = {
 
 
 def _config(work: Path, name: str, zero: dict | None, **overrides):
-    cfg = tiny_config(work / name, train__steps=STEPS, spactor__tau=TAU, train__micro_batch_size=2, **overrides)
+    cfg = tiny_config(work / name, train__steps=STEPS, spactor__tau=TAU, train__micro_batch_size=2,
+                      train__eval_interval=STEPS, **overrides)
     if zero is not None:
         cfg.train.engine = "deepspeed"
         # torch's AdamW for offloaded states too: DeepSpeedCPUAdam's JIT build takes about a minute
@@ -88,6 +89,7 @@ def _train_all(rank, world_size, work: str):
                 result = loop.train(cfg)
                 key = name + ("_resumed" if "train__resume" in overrides else "")
                 out[key] = result.history
+                out[key + "_evals"] = result.evals
                 if name == "zero3_offload":
                     out["logits"] = _live_and_consolidated_logits(built["engine"], cfg, str(result.checkpoint))
             finally:
@@ -113,6 +115,12 @@ def test_zero_stages_follow_the_megatron_losses_across_tau(trained, name):
         for key in ("loss", "sc_loss", "rtd_loss", "mlm_loss", "lr"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (name, a["step"], key)
+    evals, reference_evals = trained[name + "_evals"], trained["megatron_evals"]
+    assert [e["step"] for e in evals] == [0, STEPS]
+    for a, b in zip(reference_evals, evals):
+        assert b.keys() == a.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (name, "eval", a["step"], key)
     assert all(h["generator_params"] > 0 for h in history[:TAU])
     assert all(h["generator_params"] == 0 and h["generator_optimizer_state"] == 0 for h in history[TAU:])
 

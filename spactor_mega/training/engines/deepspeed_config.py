@@ -34,6 +34,7 @@ OWNERS = {
     "zero_optimization.offload_optimizer.nvme_path": "deepspeed.nvme_path",
     "zero_optimization.offload_param.device": "deepspeed.offload_param",
     "zero_optimization.offload_param.nvme_path": "deepspeed.nvme_path",
+    "zero_optimization.stage3_prefetch_bucket_size": "the DeepSpeed engine (see generated_config)",
 }
 # User sections we refuse outright: they would replace what our config drives.
 REFUSED = {
@@ -50,6 +51,10 @@ def generated_config(cfg: Config, dp: int, bf16: bool, use_torch_adam: bool) -> 
     """The DeepSpeed config our fields imply (before the user JSON)."""
     o, t, z = cfg.optim, cfg.train, cfg.deepspeed
     zero: dict = {"stage": z.zero_stage}
+    if z.zero_stage == 3:
+        # No ZeRO-3 prefetch: G (its own engine) reads D's embedding; a prefetch of it by D's
+        # engine leaves it in flight where G's engine cannot wait for it (assertion in DeepSpeed).
+        zero["stage3_prefetch_bucket_size"] = 0
     if z.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(z.offload_optimizer, z.nvme_path)
     if z.offload_param != "none":
