@@ -122,6 +122,17 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine (train.engine: deepspeed): ZeRO stage and offload."""
+
+    zero_stage: int = 2  # 0: replicated (DDP) | 1: optimizer states | 2: + gradients | 3: + parameters, split over DP
+    offload_optimizer: str = "none"  # none | cpu | nvme: optimizer states (fp32 master + Adam moments) off the GPU
+    offload_param: str = "none"  # none | cpu | nvme: parameters off the GPU between uses (zero_stage 3 only)
+    nvme_path: Optional[str] = None  # a fast local directory, for nvme offload
+    config: Optional[str] = None  # a DeepSpeed JSON file merged over the config generated from ours
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 10
     tensorboard_dir: str = "runs/default/tensorboard"
@@ -137,6 +148,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
@@ -240,6 +252,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def uses_bf16(cfg: Config) -> bool:
+    """train.precision resolved: ``auto`` is bf16 where the GPU supports it, fp32 elsewhere."""
+    if cfg.train.precision == "auto":
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cfg.train.precision == "bf16"
+
+
 def generator_num_layers(cfg: Config) -> int:
     return max(1, round(cfg.generator.depth_fraction * cfg.model.num_encoder_layers))
 
@@ -299,4 +320,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 
         _, decoder_length = random_spans_helper(cfg.data.encoder_seq_length, s.noise_density, s.mean_noise_span_length)
         resolve_layout(cfg, cfg.data.encoder_seq_length, decoder_length)
+    if t.engine == "deepspeed":
+        from spactor_mega.training.engines.deepspeed_config import check_deepspeed
+
+        check_deepspeed(cfg, dp)
     return cfg

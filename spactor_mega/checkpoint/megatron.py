@@ -43,13 +43,25 @@ def _barrier() -> None:
 def save_checkpoint(save_dir: str | Path, step: int, sharded_state: dict, record: dict, tokenizer_file: Optional[Path]) -> Path:
     from megatron.core import dist_checkpointing
 
+    path = prepare_checkpoint_dir(save_dir, step)
+    dist_checkpointing.save(sharded_state, str(path))
+    commit_checkpoint(save_dir, path, record, tokenizer_file)
+    return path
+
+
+def prepare_checkpoint_dir(save_dir: str | Path, step: int) -> Path:
+    """An empty ``iter_NNNNNNN`` directory for every rank to write into (collective)."""
     path = checkpoint_dir(save_dir, step)
     if _rank() == 0:
         if path.exists():
             shutil.rmtree(path)  # an incomplete earlier attempt at this step
         path.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(sharded_state, str(path))
+    return path
+
+
+def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_file: Optional[Path]) -> None:
+    """After every rank wrote its part (collective): tokenizer, run.json, then ``latest``."""
     _barrier()
     if _rank() == 0:
         if tokenizer_file is not None:
@@ -59,7 +71,6 @@ def save_checkpoint(save_dir: str | Path, step: int, sharded_state: dict, record
         tmp.write_text(path.name + "\n")
         os.replace(tmp, Path(save_dir) / LATEST)
     _barrier()
-    return path
 
 
 def read_record(path: str | Path) -> dict:

@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from spactor_mega.training.dry_run import describe
 
-        print(describe(validate(cfg, args.world_size or cfg.parallel.tensor_model_parallel_size
-                                * cfg.parallel.pipeline_model_parallel_size)))
+        world = args.world_size or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+        print(describe(validate(cfg, world), world_size=world))
         return 0
     # Reject a layout that cannot work before any process group exists.
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))

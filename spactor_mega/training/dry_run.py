@@ -25,7 +25,7 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     return {"discriminator": discriminator, "generator": generator, "rtd_head": rtd_head}
 
 
-def describe(cfg: Config, vocab_size: int = 32128) -> str:
+def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None) -> str:
     s = cfg.data.encoder_seq_length
     raw, targets = random_spans_helper(s, cfg.spactor.noise_density, cfg.spactor.mean_noise_span_length)
     _, spans = noise_counts(raw, cfg.spactor.noise_density, cfg.spactor.mean_noise_span_length)
@@ -42,12 +42,25 @@ def describe(cfg: Config, vocab_size: int = 32128) -> str:
         f"stage 2 (SC only) {format_flops(flops.sc_only * batch)}, ratio {flops.hybrid / flops.sc_only:.3f}",
         f"tau {cfg.spactor.tau}, steps {cfg.train.steps}: total {format_flops(_total(cfg, flops) * batch)}",
     ]
+    lines += _memory(cfg, counts, world_size)
     if cfg.parallel.pipeline_model_parallel_size > 1 or cfg.parallel.pipeline_layout:
         from spactor_mega.parallel.layout import resolve_layout
 
         layout = resolve_layout(cfg, s, targets)
         lines.append(f"pipeline layout ({layout.num_stages} stages): {layout.describe()}")
     return "\n".join(lines)
+
+
+def _memory(cfg: Config, counts: dict[str, int], world_size: int | None) -> list[str]:
+    """Per-rank model-state memory in stage 1 (D + G + RTD head), D's share split by TP (and
+    evenly by PP, an approximation); G and the head are whole on every rank that holds them."""
+    from spactor_mega.training.memory_estimate import describe_memory
+
+    p = cfg.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    dp = max((world_size or model_parallel) // model_parallel, 1)
+    per_rank = counts["discriminator"] // model_parallel + counts["generator"] + counts["rtd_head"]
+    return describe_memory(cfg, per_rank, dp)
 
 
 def _total(cfg: Config, flops) -> float:

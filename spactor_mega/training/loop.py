@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from spactor_mega.config import Config, generator_num_layers, validate
+from spactor_mega.config import Config, ConfigError, generator_num_layers, uses_bf16, validate
 from spactor_mega.training.schedule import Stage, format_flops, sample_flops, stage_at
 
 
@@ -29,16 +29,10 @@ class RunResult:
     evals: list[dict] = field(default_factory=list)
 
 
-def _bf16(cfg: Config) -> bool:
-    if cfg.train.precision == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return cfg.train.precision == "bf16"
-
-
 def train(cfg: Config) -> RunResult:
     from megatron.core import parallel_state as ps
 
-    from spactor_mega.checkpoint.megatron import find_checkpoint, load_checkpoint, read_record, save_checkpoint
+    from spactor_mega.checkpoint.megatron import find_checkpoint, read_record
     from spactor_mega.data.dataset import PretrainingSampler, SpactorBatchBuilder, build_datasets, collate_raw
     from spactor_mega.data.prepare import ensure_data
     from spactor_mega.data.span_corruption import SpanCorruption
@@ -46,13 +40,11 @@ def train(cfg: Config) -> RunResult:
     from spactor_mega.model.spactor import build_spactor_modules
     from spactor_mega.model.t5 import padded_vocab_size
     from spactor_mega.parallel.state import initialize_parallel
-    from spactor_mega.training.engines.megatron import MegatronEngine
+    from spactor_mega.training.engines import build_engine
     from spactor_mega.training.metrics import RunLogger
 
     p, t = cfg.parallel, cfg.train
     if p.pipeline_model_parallel_size > 1:
-        from spactor_mega.config import ConfigError
-
         raise ConfigError("parallel.pipeline_model_parallel_size > 1: training through the encoder-decoder pipeline "
                           "is not verified end to end yet; use tensor and data parallelism (PP = 1)")
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed)
@@ -81,15 +73,17 @@ def train(cfg: Config) -> RunResult:
     checkpoint = find_checkpoint(t.resume, t.save_dir)
     record = read_record(checkpoint) if checkpoint else {"step": 0, "consumed_samples": 0}
     step, consumed = int(record["step"]), int(record["consumed_samples"])
-    bf16 = _bf16(cfg)
+    if checkpoint is not None and record.get("config", {}).get("train", {}).get("engine", "megatron") != t.engine:
+        raise ConfigError(f"{checkpoint} was written by train.engine={record['config']['train']['engine']}; "
+                          f"resume it with that engine, not {t.engine}")
+    bf16 = uses_bf16(cfg)
     d, g, rtd = build_spactor_modules(
         cfg, vocab, with_generator=stage_at(step, cfg.spactor.tau) is Stage.HYBRID,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
-    engine = MegatronEngine(cfg, d, g, rtd, _loss_fn(cfg, tokenizer), bf16)
+    engine = build_engine(cfg, d, g, rtd, _loss_fn(cfg, tokenizer), bf16)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, engine.sharded_state_dict(is_loading=True))
-        engine.load_state_dict(state)
+        engine.load(checkpoint)
 
     flops = sample_flops(cfg, corruption.encoder_length, corruption.decoder_length, vocab, builder.mlm_capacity)
     log = RunLogger(cfg.logging.tensorboard_dir, t.steps, step, enabled=rank == 0, progress=cfg.logging.progress)
@@ -116,7 +110,7 @@ def train(cfg: Config) -> RunResult:
             "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
             "vocab_size": vocab, "config": cfg.to_dict(),
         }
-        return save_checkpoint(t.save_dir, at_step, engine.sharded_state_dict(), record, tokenizer.model_file)
+        return engine.save(t.save_dir, at_step, record, tokenizer.model_file)
 
     if step == 0 and t.eval_interval > 0 and valid_set is not None:
         hybrid = stage_at(0, cfg.spactor.tau) is Stage.HYBRID

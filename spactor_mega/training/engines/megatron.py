@@ -18,6 +18,7 @@ same norm as with PP = 1.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -216,7 +217,18 @@ class MegatronEngine:
 
         return forward_step
 
-    # Checkpoint state ---------------------------------------------------------------------
+    # Checkpoints --------------------------------------------------------------------------
+    def save(self, save_dir, step: int, record: dict, tokenizer_file) -> Path:
+        """A dist-checkpoint (:mod:`spactor_mega.checkpoint.megatron`) of everything below."""
+        from spactor_mega.checkpoint.megatron import save_checkpoint
+
+        return save_checkpoint(save_dir, step, self.sharded_state_dict(), record, tokenizer_file)
+
+    def load(self, path) -> None:
+        from spactor_mega.checkpoint.megatron import load_checkpoint
+
+        self.load_state_dict(load_checkpoint(path, self.sharded_state_dict(is_loading=True)))
+
     def _parts(self) -> list[tuple[str, object]]:
         return [(name, m) for name, m in (("discriminator", self.d), ("generator", self.g), ("rtd_head", self.rtd)) if m is not None]
 

@@ -1,0 +1,173 @@
+"""The DeepSpeed ZeRO engine against the Megatron engine: same losses, exact resume, consolidation.
+
+DeepSpeed starts slowly (and JIT-builds its shm comm op once per TORCH_EXTENSIONS_DIR), so all
+multi-process checks share one 2-process launch that trains every configuration in turn.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spactor_mega.config import ConfigError, validate
+from spactor_mega.parallel.testing import run_distributed
+from tests.training.test_training import tiny_config
+
+STEPS, TAU, STOP = 10, 5, 3
+ZERO_VARIANTS = {
+    "zero1": dict(zero_stage=1),
+    "zero2": dict(zero_stage=2),
+    "zero3": dict(zero_stage=3),
+    "zero1_offload": dict(zero_stage=1, offload_optimizer="cpu"),
+    "zero2_offload": dict(zero_stage=2, offload_optimizer="cpu"),
+    "zero3_offload": dict(zero_stage=3, offload_optimizer="cpu", offload_param="cpu"),
+}
+
+
+def _config(work: Path, name: str, zero: dict | None, **overrides):
+    cfg = tiny_config(work / name, train__steps=STEPS, spactor__tau=TAU, train__micro_batch_size=2,
+                      train__eval_interval=STEPS, **overrides)
+    if zero is not None:
+        cfg.train.engine = "deepspeed"
+        # torch's AdamW for offloaded states too: DeepSpeedCPUAdam's JIT build takes about a minute
+        cfg.deepspeed.config = str(work / "torch_adam.json")
+        for key, value in zero.items():
+            setattr(cfg.deepspeed, key, value)
+    return cfg
+
+
+def _live_and_consolidated_logits(engine, cfg, checkpoint: str):
+    """D's logits from the live (partitioned) engine, and from a fresh TP=1 D loaded with the
+    consolidated checkpoint (rank 0)."""
+    import torch
+
+    from spactor_mega.checkpoint.deepspeed import consolidated_state_dict
+    from spactor_mega.checkpoint.megatron import read_record
+    from spactor_mega.model.synthetic import synthetic_batch
+    from spactor_mega.model.t5 import T5Discriminator
+
+    batch = synthetic_batch(2, 32, 8, sp_size=500, seed=3, pad_rows=1, with_mlm=False)
+
+    def logits(d):
+        encoded = d.encode(batch["enc_tokens"], batch["enc_mask"])
+        return d.lm_logits(d.decode(batch["dec_input"], encoded, batch["enc_mask"]))
+
+    with torch.no_grad():
+        engine.d.eval()
+        live = engine.d(logits)
+        if torch.distributed.get_rank() != 0:
+            return None
+        state = consolidated_state_dict(checkpoint)
+        fresh = T5Discriminator(cfg.model, read_record(checkpoint)["vocab_size"])
+        prefix = "discriminator."
+        fresh.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        fresh.eval()
+        return {"live": live.clone(), "consolidated": logits(fresh), "keys": sorted(state)}
+
+
+def _train_all(rank, world_size, work: str):
+    from spactor_mega.parallel.state import destroy_parallel
+    from spactor_mega.training import engines, loop
+
+    work = Path(work)
+    built = {}
+    original = engines.build_engine
+
+    def keep(*args, **kwargs):
+        built["engine"] = original(*args, **kwargs)
+        return built["engine"]
+
+    engines.build_engine = keep
+    runs = [("megatron", None, {})] + [(name, zero, {}) for name, zero in ZERO_VARIANTS.items()]
+    runs += [("stopped", ZERO_VARIANTS["zero3_offload"], {"train__exit_interval": STOP}),
+             ("stopped", ZERO_VARIANTS["zero3_offload"], {"train__resume": "auto"})]
+    out = {}
+    try:
+        for name, zero, overrides in runs:
+            cfg = _config(work, name, zero, **overrides)
+            try:
+                result = loop.train(cfg)
+                key = name + ("_resumed" if "train__resume" in overrides else "")
+                out[key] = result.history
+                out[key + "_evals"] = result.evals
+                if name == "zero3_offload":
+                    out["logits"] = _live_and_consolidated_logits(built["engine"], cfg, str(result.checkpoint))
+            finally:
+                built.clear()
+                destroy_parallel(destroy_process_group=False)
+    finally:
+        engines.build_engine = original
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("deepspeed")
+    (work / "torch_adam.json").write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
+    return run_distributed(_train_all, 2, str(work), timeout=900)[0]
+
+
+@pytest.mark.parametrize("name", list(ZERO_VARIANTS))
+def test_zero_stages_follow_the_megatron_losses_across_tau(trained, name):
+    reference, history = trained["megatron"], trained[name]
+    assert [h["stage"] for h in history] == [1.0] * TAU + [2.0] * (STEPS - TAU)
+    for a, b in zip(reference, history):
+        for key in ("loss", "sc_loss", "rtd_loss", "mlm_loss", "lr"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (name, a["step"], key)
+    evals, reference_evals = trained[name + "_evals"], trained["megatron_evals"]
+    assert [e["step"] for e in evals] == [0, STEPS]
+    for a, b in zip(reference_evals, evals):
+        assert b.keys() == a.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (name, "eval", a["step"], key)
+    assert all(h["generator_params"] > 0 for h in history[:TAU])
+    assert all(h["generator_params"] == 0 and h["generator_optimizer_state"] == 0 for h in history[TAU:])
+
+
+def test_zero3_offload_resume_is_bitwise_identical(trained):
+    full, first, second = trained["zero3_offload"], trained["stopped"], trained["stopped_resumed"]
+    assert [h["step"] for h in first] == list(range(1, STOP + 1))
+    assert [h["step"] for h in first + second] == list(range(1, STEPS + 1))
+    for a, b in zip(full, first + second):
+        assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
+
+
+def test_consolidated_checkpoint_gives_the_live_logits(trained):
+    import torch
+
+    result = trained["logits"]
+    assert any(k.startswith("discriminator.encoder.layers.") for k in result["keys"])
+    assert not any(k.startswith(("generator.", "rtd_head.")) for k in result["keys"]), "saved after tau: D only"
+    torch.testing.assert_close(result["consolidated"], result["live"], rtol=1e-5, atol=1e-6)
+
+
+def test_deepspeed_config_rejections_name_the_field(tmp_path):
+    (tmp_path / "torch_adam.json").write_text("{}")
+
+    def rejected(message, user=None, world=2, **fields):
+        cfg = _config(tmp_path, "reject", {"zero_stage": 2, **fields})
+        if user is not None:
+            (tmp_path / "user.json").write_text(json.dumps(user))
+            cfg.deepspeed.config = str(tmp_path / "user.json")
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg, world)
+
+    rejected(r"train_micro_batch_size_per_gpu=4 conflicts with 2 set by train\.micro_batch_size",
+             {"train_micro_batch_size_per_gpu": 4})
+    rejected(r"gradient_clipping=0\.5 conflicts with 1\.0 set by optim\.clip_grad", {"gradient_clipping": 0.5})
+    rejected(r"optimizer\.params\.lr=0\.1 conflicts .* set by optim\.lr", {"optimizer": {"params": {"lr": 0.1}}})
+    rejected(r"zero_optimization\.stage=3 conflicts with 2 set by deepspeed\.zero_stage", {"zero_optimization": {"stage": 3}})
+    rejected(r"remove 'scheduler': the LR schedule comes from optim\.lr_schedule", {"scheduler": {"type": "WarmupLR"}})
+    rejected(r"deepspeed\.offload_param needs deepspeed\.zero_stage 3", offload_param="cpu")
+    rejected(r"deepspeed\.nvme_path is required for nvme offload", offload_optimizer="nvme")
+    rejected(r"deepspeed\.config: .*missing\.json not found", config=str(tmp_path / "missing.json"))
+    cfg = _config(tmp_path, "pp", {"zero_stage": 1})
+    cfg.parallel.pipeline_model_parallel_size = 2
+    with pytest.raises(ConfigError, match=r"train\.engine=deepspeed .*DeepSpeed forbids ZeRO-2/3 with pipelines"):
+        validate(cfg, 2)
+    # A consistent user JSON (same values, extra fields) is accepted.
+    (tmp_path / "ok.json").write_text(json.dumps({"gradient_clipping": 1.0, "zero_optimization": {"overlap_comm": False}}))
+    cfg = _config(tmp_path, "ok", {"zero_stage": 2})
+    cfg.deepspeed.config = str(tmp_path / "ok.json")
+    validate(cfg, 2)
