@@ -13,7 +13,6 @@ import torch
 from spactor_mega.parallel.testing import run_distributed
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}  # (TP, PP); 2 processes each (TP=1 is DP=2)
-HF_VOCAB = 320  # the imported model's rows: more than the tokenizer's 301, as HF T5's 32128 > 32101
 GREEDY_TOKENS = 12
 
 
@@ -92,35 +91,13 @@ def _worker(rank, world_size, work, spm, imported):
     return out if rank == 0 else None
 
 
-def _random_hf_t5(folder: Path, spm: Path) -> Path:
-    """A randomly initialised HF T5 v1.1 (3 + 2 layers, d_ff 48, 320 rows) saved by transformers, with
-    tokenizer files: what a hub folder holds."""
-    from transformers import T5ForConditionalGeneration, T5Tokenizer
-
-    from spactor_mega.config import ModelConfig
-    from spactor_mega.model.hf_mapping import hf_t5_config, untie_lm_head
-
-    shape = ModelConfig(d_model=32, d_kv=8, d_ff=48, num_heads=2, num_encoder_layers=3, num_decoder_layers=2)
-    torch.manual_seed(3)
-    model = untie_lm_head(T5ForConditionalGeneration(hf_t5_config(shape, HF_VOCAB)))
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
-    shutil.copy(spm, folder / "spiece.model")
-    T5Tokenizer.from_pretrained(str(folder), extra_ids=100).save_pretrained(str(folder))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, tiny_spm):
+def converted(tmp_path_factory, tiny_spm, random_hf_t5):
     from spactor_mega.checkpoint.hf_export import export_to_hf
     from spactor_mega.checkpoint.hf_import import import_from_hf
 
     work = tmp_path_factory.mktemp("convert")
-    hf_dir = _random_hf_t5(work / "hf_random", tiny_spm)
+    hf_dir = random_hf_t5
     import_from_hf(hf_dir, work / "imported", tp=2, pp=1)
     ours = run_distributed(_worker, 2, str(work), str(tiny_spm), str(work / "imported"), timeout=900)[0]
     exports = {name: export_to_hf(work / name, work / f"hf_{name}", with_rtd_head=name == "tp2") for name in LAYOUTS}
@@ -248,4 +225,5 @@ def test_imported_model_loads_and_trains_under_each_layout(converted):
         assert losses[0] == pytest.approx(ref, rel=1e-5), (layout, losses, ref)
         assert losses[-1] < losses[0], (layout, losses)
     record = json.loads((converted["work"] / "imported" / "iter_0000000" / "run.json").read_text())
-    assert record["weights_only"] and record["tensor_model_parallel_size"] == 2 and record["config"]["model"]["vocab_size"] == HF_VOCAB
+    assert record["weights_only"] and record["tensor_model_parallel_size"] == 2
+    assert record["config"]["model"]["vocab_size"] == json.loads((converted["hf_random"] / "config.json").read_text())["vocab_size"]
