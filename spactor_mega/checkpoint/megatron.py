@@ -161,8 +161,10 @@ def read_full_tensors(path: Path, prefix: str) -> dict:
     except Exception as e:  # dist_checkpointing raises CheckpointingException and others
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({first[:300]})") from None
+    keys = list(wanted)
+    del wanted  # its ShardedTensors hold the loaded tensors too: keep one reference, in `loaded`
     out = {}
-    for key in list(wanted):  # the result also holds the checkpoint's common (non-tensor) state
+    for key in keys:  # `loaded` also holds the checkpoint's common (non-tensor) state
         name, tensor = key[len(prefix):], loaded.pop(key)
         stack, sep, rest = name.partition(".layers.")
         if sep and not rest.split(".", 1)[0].isdigit():

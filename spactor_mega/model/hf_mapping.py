@@ -23,22 +23,22 @@ from typing import Optional
 import torch
 
 
+# The helpers below return views where they can (callers copy once, at the end).
 def _split_grouped(w: torch.Tensor, heads: int, parts: int) -> list[torch.Tensor]:
     d_in = w.shape[-1]
     g = w.reshape(heads, parts, -1, d_in)
-    return [g[:, i].reshape(-1, d_in).clone() for i in range(parts)]
+    return [g[:, i].reshape(-1, d_in) for i in range(parts)]
 
 
 def _join_grouped(ws: list[torch.Tensor], heads: int) -> torch.Tensor:
     d_in = ws[0].shape[-1]
-    return torch.stack([w.reshape(heads, -1, d_in) for w in ws], dim=1).reshape(-1, d_in).clone()
+    return torch.stack([w.reshape(heads, -1, d_in) for w in ws], dim=1).reshape(-1, d_in)
 
 
 def _resize_rows(w: torch.Tensor, rows: Optional[int]) -> torch.Tensor:
-    if rows is None or rows == w.shape[0]:
-        return w.clone()
-    if rows < w.shape[0]:
-        return w[:rows].clone()
+    """The first ``rows`` rows (a view), or ``w`` zero-padded to ``rows`` (a new tensor)."""
+    if rows is None or rows <= w.shape[0]:
+        return w[:rows]
     out = w.new_zeros(rows, *w.shape[1:])
     out[: w.shape[0]] = w
     return out
@@ -119,8 +119,8 @@ def hf_to_megatron(
     sd = hf_state_dict
     out: dict = {}
     shared = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
-    out["embedding.weight"] = _resize_rows(shared, vocab_size)
-    out["lm_head.weight"] = _resize_rows(sd["lm_head.weight"], vocab_size)
+    out["embedding.weight"] = _resize_rows(shared, vocab_size).clone()
+    out["lm_head.weight"] = _resize_rows(sd["lm_head.weight"], vocab_size).clone()
     for stack, n in (("encoder", num_encoder_layers), ("decoder", num_decoder_layers)):
         out[f"{stack}.final_layernorm.weight"] = sd[f"{stack}.final_layer_norm.weight"].clone()
         out[f"{stack}.relative_attention_bias.weight"] = sd[
