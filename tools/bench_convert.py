@@ -2,9 +2,9 @@
 """Conversion benchmark: ``spactor convert`` time and peak memory for a T5-base-shaped model.
 
 Writes a random T5-base-shaped SpacTor checkpoint (d_model 768, 12 + 12 layers, d_ff 2048, 12
-heads, vocab 32128; D, G, the RTD head and their AdamW state, as training saves it), then runs
-each conversion in a fresh process and reports its wall time and peak resident memory above
-what the process holds once torch, Megatron-Core and transformers are imported. The named
+heads, vocab 32128; D, G, the RTD head and their AdamW state after one step, as training saves
+them), then runs each conversion in a fresh process and reports its wall time and peak resident
+memory above what the process holds once torch, Megatron-Core and transformers are imported. The named
 baseline is one copy of D's fp32 weights: an exporter that holds the checkpoint's weights and
 the HF model at once needs about two, one that also builds a model to load into, three.
 
@@ -67,6 +67,7 @@ from spactor_mega.checkpoint.megatron import make_record, save_checkpoint
 from spactor_mega.config import Config
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer, train_sentencepiece
 from spactor_mega.model.spactor import build_spactor_modules
+from spactor_mega.model.synthetic import synthetic_batch
 from spactor_mega.model.t5 import model_vocab_size
 from spactor_mega.parallel.testing import single_process_parallel
 from spactor_mega.training.engines.megatron import MegatronEngine
@@ -89,6 +90,7 @@ with single_process_parallel():
     d, g, rtd = build_spactor_modules(cfg, vocab)
     print(sum(p.numel() for p in d.parameters()) * 4)
     engine = MegatronEngine(cfg, d, g, rtd, _loss_fn(cfg, tok), bf16=False)
+    engine.train_step([synthetic_batch(1, 16, 4, 2, sp_size=tok.sp_size)], hybrid=True, step=0)  # AdamW state
     save_checkpoint(work / "ckpt", 100, engine.sharded_state_dict(), make_record(cfg, 100, vocab), tok.model_file)
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,

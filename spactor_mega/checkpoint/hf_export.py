@@ -184,6 +184,8 @@ def export_to_hf(
     path = find_checkpoint(str(checkpoint), Path(checkpoint))
     record = read_record(path)
     cfg = checkpoint_config(path, record)
+    if not (path / "spiece.model").is_file():
+        raise CheckpointError(f"{path}: no spiece.model; copy the run's tokenizer (data.tokenizer) into the checkpoint")
     tokenizer = T5SentencePieceTokenizer(path)
     tmp = prepare_output(out, force)
     try:
