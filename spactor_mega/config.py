@@ -42,6 +42,10 @@ class ModelConfig:
     # evenly; the padded rows are never produced by the tokenizer.
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
+    # Vocabulary rows before that padding, and the rows an HF export gets. None: the
+    # tokenizer's pieces + sentinels + mask (exported padded to make_vocab_size_divisible_by);
+    # `spactor convert from-hf` sets the imported model's vocab_size (e.g. 32128).
+    vocab_size: Optional[int] = None
 
 
 @dataclass
@@ -198,7 +202,6 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
 
 def load_yaml(path: str | Path, cfg: Optional[Config] = None) -> Config:
     """Fills ``cfg`` (default: defaults) from a YAML file of ``section: {field: value}``."""
-    cfg = cfg or Config()
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text()) or {}
@@ -206,16 +209,23 @@ def load_yaml(path: str | Path, cfg: Optional[Config] = None) -> Config:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return config_from_dict(doc, str(path), cfg)
+
+
+def config_from_dict(doc: Any, where: str, cfg: Optional[Config] = None) -> Config:
+    """Fills ``cfg`` (default: defaults) from ``{section: {field: value}}`` (a YAML preset, or the
+    ``config`` a checkpoint's run.json records); ``where`` names the source in errors."""
+    cfg = cfg or Config()
     if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(doc).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(doc).__name__}")
     hints = {name: typing.get_type_hints(t) for name, t in _section_types().items()}
     for section, values in doc.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            raise ConfigError(f"{where}: section {section!r} must be a mapping")
         for key, value in values.items():
             if section in hints and key in hints[section] and hints[section][key] is float and value is not None:
                 value = float(value)  # YAML reads `.inf` and `1e-3` fine, but `100` as int
-            _apply(cfg, section, key, value, str(path))
+            _apply(cfg, section, key, value, where)
     return cfg
 
 
@@ -299,6 +309,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for name, value in (("model.d_ff", m.d_ff),) + ((("generator.d_ff", g.d_ff),) if g.d_ff else ()):
         need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
     need(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
+    need(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive or unset, got {m.vocab_size}")
     need(pp <= m.num_encoder_layers + m.num_decoder_layers,
          f"parallel.pipeline_model_parallel_size={pp} exceeds the {m.num_encoder_layers + m.num_decoder_layers} "
          "transformer layers of the model; use fewer stages")

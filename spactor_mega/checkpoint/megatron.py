@@ -5,6 +5,9 @@ tensors, so a run saved under one TP/PP layout loads under another) plus ``run.j
 run's own record (step, consumed samples, stage, layout, config), written last. ``latest``
 names the newest complete checkpoint; it is replaced atomically after ``run.json``, so a
 crash mid-save leaves the previous checkpoint as the one ``--train.resume auto`` picks.
+
+A record with ``"weights_only": true`` (an imported HF model, ``spactor convert from-hf``) holds
+D's weights and nothing else: training starts from them with a fresh G and optimizer.
 """
 
 from __future__ import annotations
@@ -73,6 +76,20 @@ def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_
     _barrier()
 
 
+def make_record(cfg, step: int, vocab_size: int, **extra) -> dict:
+    """A checkpoint's run.json: step, samples consumed, stage, layout, padded vocab, the config."""
+    from spactor_mega.training.schedule import stage_at
+
+    p = cfg.parallel
+    return {
+        "step": step, "consumed_samples": step * cfg.train.global_batch_size,
+        "stage": stage_at(step, cfg.spactor.tau).name,
+        "tensor_model_parallel_size": p.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        "vocab_size": vocab_size, "config": cfg.to_dict(), **extra,
+    }
+
+
 def read_record(path: str | Path) -> dict:
     path = Path(path)
     record = path / RUN_RECORD
@@ -90,6 +107,8 @@ def find_checkpoint(resume: Optional[str], save_dir: str | Path) -> Optional[Pat
         return None
     if resume != "auto":
         path = Path(resume)
+        if not (path / RUN_RECORD).is_file() and (path / LATEST).is_file():
+            path = path / (path / LATEST).read_text().strip()  # a save dir: its latest checkpoint
         read_record(path)
         return path
     latest = Path(save_dir) / LATEST
@@ -111,3 +130,60 @@ def load_checkpoint(path: Path, sharded_state: dict) -> dict:
             f"{path}: cannot load into this model ({first[:300]}); check that the model config matches the "
             "checkpoint's run.json"
         ) from None
+
+
+# Fields of model config that fix D's tensors (shapes or what they compute).
+ARCHITECTURE_FIELDS = (
+    "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon", "vocab_size",
+)
+
+
+def check_architecture(record: dict, model_cfg, path: str | Path) -> None:
+    """Refuses a checkpoint whose recorded model differs from ``model_cfg``, naming the field."""
+    recorded = (record.get("config") or {}).get("model") or {}
+    for name in ARCHITECTURE_FIELDS:
+        if name in recorded and recorded[name] != getattr(model_cfg, name):
+            raise CheckpointError(
+                f"{Path(path) / RUN_RECORD}: the checkpoint's model.{name}={recorded[name]} but the config has "
+                f"{getattr(model_cfg, name)}; use the checkpoint's model settings (--model.{name} {recorded[name]})"
+            )
+
+
+def load_model_weights(path: Path, discriminator) -> None:
+    """Loads D's weights alone (a weights-only checkpoint) into ``discriminator`` (any layout)."""
+    state = load_checkpoint(path, {"discriminator": discriminator.sharded_state_dict(prefix="discriminator.")})
+    prefix = "discriminator."
+    weights = {k[len(prefix):]: v for k, v in state["discriminator"].items()}
+    discriminator.load_state_dict(weights, strict=True)
+
+
+def read_full_tensors(path: Path, prefix: str) -> dict:
+    """``{name: full tensor}`` of every checkpoint tensor whose global key starts with ``prefix``
+    (prefix stripped; names as in the TP = 1 module's state dict), whatever TP/PP/DP layout wrote
+    it: read by global name and shape from the checkpoint's metadata, nothing else (no model, no
+    optimizer state). Call with a process group (one process is enough)."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        wanted = {k: v for k, v in dist_checkpointing.load_tensors_metadata(str(path)).items() if k.startswith(prefix)}
+        # Every process reads whole tensors, so shards are deliberately "accessed" more than once.
+        loaded = dist_checkpointing.load(wanted, str(path), validate_access_integrity=False)
+    except Exception as e:  # dist_checkpointing raises CheckpointingException and others
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({first[:300]})") from None
+    keys = list(wanted)
+    del wanted  # its ShardedTensors hold the loaded tensors too: keep one reference, in `loaded`
+    out = {}
+    for key in keys:  # `loaded` also holds the checkpoint's common (non-tensor) state
+        name, tensor = key[len(prefix):], loaded.pop(key)
+        stack, sep, rest = name.partition(".layers.")
+        if sep and not rest.split(".", 1)[0].isdigit():
+            # Megatron saves a TransformerBlock's layers stacked on a leading axis (global layer index).
+            for i, layer in enumerate(tensor.unbind(0)):
+                out[f"{stack}.layers.{i}.{rest}"] = layer.clone()  # own storage: freed as each is mapped
+            del layer
+        else:
+            out[name] = tensor
+        del tensor
+    return out

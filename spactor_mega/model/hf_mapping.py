@@ -23,22 +23,22 @@ from typing import Optional
 import torch
 
 
+# The helpers below return views where they can (callers copy once, at the end).
 def _split_grouped(w: torch.Tensor, heads: int, parts: int) -> list[torch.Tensor]:
     d_in = w.shape[-1]
     g = w.reshape(heads, parts, -1, d_in)
-    return [g[:, i].reshape(-1, d_in).clone() for i in range(parts)]
+    return [g[:, i].reshape(-1, d_in) for i in range(parts)]
 
 
 def _join_grouped(ws: list[torch.Tensor], heads: int) -> torch.Tensor:
     d_in = ws[0].shape[-1]
-    return torch.stack([w.reshape(heads, -1, d_in) for w in ws], dim=1).reshape(-1, d_in).clone()
+    return torch.stack([w.reshape(heads, -1, d_in) for w in ws], dim=1).reshape(-1, d_in)
 
 
 def _resize_rows(w: torch.Tensor, rows: Optional[int]) -> torch.Tensor:
-    if rows is None or rows == w.shape[0]:
-        return w.clone()
-    if rows < w.shape[0]:
-        return w[:rows].clone()
+    """The first ``rows`` rows (a view), or ``w`` zero-padded to ``rows`` (a new tensor)."""
+    if rows is None or rows <= w.shape[0]:
+        return w[:rows]
     out = w.new_zeros(rows, *w.shape[1:])
     out[: w.shape[0]] = w
     return out
@@ -50,43 +50,61 @@ def megatron_to_hf(
     num_encoder_layers: int,
     num_decoder_layers: int,
     hf_vocab_size: Optional[int] = None,
+    *,
+    consume: bool = False,
+    dtype: Optional[torch.dtype] = None,
 ) -> dict:
-    """D's full (TP=1) state dict -> HF ``T5ForConditionalGeneration`` state dict."""
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("_extra_state")}
+    """D's full (TP=1) state dict -> HF ``T5ForConditionalGeneration`` state dict (new tensors).
+
+    ``consume``: entries are removed from ``state_dict`` as they are mapped, so that converting
+    costs about one copy of the weights, not two. ``dtype``: cast on the way (e.g. bf16)."""
+    sd = state_dict if consume else dict(state_dict)
+    for key in [k for k in sd if k.endswith("_extra_state")]:
+        del sd[key]
+
+    def take(key: str) -> torch.Tensor:
+        return sd.pop(key)
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
+
     out: dict = {}
-    shared = _resize_rows(sd["embedding.weight"], hf_vocab_size)
+    shared = fresh(_resize_rows(take("embedding.weight"), hf_vocab_size))
     out["shared.weight"] = shared
     out["encoder.embed_tokens.weight"] = shared
     out["decoder.embed_tokens.weight"] = shared
-    out["lm_head.weight"] = _resize_rows(sd["lm_head.weight"], hf_vocab_size)
+    out["lm_head.weight"] = fresh(_resize_rows(take("lm_head.weight"), hf_vocab_size))
     for stack, n in (("encoder", num_encoder_layers), ("decoder", num_decoder_layers)):
-        out[f"{stack}.final_layer_norm.weight"] = sd[f"{stack}.final_layernorm.weight"].clone()
-        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = sd[
-            f"{stack}.relative_attention_bias.weight"
-        ].clone()
+        out[f"{stack}.final_layer_norm.weight"] = fresh(take(f"{stack}.final_layernorm.weight"))
+        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = fresh(
+            take(f"{stack}.relative_attention_bias.weight")
+        )
         for i in range(n):
             m = f"{stack}.layers.{i}."
             h = f"{stack}.block.{i}.layer."
-            q, k, v = _split_grouped(sd[m + "self_attention.linear_qkv.weight"], num_heads, 3)
-            out[h + "0.SelfAttention.q.weight"] = q
-            out[h + "0.SelfAttention.k.weight"] = k
-            out[h + "0.SelfAttention.v.weight"] = v
-            out[h + "0.SelfAttention.o.weight"] = sd[m + "self_attention.linear_proj.weight"].clone()
-            out[h + "0.layer_norm.weight"] = sd[m + "input_layernorm.weight"].clone()
+            q, k, v = _split_grouped(take(m + "self_attention.linear_qkv.weight"), num_heads, 3)
+            out[h + "0.SelfAttention.q.weight"] = fresh(q)
+            out[h + "0.SelfAttention.k.weight"] = fresh(k)
+            out[h + "0.SelfAttention.v.weight"] = fresh(v)
+            out[h + "0.SelfAttention.o.weight"] = fresh(take(m + "self_attention.linear_proj.weight"))
+            out[h + "0.layer_norm.weight"] = fresh(take(m + "input_layernorm.weight"))
             ff = 1
             if stack == "decoder":
                 ff = 2
-                out[h + "1.EncDecAttention.q.weight"] = sd[m + "cross_attention.linear_q.weight"].clone()
-                ck, cv = _split_grouped(sd[m + "cross_attention.linear_kv.weight"], num_heads, 2)
-                out[h + "1.EncDecAttention.k.weight"] = ck
-                out[h + "1.EncDecAttention.v.weight"] = cv
-                out[h + "1.EncDecAttention.o.weight"] = sd[m + "cross_attention.linear_proj.weight"].clone()
-                out[h + "1.layer_norm.weight"] = sd[m + "pre_cross_attn_layernorm.weight"].clone()
-            wi_0, wi_1 = sd[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-            out[h + f"{ff}.DenseReluDense.wi_0.weight"] = wi_0.clone()
-            out[h + f"{ff}.DenseReluDense.wi_1.weight"] = wi_1.clone()
-            out[h + f"{ff}.DenseReluDense.wo.weight"] = sd[m + "mlp.linear_fc2.weight"].clone()
-            out[h + f"{ff}.layer_norm.weight"] = sd[m + "pre_mlp_layernorm.weight"].clone()
+                out[h + "1.EncDecAttention.q.weight"] = fresh(take(m + "cross_attention.linear_q.weight"))
+                ck, cv = _split_grouped(take(m + "cross_attention.linear_kv.weight"), num_heads, 2)
+                out[h + "1.EncDecAttention.k.weight"] = fresh(ck)
+                out[h + "1.EncDecAttention.v.weight"] = fresh(cv)
+                out[h + "1.EncDecAttention.o.weight"] = fresh(take(m + "cross_attention.linear_proj.weight"))
+                out[h + "1.layer_norm.weight"] = fresh(take(m + "pre_cross_attn_layernorm.weight"))
+            wi_0, wi_1 = take(m + "mlp.linear_fc1.weight").chunk(2, dim=0)
+            out[h + f"{ff}.DenseReluDense.wi_0.weight"] = fresh(wi_0)
+            out[h + f"{ff}.DenseReluDense.wi_1.weight"] = fresh(wi_1)
+            del wi_0, wi_1
+            out[h + f"{ff}.DenseReluDense.wo.weight"] = fresh(take(m + "mlp.linear_fc2.weight"))
+            out[h + f"{ff}.layer_norm.weight"] = fresh(take(m + "pre_mlp_layernorm.weight"))
+    if sd:
+        raise KeyError(f"tensors the T5 mapping does not know: {sorted(sd)[:5]}")
     return out
 
 
@@ -101,8 +119,8 @@ def hf_to_megatron(
     sd = hf_state_dict
     out: dict = {}
     shared = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
-    out["embedding.weight"] = _resize_rows(shared, vocab_size)
-    out["lm_head.weight"] = _resize_rows(sd["lm_head.weight"], vocab_size)
+    out["embedding.weight"] = _resize_rows(shared, vocab_size).clone()
+    out["lm_head.weight"] = _resize_rows(sd["lm_head.weight"], vocab_size).clone()
     for stack, n in (("encoder", num_encoder_layers), ("decoder", num_decoder_layers)):
         out[f"{stack}.final_layernorm.weight"] = sd[f"{stack}.final_layer_norm.weight"].clone()
         out[f"{stack}.relative_attention_bias.weight"] = sd[

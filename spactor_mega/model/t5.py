@@ -54,6 +54,19 @@ def padded_vocab_size(n: int, divisible_by: int = 128, tp: int = 1) -> int:
     return -(-n // multiple) * multiple
 
 
+def model_vocab_size(model_cfg, tokenizer_rows: int, tp: int) -> int:
+    """D's embedding rows under TP size ``tp``: the tokenizer's rows (pieces, sentinels, mask) or
+    ``model.vocab_size`` (an imported HF model's), whichever is larger, padded."""
+    rows = max(tokenizer_rows, model_cfg.vocab_size or 0)
+    return padded_vocab_size(rows, model_cfg.make_vocab_size_divisible_by, tp)
+
+
+def export_vocab_size(model_cfg, tokenizer_rows: int) -> int:
+    """Rows of an exported HF model's embedding and head: ``model.vocab_size`` when set, else the
+    tokenizer's rows padded as at TP = 1 (32,101 -> 32,128 for T5's tokenizer)."""
+    return model_cfg.vocab_size or padded_vocab_size(tokenizer_rows, model_cfg.make_vocab_size_divisible_by, 1)
+
+
 def padding_mask_or_none(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``mask`` (bool ``[b, s]``, True = real token), or None when it has no padding (cheaper)."""
     if mask is None:

@@ -32,13 +32,15 @@ class RunResult:
 def train(cfg: Config) -> RunResult:
     from megatron.core import parallel_state as ps
 
-    from spactor_mega.checkpoint.megatron import find_checkpoint, read_record
+    from spactor_mega.checkpoint.megatron import (
+        check_architecture, find_checkpoint, load_model_weights, make_record, read_record,
+    )
     from spactor_mega.data.dataset import PretrainingSampler, SpactorBatchBuilder, build_datasets, collate_raw
     from spactor_mega.data.prepare import ensure_data
     from spactor_mega.data.span_corruption import SpanCorruption
     from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
     from spactor_mega.model.spactor import build_spactor_modules
-    from spactor_mega.model.t5 import padded_vocab_size
+    from spactor_mega.model.t5 import model_vocab_size
     from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.training.engines import build_engine
     from spactor_mega.training.metrics import RunLogger
@@ -69,20 +71,25 @@ def train(cfg: Config) -> RunResult:
     )
 
     # Model and engine -------------------------------------------------------------------
-    vocab = padded_vocab_size(tokenizer.model_vocab_size, cfg.model.make_vocab_size_divisible_by, p.tensor_model_parallel_size)
+    vocab = model_vocab_size(cfg.model, tokenizer.model_vocab_size, p.tensor_model_parallel_size)
     checkpoint = find_checkpoint(t.resume, t.save_dir)
     record = read_record(checkpoint) if checkpoint else {"step": 0, "consumed_samples": 0}
     step, consumed = int(record["step"]), int(record["consumed_samples"])
     if checkpoint is not None and record.get("config", {}).get("train", {}).get("engine", "megatron") != t.engine:
         raise ConfigError(f"{checkpoint} was written by train.engine={record['config']['train']['engine']}; "
                           f"resume it with that engine, not {t.engine}")
+    if checkpoint is not None:
+        check_architecture(record, cfg.model, checkpoint)
     bf16 = uses_bf16(cfg)
     d, g, rtd = build_spactor_modules(
         cfg, vocab, with_generator=stage_at(step, cfg.spactor.tau) is Stage.HYBRID,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
+    weights_only = checkpoint is not None and record.get("weights_only", False)
+    if weights_only:  # an imported model: D's weights; G, the RTD head and optimizers start afresh
+        load_model_weights(checkpoint, d)
     engine = build_engine(cfg, d, g, rtd, _loss_fn(cfg, tokenizer), bf16)
-    if checkpoint is not None:
+    if checkpoint is not None and not weights_only:
         engine.load(checkpoint)
 
     flops = sample_flops(cfg, corruption.encoder_length, corruption.decoder_length, vocab, builder.mlm_capacity)
@@ -104,13 +111,7 @@ def train(cfg: Config) -> RunResult:
     result = RunResult(step=step, checkpoint=checkpoint, tensorboard_dir=cfg.logging.tensorboard_dir)
 
     def save(at_step: int) -> Path:
-        record = {
-            "step": at_step, "consumed_samples": at_step * t.global_batch_size, "stage": stage_at(at_step, cfg.spactor.tau).name,
-            "tensor_model_parallel_size": p.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
-            "vocab_size": vocab, "config": cfg.to_dict(),
-        }
-        return engine.save(t.save_dir, at_step, record, tokenizer.model_file)
+        return engine.save(t.save_dir, at_step, make_record(cfg, at_step, vocab), tokenizer.model_file)
 
     if step == 0 and t.eval_interval > 0 and valid_set is not None:
         hybrid = stage_at(0, cfg.spactor.tau) is Stage.HYBRID

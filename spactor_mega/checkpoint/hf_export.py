@@ -1,0 +1,224 @@
+"""``spactor convert to-hf``: a checkpoint we wrote -> a Hugging Face ``T5ForConditionalGeneration`` folder.
+
+    export_to_hf("runs/demo/checkpoints", "t5-demo-hf")      # a save dir (its latest) or an iter_N dir
+
+Reads D's full tensors by global name (any TP/PP/DP layout: :func:`read_full_tensors`; a
+DeepSpeed checkpoint through ``spactor_mega.checkpoint.deepspeed``), rebuilds the model config
+from the checkpoint's ``run.json``, maps the tensors to HF names (:mod:`spactor_mega.model.hf_mapping`,
+consuming them, so the whole costs about one copy of the weights) and lets transformers write the
+folder: ``config.json`` (T5 v1.1: gated-GELU, untied head), safetensors shards, a
+``generation_config.json``; plus ``spiece.model`` and the tokenizer files (100 extra ids). G is
+dropped; the RTD head is written to ``rtd_head.safetensors`` only when asked for. The folder
+appears complete or not at all (written under a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from spactor_mega.checkpoint.megatron import CheckpointError, find_checkpoint, read_full_tensors, read_record
+from spactor_mega.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RTD_HEAD_FILE = "rtd_head.safetensors"
+
+
+class OutputExistsError(UserError):
+    """The output folder exists and --force was not given."""
+
+
+def prepare_output(out: str | Path, force: bool) -> Path:
+    """The temporary sibling folder to write into (``out`` itself is replaced by :func:`publish_output`)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists; pass --force to replace it or choose another folder")
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted earlier run
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_output(tmp: Path, out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+    return out
+
+
+def checkpoint_config(path: Path, record: dict):
+    """The run's :class:`~spactor_mega.config.Config`, as recorded in its run.json."""
+    from spactor_mega.config import config_from_dict
+
+    if not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{path}/run.json: has no 'config' section; not a checkpoint written by spactor")
+    return config_from_dict(record["config"], f"{path}/run.json")
+
+
+def read_module_weights(path: Path, record: dict, modules: tuple[str, ...]) -> dict[str, dict]:
+    """``{module: {name: full tensor}}`` for ``modules`` (of discriminator, generator, rtd_head)."""
+    engine = (record.get("config") or {}).get("train", {}).get("engine", "megatron")
+    if engine == "deepspeed":
+        try:
+            from spactor_mega.checkpoint.deepspeed import consolidated_state_dict
+        except ModuleNotFoundError as e:
+            if e.name != "spactor_mega.checkpoint.deepspeed":
+                raise
+            raise CheckpointError(
+                f"{path}: a DeepSpeed checkpoint, but this install has no DeepSpeed checkpoint support "
+                "(spactor_mega.checkpoint.deepspeed); update spactor_mega"
+            ) from None
+        full = consolidated_state_dict(path)
+        out = {}
+        for module in modules:
+            prefix = f"{module}."
+            out[module] = {k[len(prefix):]: full.pop(k) for k in [k for k in full if k.startswith(prefix)]}
+        return out
+    from spactor_mega.parallel.testing import single_process_parallel
+
+    with single_process_parallel():  # dist_checkpointing's reader wants a process group
+        return {module: read_full_tensors(path, f"{module}.") for module in modules}
+
+
+def _expected_shapes(model_cfg, vocab_rows: int) -> dict[str, tuple]:
+    """D's TP = 1 tensor shapes from the config (what the checkpoint must hold)."""
+    m = model_cfg
+    inner, d = m.num_heads * m.d_kv, m.d_model
+    shapes = {"embedding.weight": (vocab_rows, d), "lm_head.weight": (vocab_rows, d)}
+    for stack, n in (("encoder", m.num_encoder_layers), ("decoder", m.num_decoder_layers)):
+        shapes[f"{stack}.final_layernorm.weight"] = (d,)
+        shapes[f"{stack}.relative_attention_bias.weight"] = (m.relative_attention_num_buckets, m.num_heads)
+        for i in range(n):
+            p = f"{stack}.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (d,),
+                p + "self_attention.linear_qkv.weight": (3 * inner, d),
+                p + "self_attention.linear_proj.weight": (d, inner),
+                p + "pre_mlp_layernorm.weight": (d,),
+                p + "mlp.linear_fc1.weight": (2 * m.d_ff, d),
+                p + "mlp.linear_fc2.weight": (d, m.d_ff),
+            })
+            if stack == "decoder":
+                shapes.update({
+                    p + "pre_cross_attn_layernorm.weight": (d,),
+                    p + "cross_attention.linear_q.weight": (inner, d),
+                    p + "cross_attention.linear_kv.weight": (2 * inner, d),
+                    p + "cross_attention.linear_proj.weight": (d, inner),
+                })
+    return shapes
+
+
+def check_weights_match_config(path: Path, weights: dict, model_cfg, vocab_rows: int) -> None:
+    """Refuses D tensors that are not what the recorded model config describes (one line)."""
+    expected = _expected_shapes(model_cfg, vocab_rows)
+    have = {k: tuple(v.shape) for k, v in weights.items() if not k.endswith("_extra_state")}
+    for name, shape in expected.items():
+        if name not in have:
+            raise CheckpointError(f"{path}: no tensor discriminator.{name}, which run.json's model config needs; "
+                                  "the checkpoint does not match its run.json")
+        if have[name] != shape:
+            raise CheckpointError(f"{path}: discriminator.{name} has shape {list(have[name])} but run.json's model "
+                                  f"config needs {list(shape)}; the checkpoint does not match its run.json")
+    extra = sorted(set(have) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: tensor discriminator.{extra[0]} is not part of the model run.json describes "
+                              f"({len(extra)} such); the checkpoint does not match its run.json")
+
+
+def write_hf_model(hf_state: dict, config, folder: Path, max_shard_size: str, dtype: torch.dtype) -> None:
+    """transformers writes the folder: a model built on the meta device takes ``hf_state``'s tensors
+    as its parameters (no copy), then ``save_pretrained`` shards them into safetensors files."""
+    from transformers import GenerationConfig, T5ForConditionalGeneration
+
+    from spactor_mega.model.hf_mapping import untie_lm_head
+
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)
+    if missing or unexpected:
+        raise CheckpointError(f"HF T5 mapping mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    untie_lm_head(model)
+    model.config.dtype = dtype
+    model.generation_config = GenerationConfig(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+    # transformers 5.x writes `tie_word_embeddings: true` for every T5 (it forces the flag and keeps
+    # v1.1's untied head as `scale_decoder_outputs: false`); 4.x reads that as a tied, rescaled
+    # v1.0 head. State the truth, which both read correctly.
+    config_file = folder / "config.json"
+    doc = json.loads(config_file.read_text())
+    doc["tie_word_embeddings"] = False
+    config_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def write_tokenizer(checkpoint: Path, folder: Path, num_sentinels: int) -> None:
+    """spiece.model plus the files ``AutoTokenizer.from_pretrained`` reads (T5Tokenizer, extra ids)."""
+    from transformers import T5Tokenizer
+
+    shutil.copy(checkpoint / "spiece.model", folder / "spiece.model")
+    T5Tokenizer.from_pretrained(str(folder), extra_ids=num_sentinels).save_pretrained(str(folder))
+
+
+def export_to_hf(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "fp32",
+    with_rtd_head: bool = False,
+    force: bool = False,
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Writes the HF folder ``out`` from ``checkpoint`` (an ``iter_N`` dir, or a save dir: its latest)."""
+    from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
+    from spactor_mega.model.hf_mapping import hf_t5_config, megatron_to_hf
+    from spactor_mega.model.t5 import export_vocab_size
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = find_checkpoint(str(checkpoint), Path(checkpoint))
+    record = read_record(path)
+    cfg = checkpoint_config(path, record)
+    if not (path / "spiece.model").is_file():
+        raise CheckpointError(f"{path}: no spiece.model; copy the run's tokenizer (data.tokenizer) into the checkpoint")
+    tokenizer = T5SentencePieceTokenizer(path)
+    tmp = prepare_output(out, force)
+    try:
+        modules = ("discriminator", "rtd_head") if with_rtd_head else ("discriminator",)
+        weights = read_module_weights(path, record, modules)
+        d = weights.pop("discriminator")
+        vocab_rows = int(record.get("vocab_size") or d["embedding.weight"].shape[0])
+        check_weights_match_config(path, d, cfg.model, vocab_rows)
+        rows = export_vocab_size(cfg.model, tokenizer.model_vocab_size)
+        m = cfg.model
+        hf_state = megatron_to_hf(d, m.num_heads, m.num_encoder_layers, m.num_decoder_layers, rows,
+                                  consume=True, dtype=DTYPES[dtype])
+        write_hf_model(hf_state, hf_t5_config(m, rows), tmp, max_shard_size, DTYPES[dtype])
+        del hf_state
+        write_tokenizer(path, tmp, tokenizer.num_sentinels)
+        if with_rtd_head:
+            write_rtd_head(path, weights.get("rtd_head") or {}, tmp, DTYPES[dtype])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_output(tmp, out)
+
+
+def write_rtd_head(path: Path, head: dict, folder: Path, dtype: torch.dtype) -> None:
+    """The RTD head (dense d->d + GELU + dense d->1, ELECTRA's discriminator head on the encoder
+    output) as ``rtd_head.safetensors``; absent after tau (the trainer released it)."""
+    from safetensors.torch import save_file
+
+    if not head:
+        raise CheckpointError(f"{path}: holds no RTD head (saved at or after step tau, when it is released); "
+                              "export without --with-rtd-head or from a checkpoint before tau")
+    tensors = {k: v.to(dtype).contiguous() for k, v in head.items() if not k.endswith("_extra_state")}
+    save_file(tensors, str(folder / RTD_HEAD_FILE), metadata={
+        "format": "pt", "input": "encoder last_hidden_state [..., d_model]",
+        "forward": "out(gelu_new(dense(x))).squeeze(-1): replaced-token logit",
+    })
