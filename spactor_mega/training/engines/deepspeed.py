@@ -147,6 +147,7 @@ class DeepSpeedEngine:
     def __init__(self, cfg: Config, discriminator, generator, rtd_head, loss_fn: Callable, bf16: bool):
         import_deepspeed()
         import deepspeed
+        from deepspeed.utils import groups
         from megatron.core import parallel_state as ps
 
         from spactor_mega.training.engines.deepspeed_config import deepspeed_config
@@ -171,8 +172,6 @@ class DeepSpeedEngine:
             self.aux, self.aux_scheduler = initialize(Parts(generator=generator, rtd_head=rtd_head), replica_mpu(), aux_config)
             if tp > 1:
                 _scale_gradients(generator, float(tp))
-            from deepspeed.utils import groups
-
             groups.mpu = self.d.mpu  # DeepSpeed's process-global mpu: D's (see _global_mpu)
         self.has_generator = self.aux is not None
         # ZeRO-0 has no torch-style backward hooks: G's gradients are all-reduced explicitly.
