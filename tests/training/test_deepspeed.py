@@ -1,7 +1,7 @@
 """The DeepSpeed ZeRO engine against the Megatron engine: same losses, exact resume, consolidation.
 
-DeepSpeed starts slowly (and JIT-builds its shm comm op once per TORCH_EXTENSIONS_DIR), so all
-multi-process checks share one 2-process launch that trains every configuration in turn.
+DeepSpeed starts slowly (and JIT-builds its shm comm op once per TORCH_EXTENSIONS_DIR), so the
+multi-process checks share two 2-process launches (DP=2, TP=2) that train every configuration in turn.
 """
 
 import json
@@ -25,8 +25,8 @@ ZERO_VARIANTS = {
 
 
 def _config(work: Path, name: str, zero: dict | None, **overrides):
-    cfg = tiny_config(work / name, train__steps=STEPS, spactor__tau=TAU, train__micro_batch_size=2,
-                      train__eval_interval=STEPS, **overrides)
+    defaults = dict(train__steps=STEPS, spactor__tau=TAU, train__micro_batch_size=2, train__eval_interval=STEPS)
+    cfg = tiny_config(work / name, **{**defaults, **overrides})
     if zero is not None:
         cfg.train.engine = "deepspeed"
         # torch's AdamW for offloaded states too: DeepSpeedCPUAdam's JIT build takes about a minute
@@ -65,7 +65,7 @@ def _live_and_consolidated_logits(engine, cfg, checkpoint: str):
         return {"live": live.clone(), "consolidated": logits(fresh), "keys": sorted(state)}
 
 
-def _train_all(rank, world_size, work: str):
+def _train_all(rank, world_size, work: str, runs: list):
     from spactor_mega.parallel.state import destroy_parallel
     from spactor_mega.training import engines, loop
 
@@ -78,9 +78,6 @@ def _train_all(rank, world_size, work: str):
         return built["engine"]
 
     engines.build_engine = keep
-    runs = [("megatron", None, {})] + [(name, zero, {}) for name, zero in ZERO_VARIANTS.items()]
-    runs += [("stopped", ZERO_VARIANTS["zero3_offload"], {"train__exit_interval": STOP}),
-             ("stopped", ZERO_VARIANTS["zero3_offload"], {"train__resume": "auto"})]
     out = {}
     try:
         for name, zero, overrides in runs:
@@ -104,7 +101,25 @@ def _train_all(rank, world_size, work: str):
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("deepspeed")
     (work / "torch_adam.json").write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
-    return run_distributed(_train_all, 2, str(work), timeout=900)[0]
+    runs = [("megatron", None, {})] + [(name, zero, {}) for name, zero in ZERO_VARIANTS.items()]
+    runs += [("stopped", ZERO_VARIANTS["zero3_offload"], {"train__exit_interval": STOP}),
+             ("stopped", ZERO_VARIANTS["zero3_offload"], {"train__resume": "auto"})]
+    return run_distributed(_train_all, 2, str(work), runs, timeout=900)[0]
+
+
+TP_VARIANTS = ("zero2", "zero3")  # ZeRO-1 shares ZeRO-2's code path (stage_1_and_2)
+
+
+@pytest.fixture(scope="module")
+def trained_tp2(tmp_path_factory):
+    """Megatron and DeepSpeed ZeRO-2/3 at TP=2 (DP=1), and a ZeRO-2 run stopped and resumed."""
+    work = tmp_path_factory.mktemp("deepspeed_tp2")
+    (work / "torch_adam.json").write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
+    tp2 = {"parallel__tensor_model_parallel_size": 2, "train__global_batch_size": 4}
+    runs = [("megatron", None, tp2)] + [(name, ZERO_VARIANTS[name], tp2) for name in TP_VARIANTS]
+    runs += [("stopped", ZERO_VARIANTS["zero2"], {**tp2, "train__exit_interval": STOP}),
+             ("stopped", ZERO_VARIANTS["zero2"], {**tp2, "train__resume": "auto"})]
+    return run_distributed(_train_all, 2, str(work), runs, timeout=900)
 
 
 @pytest.mark.parametrize("name", list(ZERO_VARIANTS))
@@ -123,6 +138,30 @@ def test_zero_stages_follow_the_megatron_losses_across_tau(trained, name):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (name, "eval", a["step"], key)
     assert all(h["generator_params"] > 0 for h in history[:TAU])
     assert all(h["generator_params"] == 0 and h["generator_optimizer_state"] == 0 for h in history[TAU:])
+
+
+@pytest.mark.parametrize("name", TP_VARIANTS)
+def test_tensor_parallel_zero_stages_follow_the_megatron_losses_and_grad_norms(trained_tp2, name):
+    """TP=2: G's row gradients are summed over TP (its engine is data parallel over TP x DP), the
+    RTD head's are not, and both engines' grad norms count every element as Megatron's does."""
+    for rank_result in trained_tp2:
+        reference, history = rank_result["megatron"], rank_result[name]
+        assert [h["stage"] for h in history] == [1.0] * TAU + [2.0] * (STEPS - TAU)
+        for a, b in zip(reference, history):
+            for key in ("loss", "sc_loss", "rtd_loss", "mlm_loss", "grad_norm", "generator_grad_norm"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (name, a["step"], key)
+        for a, b in zip(rank_result["megatron_evals"], rank_result[name + "_evals"]):
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (name, "eval", a["step"], key)
+
+
+def test_tensor_parallel_zero2_resume_is_bitwise_identical(trained_tp2):
+    for rank_result in trained_tp2:
+        full, resumed = rank_result["zero2"], rank_result["stopped"] + rank_result["stopped_resumed"]
+        assert [h["step"] for h in resumed] == list(range(1, STEPS + 1))
+        for a, b in zip(full, resumed):
+            assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
 
 
 def test_zero3_offload_resume_is_bitwise_identical(trained):
@@ -162,6 +201,9 @@ def test_deepspeed_config_rejections_name_the_field(tmp_path):
     rejected(r"deepspeed\.offload_param needs deepspeed\.zero_stage 3", offload_param="cpu")
     rejected(r"deepspeed\.nvme_path is required for nvme offload", offload_optimizer="nvme")
     rejected(r"deepspeed\.config: .*missing\.json not found", config=str(tmp_path / "missing.json"))
+    cfg = _config(tmp_path, "tp", {"zero_stage": 2}, parallel__tensor_model_parallel_size=2, train__micro_batch_size=1)
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size=1 must be >= parallel\.tensor_model_parallel_size=2"):
+        validate(cfg, 2)
     cfg = _config(tmp_path, "pp", {"zero_stage": 1})
     cfg.parallel.pipeline_model_parallel_size = 2
     with pytest.raises(ConfigError, match=r"train\.engine=deepspeed .*DeepSpeed forbids ZeRO-2/3 with pipelines"):

@@ -13,12 +13,23 @@ engine runs both engines' gradient reduction (DeepSpeed's torch-style backward h
 epilogue). G reads D's embedding (shared, registered in D only); under ZeRO-3 DeepSpeed
 gathers it on access while D's forward is active. Megatron's TP layers work unchanged: their
 groups come from ``megatron.core.parallel_state`` (passed as DeepSpeed's ``mpu``).
+
+Tensor parallelism: D's engine gets Megatron's groups (ZeRO over DP, TP-split parameters counted
+per shard in the grad norm, replicated ones once). G is not tensor-split: every TP rank holds a
+copy and back-propagates only its own rows (:mod:`spactor_mega.parallel.row_shards`), so G's
+engine treats all TP x DP ranks as data parallel (:func:`replica_mpu`, model-parallel size 1) and
+G's gradients are multiplied by TP before ZeRO's mean over TP x DP: the sum over TP of the row
+gradients, averaged over DP (what ``GeneratorDDP`` does for the Megatron engine). The RTD head
+shares that engine unscaled: its gradients are the same on every TP rank, so the mean over
+TP x DP is the mean over DP. Every element of G and the head sits in one ZeRO partition of that
+group, so the grad norm counts them once, as Megatron's does.
 The LR schedule is Megatron's ``OptimizerParamScheduler`` on both engines, as in the
 Megatron engine, so the two engines follow the same learning-rate curve.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from pathlib import Path
@@ -67,6 +78,48 @@ def megatron_mpu():
     return mpu
 
 
+def replica_mpu():
+    """DeepSpeed's mpu for G's engine: every rank holding a copy of G (TP x DP) is data parallel
+    and model parallelism is this rank alone (G's tensors are whole on every TP rank)."""
+    from megatron.core import parallel_state as ps
+
+    from spactor_mega.parallel.state import self_group
+
+    replicas, alone = ps.get_tensor_and_data_parallel_group(), self_group()
+    mpu = megatron_mpu()
+    mpu.get_data_parallel_group = lambda *args, **kwargs: replicas
+    mpu.get_data_parallel_world_size = lambda *args, **kwargs: torch.distributed.get_world_size(replicas)
+    mpu.get_data_parallel_rank = lambda *args, **kwargs: torch.distributed.get_rank(replicas)
+    for kind in ("model_parallel", "tensor_model_parallel"):
+        setattr(mpu, f"get_{kind}_group", lambda *args, **kwargs: alone)
+        setattr(mpu, f"get_{kind}_world_size", lambda *args, **kwargs: 1)
+        setattr(mpu, f"get_{kind}_rank", lambda *args, **kwargs: 0)
+    mpu.get_tensor_model_parallel_src_rank = lambda *args, **kwargs: torch.distributed.get_rank()
+    return mpu
+
+
+@contextlib.contextmanager
+def _global_mpu(engine):
+    """DeepSpeed keeps one process-global mpu (``deepspeed.utils.groups.mpu``, set by the last
+    ``initialize``) and reads it in checkpoint save/load (which DP rank writes the model file);
+    each of our engines has its own, so it is set around those calls."""
+    from deepspeed.utils import groups
+
+    saved, groups.mpu = groups.mpu, engine.mpu
+    try:
+        yield
+    finally:
+        groups.mpu = saved
+
+
+def _scale_gradients(module: torch.nn.Module, factor: float) -> None:
+    """Multiplies every gradient reaching ``module``'s parameters by ``factor`` (a tensor hook runs
+    before the gradient is accumulated, so before ZeRO's reduction hooks see it)."""
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_hook(lambda grad: grad * factor)
+
+
 def _param_groups(module: torch.nn.Module) -> list[dict]:
     """Megatron's weight-decay rule (none on biases and 1-D tensors); ``wd_mult`` is what its
     scheduler reads when it sets each group's weight decay."""
@@ -94,6 +147,7 @@ class DeepSpeedEngine:
     def __init__(self, cfg: Config, discriminator, generator, rtd_head, loss_fn: Callable, bf16: bool):
         import_deepspeed()
         import deepspeed
+        from deepspeed.utils import groups
         from megatron.core import parallel_state as ps
 
         from spactor_mega.training.engines.deepspeed_config import deepspeed_config
@@ -102,18 +156,23 @@ class DeepSpeedEngine:
         self.cfg = cfg
         self.loss_fn = loss_fn
         self.ds_config = deepspeed_config(cfg, ps.get_data_parallel_world_size(), bf16, use_torch_adam(cfg))
-        mpu = megatron_mpu()
+        tp = ps.get_tensor_model_parallel_world_size()
 
-        def initialize(parts: Parts):
+        def initialize(parts: Parts, mpu, config: dict):
             engine, optimizer, _, _ = deepspeed.initialize(
-                model=parts, model_parameters=_param_groups(parts), config=self.ds_config, mpu=mpu,
+                model=parts, model_parameters=_param_groups(parts), config=config, mpu=mpu,
             )
             return engine, build_lr_scheduler(optimizer, cfg)
 
-        self.d, self.d_scheduler = initialize(Parts(discriminator=discriminator))
+        self.d, self.d_scheduler = initialize(Parts(discriminator=discriminator), megatron_mpu(), self.ds_config)
         self.aux = self.aux_scheduler = None
         if generator is not None:
-            self.aux, self.aux_scheduler = initialize(Parts(generator=generator, rtd_head=rtd_head))
+            # G's engine sees TP x DP data-parallel ranks, each with a micro-batch of its own.
+            aux_config = {**self.ds_config, "train_batch_size": self.ds_config["train_batch_size"] * tp}
+            self.aux, self.aux_scheduler = initialize(Parts(generator=generator, rtd_head=rtd_head), replica_mpu(), aux_config)
+            if tp > 1:
+                _scale_gradients(generator, float(tp))
+            groups.mpu = self.d.mpu  # DeepSpeed's process-global mpu: D's (see _global_mpu)
         self.has_generator = self.aux is not None
         # ZeRO-0 has no torch-style backward hooks: G's gradients are all-reduced explicitly.
         self._aux_in_forward = cfg.deepspeed.zero_stage > 0
@@ -185,8 +244,9 @@ class DeepSpeedEngine:
 
         path = prepare_checkpoint_dir(save_dir, step)
         for engine, scheduler, tag in self._engines():
-            engine.save_checkpoint(str(path), tag=tag, client_state={"lr_scheduler": scheduler.state_dict()},
-                                   save_latest=False)
+            with _global_mpu(engine):
+                engine.save_checkpoint(str(path), tag=tag, client_state={"lr_scheduler": scheduler.state_dict()},
+                                       save_latest=False)
         commit_checkpoint(save_dir, path, record, tokenizer_file)
         return path
 
@@ -197,7 +257,8 @@ class DeepSpeedEngine:
             if not (path / tag).is_dir():
                 raise CheckpointError(f"{path}: no {tag}/ DeepSpeed checkpoint in it; resume a checkpoint that "
                                       "train.engine=deepspeed wrote at a step of the same stage")
-            _, client = engine.load_checkpoint(str(path), tag=tag, load_lr_scheduler_states=False)
+            with _global_mpu(engine):
+                _, client = engine.load_checkpoint(str(path), tag=tag, load_lr_scheduler_states=False)
             scheduler.load_state_dict(client["lr_scheduler"])
 
     def _engines(self) -> list:

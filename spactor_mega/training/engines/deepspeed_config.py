@@ -141,6 +141,11 @@ def check_deepspeed(cfg: Config, dp: int) -> None:
         raise ConfigError(f"deepspeed.offload_param needs deepspeed.zero_stage 3 (parameters are partitioned only there), got {z.zero_stage}")
     if "nvme" in (z.offload_optimizer, z.offload_param) and not z.nvme_path:
         raise ConfigError("deepspeed.nvme_path is required for nvme offload: a directory on a fast local disk")
+    tp = cfg.parallel.tensor_model_parallel_size
+    if tp > 1 and cfg.train.micro_batch_size < tp:
+        raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be >= parallel.tensor_model_parallel_size={tp} "
+                          "with train.engine=deepspeed: each TP rank runs the generator on its own rows, and ZeRO "
+                          "needs every rank to produce the generator's gradients")
     if cfg.optim.optimizer != "adamw":
         raise ConfigError(f"optim.optimizer={cfg.optim.optimizer} is not available with train.engine=deepspeed; use adamw")
     # Generate once so a bad or conflicting user JSON fails here, not after start-up.
