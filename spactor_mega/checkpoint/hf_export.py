@@ -66,15 +66,8 @@ def read_module_weights(path: Path, record: dict, modules: tuple[str, ...]) -> d
     """``{module: {name: full tensor}}`` for ``modules`` (of discriminator, generator, rtd_head)."""
     engine = (record.get("config") or {}).get("train", {}).get("engine", "megatron")
     if engine == "deepspeed":
-        try:
-            from spactor_mega.checkpoint.deepspeed import consolidated_state_dict
-        except ModuleNotFoundError as e:
-            if e.name != "spactor_mega.checkpoint.deepspeed":
-                raise
-            raise CheckpointError(
-                f"{path}: a DeepSpeed checkpoint, but this install has no DeepSpeed checkpoint support "
-                "(spactor_mega.checkpoint.deepspeed); update spactor_mega"
-            ) from None
+        from spactor_mega.checkpoint.deepspeed import consolidated_state_dict
+
         full = consolidated_state_dict(path)
         out = {}
         for module in modules:

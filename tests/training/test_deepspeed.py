@@ -62,7 +62,22 @@ def _live_and_consolidated_logits(engine, cfg, checkpoint: str):
         prefix = "discriminator."
         fresh.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
         fresh.eval()
-        return {"live": live.clone(), "consolidated": logits(fresh), "keys": sorted(state)}
+        return {"live": live.clone(), "consolidated": logits(fresh), "keys": sorted(state),
+                "hf": _exported_hf_logits(checkpoint, batch)}
+
+
+def _exported_hf_logits(checkpoint: str, batch: dict):
+    """Logits of ``spactor convert to-hf``'s export of the DeepSpeed checkpoint, loaded by transformers."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from spactor_mega.checkpoint.hf_export import export_to_hf
+
+    folder = export_to_hf(checkpoint, Path(checkpoint).parent / "hf")
+    model = T5ForConditionalGeneration.from_pretrained(str(folder)).eval()
+    out = model(input_ids=batch["enc_tokens"], attention_mask=batch["enc_mask"].long(),
+                decoder_input_ids=batch["dec_input"])
+    return out.logits.transpose(0, 1).clone()  # [s, b, V] as ours
 
 
 def _train_all(rank, world_size, work: str, runs: list):
@@ -179,6 +194,14 @@ def test_consolidated_checkpoint_gives_the_live_logits(trained):
     assert any(k.startswith("discriminator.encoder.layers.") for k in result["keys"])
     assert not any(k.startswith(("generator.", "rtd_head.")) for k in result["keys"]), "saved after tau: D only"
     torch.testing.assert_close(result["consolidated"], result["live"], rtol=1e-5, atol=1e-6)
+
+
+def test_deepspeed_checkpoint_exports_to_hf_with_the_live_logits(trained):
+    import torch
+
+    result = trained["logits"]
+    rows = result["hf"].shape[-1]
+    torch.testing.assert_close(result["hf"], result["live"][..., :rows], rtol=1e-5, atol=1e-5)
 
 
 def test_deepspeed_config_rejections_name_the_field(tmp_path):
