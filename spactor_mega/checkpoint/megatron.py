@@ -139,9 +139,16 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def check_architecture(record: dict, model_cfg, path: str | Path) -> None:
-    """Refuses a checkpoint whose recorded model differs from ``model_cfg``, naming the field."""
+def check_architecture(record: dict, model_cfg, path: str | Path, vocab_rows: Optional[int] = None) -> None:
+    """Refuses a checkpoint whose recorded model differs from ``model_cfg``, naming the field, or whose
+    embedding rows differ from ``vocab_rows`` (this layout's padded vocabulary)."""
     recorded = (record.get("config") or {}).get("model") or {}
+    saved_rows = record.get("vocab_size")
+    if vocab_rows is not None and saved_rows is not None and int(saved_rows) != vocab_rows:
+        raise CheckpointError(
+            f"{Path(path) / RUN_RECORD}: the checkpoint's embedding has {saved_rows} rows but this layout pads the "
+            f"vocabulary to {vocab_rows}; use a tensor-parallel size that divides model.make_vocab_size_divisible_by "
+            f"(the padding is then the same for all of them)")
     for name in ARCHITECTURE_FIELDS:
         if name in recorded and recorded[name] != getattr(model_cfg, name):
             raise CheckpointError(

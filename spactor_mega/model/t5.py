@@ -30,6 +30,8 @@ also drops out inside the FFN (after ``gelu(wi_0 x) * wi_1 x``); Megatron's MLP 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,10 +49,14 @@ from .spec import t5_decoder_layer_spec, t5_encoder_layer_spec, t5_transformer_c
 
 
 def padded_vocab_size(n: int, divisible_by: int = 128, tp: int = 1) -> int:
-    """Smallest multiple of ``divisible_by * tp`` that is >= ``n`` (so each TP shard is even)."""
+    """Smallest multiple of ``lcm(divisible_by, tp)`` that is >= ``n`` (so each TP shard is even).
+
+    Megatron pads to ``divisible_by * tp``, which makes the embedding's shape depend on TP; the
+    least common multiple keeps it the same for every TP that divides ``divisible_by`` (1, 2, 4,
+    ... 128 for the default 128), so checkpoints move between those layouts."""
     if n <= 0 or divisible_by <= 0 or tp <= 0:
         raise ValueError(f"padded_vocab_size needs positive arguments, got {n}, {divisible_by}, {tp}")
-    multiple = divisible_by * tp
+    multiple = math.lcm(divisible_by, tp)
     return -(-n // multiple) * multiple
 
 

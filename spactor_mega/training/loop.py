@@ -79,7 +79,7 @@ def train(cfg: Config) -> RunResult:
         raise ConfigError(f"{checkpoint} was written by train.engine={record['config']['train']['engine']}; "
                           f"resume it with that engine, not {t.engine}")
     if checkpoint is not None:
-        check_architecture(record, cfg.model, checkpoint)
+        check_architecture(record, cfg.model, checkpoint, vocab)
     bf16 = uses_bf16(cfg)
     d, g, rtd = build_spactor_modules(
         cfg, vocab, with_generator=stage_at(step, cfg.spactor.tau) is Stage.HYBRID,

@@ -114,8 +114,10 @@ def test_padded_vocab_size():
     from spactor_mega.model.t5 import padded_vocab_size
 
     assert padded_vocab_size(32101, 128, 1) == 32128
-    assert padded_vocab_size(32101, 128, 2) == 32256
+    assert padded_vocab_size(32101, 128, 2) == 32128  # the same rows for every TP dividing 128
+    assert padded_vocab_size(32101, 128, 8) == 32128
     assert padded_vocab_size(256, 128, 2) == 256
     assert padded_vocab_size(1, 8, 3) == 24
+    assert padded_vocab_size(25, 8, 3) == 48
     with pytest.raises(ValueError):
         padded_vocab_size(0, 128, 1)
