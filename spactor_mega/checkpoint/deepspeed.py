@@ -63,10 +63,10 @@ def _engine_state(folder: Path) -> dict[str, torch.Tensor]:
     if ranks != list(range(len(ranks))) or not ranks:
         raise CheckpointError(f"{folder}: DeepSpeed model states of TP ranks {ranks} (need 0..N-1); "
                               "the checkpoint is incomplete")
+    if len(ranks) == 1 and not (folder / TP_LAYOUT_FILE).is_file():
+        return _tp_rank_state(folder, 0)
+    split = _read_tp_layout(folder, len(ranks))
     shards = [_tp_rank_state(folder, rank) for rank in ranks]
-    if len(shards) == 1:
-        return shards[0]
-    split = _read_tp_layout(folder, len(shards))
     missing = sorted(set(split) - set(shards[0]))
     if missing:
         raise CheckpointError(f"{folder}/{TP_LAYOUT_FILE}: names {missing[0]}, which the DeepSpeed states "

@@ -62,7 +62,7 @@ def _live_and_consolidated(engine, checkpoint: str):
         live = gather_tp_tensor(engine.d(logits), dim=-1)  # vocab-parallel logits
     if torch.distributed.get_rank() != 0:
         return None
-    return {"live": live, "hf": _exported_hf_logits(checkpoint, batch),
+    return {"checkpoint": checkpoint, "live": live, "hf": _exported_hf_logits(checkpoint, batch),
             "live_state": live_state, "consolidated": consolidated_state_dict(checkpoint)}
 
 
@@ -215,6 +215,22 @@ def test_tensor_parallel_checkpoint_consolidates_and_exports_to_hf_with_the_live
     (stopped) G and the RTD head, whole on every TP rank, come from their engine's files."""
     modules = {"discriminator", "generator", "rtd_head"} if name == "stopped" else {"discriminator"}
     _assert_consolidates_and_exports(trained_tp2[0]["exports"][name], modules)
+
+
+def test_tensor_parallel_checkpoint_without_its_layout_or_a_rank_is_refused(trained_tp2, tmp_path):
+    import shutil
+
+    from spactor_mega.checkpoint.deepspeed import consolidated_state_dict
+    from spactor_mega.checkpoint.megatron import CheckpointError
+
+    for damage, message in ((lambda d: (d / "tensor_parallel.json").unlink(), r"tensor_parallel\.json: missing"),
+                            (lambda d: (d / "mp_rank_01_model_states.pt").unlink(),
+                             r"tensor_model_parallel_size=2 but the folder holds 1 TP ranks")):
+        copy = tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(trained_tp2[0]["exports"]["zero2"]["checkpoint"], copy)
+        damage(copy / "discriminator")
+        with pytest.raises(CheckpointError, match=message):
+            consolidated_state_dict(copy)
 
 
 def test_deepspeed_config_rejections_name_the_field(tmp_path):
