@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 
-def _tp_attrs(param) -> tuple[bool, int, int]:
+def tp_attributes(param) -> tuple[bool, int, int]:
+    """(TP-split?, partition_dim, partition_stride) as Megatron marks the parameter."""
     return (
         bool(getattr(param, "tensor_model_parallel", False)),
         int(getattr(param, "partition_dim", 0)),
@@ -36,10 +37,16 @@ def gather_tp_tensor(local: torch.Tensor, dim: int, stride: int = 1, group=None)
         return local.detach().clone()
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.detach().contiguous(), group=group)
+    return merge_tp_shards(parts, dim, stride)
+
+
+def merge_tp_shards(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """The full tensor from every TP rank's shard, in rank order (``stride`` chunks per shard,
+    e.g. the gated fc1's ``[gate_r; up_r]``, are interleaved back to ``[gate; up]``)."""
     if stride == 1:
         return torch.cat(parts, dim=dim)
     chunks = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([chunks[r][s] for s in range(stride) for r in range(world)], dim=dim)
+    return torch.cat([chunks[r][s] for s in range(stride) for r in range(len(parts))], dim=dim)
 
 
 def split_tp_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
@@ -62,7 +69,7 @@ def gather_full_state_dict(module: torch.nn.Module, grads: bool = False, group=N
                 t = p.grad
             if t is None:
                 t = torch.zeros_like(p)
-        is_tp, dim, stride = _tp_attrs(p)
+        is_tp, dim, stride = tp_attributes(p)
         out[name] = gather_tp_tensor(t, dim, stride, group) if is_tp else t.detach().clone()
     return out
 
@@ -81,7 +88,7 @@ def load_full_state_dict(module: torch.nn.Module, full: dict, group=None, strict
                 raise KeyError(f"missing full tensor for {name}")
             continue
         seen.add(name)
-        is_tp, dim, stride = _tp_attrs(p)
+        is_tp, dim, stride = tp_attributes(p)
         src = full[name]
         if is_tp:
             src = split_tp_tensor(src, dim, stride, rank, world)

@@ -36,15 +36,15 @@ def _config(work: Path, name: str, zero: dict | None, **overrides):
     return cfg
 
 
-def _live_and_consolidated_logits(engine, cfg, checkpoint: str):
-    """D's logits from the live (partitioned) engine, and from a fresh TP=1 D loaded with the
-    consolidated checkpoint (rank 0)."""
+def _live_and_consolidated(engine, checkpoint: str):
+    """The live engines' full (TP-gathered, ZeRO-gathered) state and D's logits, and on rank 0 the
+    checkpoint's consolidated state and the logits of its Hugging Face export."""
+    import deepspeed
     import torch
 
     from spactor_mega.checkpoint.deepspeed import consolidated_state_dict
-    from spactor_mega.checkpoint.megatron import read_record
     from spactor_mega.model.synthetic import synthetic_batch
-    from spactor_mega.model.t5 import T5Discriminator
+    from spactor_mega.parallel.tensor_shards import gather_full_state_dict, gather_tp_tensor
 
     batch = synthetic_batch(2, 32, 8, sp_size=500, seed=3, pad_rows=1, with_mlm=False)
 
@@ -52,18 +52,18 @@ def _live_and_consolidated_logits(engine, cfg, checkpoint: str):
         encoded = d.encode(batch["enc_tokens"], batch["enc_mask"])
         return d.lm_logits(d.decode(batch["dec_input"], encoded, batch["enc_mask"]))
 
+    live_state = {}
+    for ds_engine in (e for e in (engine.d, engine.aux) if e is not None):
+        params = list(ds_engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=ds_engine.zero_optimization_partition_weights()):
+            live_state.update(gather_full_state_dict(ds_engine.module))  # D's over TP; G is whole
     with torch.no_grad():
         engine.d.eval()
-        live = engine.d(logits)
-        if torch.distributed.get_rank() != 0:
-            return None
-        state = consolidated_state_dict(checkpoint)
-        fresh = T5Discriminator(cfg.model, read_record(checkpoint)["vocab_size"])
-        prefix = "discriminator."
-        fresh.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-        fresh.eval()
-        return {"live": live.clone(), "consolidated": logits(fresh), "keys": sorted(state),
-                "hf": _exported_hf_logits(checkpoint, batch)}
+        live = gather_tp_tensor(engine.d(logits), dim=-1)  # vocab-parallel logits
+    if torch.distributed.get_rank() != 0:
+        return None
+    return {"checkpoint": checkpoint, "live": live, "hf": _exported_hf_logits(checkpoint, batch),
+            "live_state": live_state, "consolidated": consolidated_state_dict(checkpoint)}
 
 
 def _exported_hf_logits(checkpoint: str, batch: dict):
@@ -80,7 +80,9 @@ def _exported_hf_logits(checkpoint: str, batch: dict):
     return out.logits.transpose(0, 1).clone()  # [s, b, V] as ours
 
 
-def _train_all(rank, world_size, work: str, runs: list):
+def _train_all(rank, world_size, work: str, runs: list, exported: tuple):
+    """Trains ``runs`` in turn; the final checkpoints of the runs named in ``exported`` are
+    consolidated and exported to HF against the live model (``out["exports"][name]``)."""
     from spactor_mega.parallel.state import destroy_parallel
     from spactor_mega.training import engines, loop
 
@@ -93,7 +95,7 @@ def _train_all(rank, world_size, work: str, runs: list):
         return built["engine"]
 
     engines.build_engine = keep
-    out = {}
+    out = {"exports": {}}
     try:
         for name, zero, overrides in runs:
             cfg = _config(work, name, zero, **overrides)
@@ -102,8 +104,8 @@ def _train_all(rank, world_size, work: str, runs: list):
                 key = name + ("_resumed" if "train__resume" in overrides else "")
                 out[key] = result.history
                 out[key + "_evals"] = result.evals
-                if name == "zero3_offload":
-                    out["logits"] = _live_and_consolidated_logits(built["engine"], cfg, str(result.checkpoint))
+                if key in exported:
+                    out["exports"][key] = _live_and_consolidated(built["engine"], str(result.checkpoint))
             finally:
                 built.clear()
                 destroy_parallel(destroy_process_group=False)
@@ -119,7 +121,7 @@ def trained(tmp_path_factory):
     runs = [("megatron", None, {})] + [(name, zero, {}) for name, zero in ZERO_VARIANTS.items()]
     runs += [("stopped", ZERO_VARIANTS["zero3_offload"], {"train__exit_interval": STOP}),
              ("stopped", ZERO_VARIANTS["zero3_offload"], {"train__resume": "auto"})]
-    return run_distributed(_train_all, 2, str(work), runs, timeout=900)[0]
+    return run_distributed(_train_all, 2, str(work), runs, ("zero3_offload",), timeout=900)[0]
 
 
 TP_VARIANTS = ("zero2", "zero3")  # ZeRO-1 shares ZeRO-2's code path (stage_1_and_2)
@@ -127,14 +129,15 @@ TP_VARIANTS = ("zero2", "zero3")  # ZeRO-1 shares ZeRO-2's code path (stage_1_an
 
 @pytest.fixture(scope="module")
 def trained_tp2(tmp_path_factory):
-    """Megatron and DeepSpeed ZeRO-2/3 at TP=2 (DP=1), and a ZeRO-2 run stopped and resumed."""
+    """Megatron and DeepSpeed ZeRO-2/3 at TP=2 (DP=1), and a ZeRO-2 run stopped (before tau) and
+    resumed; the ZeRO-2/3 and stopped checkpoints are consolidated and exported."""
     work = tmp_path_factory.mktemp("deepspeed_tp2")
     (work / "torch_adam.json").write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
     tp2 = {"parallel__tensor_model_parallel_size": 2, "train__global_batch_size": 4}
     runs = [("megatron", None, tp2)] + [(name, ZERO_VARIANTS[name], tp2) for name in TP_VARIANTS]
     runs += [("stopped", ZERO_VARIANTS["zero2"], {**tp2, "train__exit_interval": STOP}),
              ("stopped", ZERO_VARIANTS["zero2"], {**tp2, "train__resume": "auto"})]
-    return run_distributed(_train_all, 2, str(work), runs, timeout=900)
+    return run_distributed(_train_all, 2, str(work), runs, TP_VARIANTS + ("stopped",), timeout=900)
 
 
 @pytest.mark.parametrize("name", list(ZERO_VARIANTS))
@@ -187,21 +190,47 @@ def test_zero3_offload_resume_is_bitwise_identical(trained):
         assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
 
 
-def test_consolidated_checkpoint_gives_the_live_logits(trained):
+def _assert_consolidates_and_exports(result, modules: set):
+    """The consolidated checkpoint is the live model's full state, tensor for tensor, and its HF
+    export gives the live logits (over the exported vocabulary rows)."""
     import torch
 
-    result = trained["logits"]
-    assert any(k.startswith("discriminator.encoder.layers.") for k in result["keys"])
-    assert not any(k.startswith(("generator.", "rtd_head.")) for k in result["keys"]), "saved after tau: D only"
-    torch.testing.assert_close(result["consolidated"], result["live"], rtol=1e-5, atol=1e-6)
-
-
-def test_deepspeed_checkpoint_exports_to_hf_with_the_live_logits(trained):
-    import torch
-
-    result = trained["logits"]
+    state, live_state = result["consolidated"], result["live_state"]
+    assert {k.split(".")[0] for k in state} == modules
+    assert state.keys() == live_state.keys()
+    for name, tensor in live_state.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
     rows = result["hf"].shape[-1]
     torch.testing.assert_close(result["hf"], result["live"][..., :rows], rtol=1e-5, atol=1e-5)
+
+
+def test_deepspeed_checkpoint_consolidates_and_exports_to_hf_with_the_live_logits(trained):
+    _assert_consolidates_and_exports(trained["exports"]["zero3_offload"], {"discriminator"})  # saved after tau
+
+
+@pytest.mark.parametrize("name", TP_VARIANTS + ("stopped",))
+def test_tensor_parallel_checkpoint_consolidates_and_exports_to_hf_with_the_live_logits(trained_tp2, name):
+    """TP=2: each TP rank's shards (ZeRO-2/3 fp32 partitions) merge by the layout recorded at save
+    time (gated fc1 with stride 2, fused QKV/KV, vocab rows, relative-position heads); before tau
+    (stopped) G and the RTD head, whole on every TP rank, come from their engine's files."""
+    modules = {"discriminator", "generator", "rtd_head"} if name == "stopped" else {"discriminator"}
+    _assert_consolidates_and_exports(trained_tp2[0]["exports"][name], modules)
+
+
+def test_tensor_parallel_checkpoint_without_its_layout_or_a_rank_is_refused(trained_tp2, tmp_path):
+    import shutil
+
+    from spactor_mega.checkpoint.deepspeed import consolidated_state_dict
+    from spactor_mega.checkpoint.megatron import CheckpointError
+
+    for damage, message in ((lambda d: (d / "tensor_parallel.json").unlink(), r"tensor_parallel\.json: missing"),
+                            (lambda d: (d / "mp_rank_01_model_states.pt").unlink(),
+                             r"tensor_model_parallel_size=2 but the folder holds 1 TP ranks")):
+        copy = tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(trained_tp2[0]["exports"]["zero2"]["checkpoint"], copy)
+        damage(copy / "discriminator")
+        with pytest.raises(CheckpointError, match=message):
+            consolidated_state_dict(copy)
 
 
 def test_deepspeed_config_rejections_name_the_field(tmp_path):

@@ -239,7 +239,9 @@ class DeepSpeedEngine:
     # Checkpoints ----------------------------------------------------------------------------
     def save(self, save_dir: str | Path, step: int, record: dict, tokenizer_file: Optional[Path]) -> Path:
         """``SAVE_DIR/iter_NNNNNNN/{discriminator,generator_rtd}/`` (DeepSpeed's own sharded
-        checkpoints, our LR schedulers in their client state) plus our run.json and ``latest``."""
+        checkpoints, our LR schedulers in their client state, the TP layout that consolidation merges
+        shards by) plus our run.json and ``latest``."""
+        from spactor_mega.checkpoint.deepspeed import write_tp_layout
         from spactor_mega.checkpoint.megatron import commit_checkpoint, prepare_checkpoint_dir
 
         path = prepare_checkpoint_dir(save_dir, step)
@@ -247,6 +249,9 @@ class DeepSpeedEngine:
             with _global_mpu(engine):
                 engine.save_checkpoint(str(path), tag=tag, client_state={"lr_scheduler": scheduler.state_dict()},
                                        save_latest=False)
+            tp = engine.mpu.get_model_parallel_world_size()
+            if tp > 1 and torch.distributed.get_rank() == 0:
+                write_tp_layout(path / tag, engine.module, tp)
         commit_checkpoint(save_dir, path, record, tokenizer_file)
         return path
 
