@@ -89,6 +89,45 @@ def find_checkpoint(resume: Optional[str], save_dir: str | Path) -> Optional[Pat
     return path
 
 
+# The fields that fix the parameters' shapes (and what they mean): a checkpoint written with
+# other values is another model. The generator's only matter while it is in the checkpoint.
+_MODEL_FIELDS = ("d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers",
+                 "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon")
+_GENERATOR_FIELDS = ("depth_fraction", "d_ff", "num_heads")
+
+
+def check_resumable(path: Path, record: dict, cfg, vocab_size: int, pipeline_layout: str) -> None:
+    """Refuses, before anything is built, a checkpoint of another model (naming the field) and
+    one whose optimizer state cannot be resharded to this run's layout (Adafactor's is kept per
+    (TP, PP) rank); model weights and AdamW state load under any TP/PP/DP layout."""
+    saved = record.get("config", {})
+    sections = [("model", _MODEL_FIELDS)] + ([("generator", _GENERATOR_FIELDS)] if record.get("stage") == "HYBRID" else [])
+    for section, names in sections:
+        for name in names:
+            theirs, ours = saved.get(section, {}).get(name), getattr(getattr(cfg, section), name)
+            if theirs != ours:
+                raise CheckpointError(f"{path}: written for {section}.{name}={theirs!r} but this run has "
+                                      f"{section}.{name}={ours!r}; resume with the checkpoint's model config or start afresh")
+    if record.get("vocab_size") != vocab_size:
+        raise CheckpointError(
+            f"{path}: its padded vocabulary has {record.get('vocab_size')} rows but this run pads to {vocab_size} "
+            "(the tokenizer's vocabulary rounded up to model.make_vocab_size_divisible_by x TP); choose "
+            "model.make_vocab_size_divisible_by so that both agree")
+    theirs = saved.get("optim", {}).get("optimizer")
+    if theirs != cfg.optim.optimizer:
+        raise CheckpointError(f"{path}: written with optim.optimizer={theirs!r} but this run has "
+                              f"optim.optimizer={cfg.optim.optimizer!r}; resume with the same optimizer")
+    if cfg.optim.optimizer == "adafactor":
+        p = cfg.parallel
+        then = (record.get("tensor_model_parallel_size"), record.get("pipeline_model_parallel_size"),
+                record.get("pipeline_layout"))
+        now = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, pipeline_layout)
+        if then != now:
+            raise CheckpointError(
+                f"{path}: Adafactor state is kept per (TP, PP) rank and was written under TP={then[0]}, PP={then[1]}, "
+                f"layout {then[2]}; resume with that layout (this run: TP={now[0]}, PP={now[1]}, layout {now[2]})")
+
+
 def load_checkpoint(path: Path, sharded_state: dict) -> dict:
     from megatron.core import dist_checkpointing
 

@@ -55,12 +55,14 @@ def build_spactor_modules(
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
     recompute_granularity: Optional[str] = None,
+    stage_split: Optional[Sequence] = None,
 ):
     """(D, G or None, RTD head or None) for ``cfg`` (a :class:`spactor_mega.config.Config`).
 
     ``with_generator`` defaults to ``cfg.spactor.tau > 0``. With PP > 1 this rank's pipeline
     stage (:func:`spactor_mega.parallel.pipeline.build_stage_modules`: G on stage 0, the RTD head
-    on the last stage, None elsewhere). Call after ``initialize_parallel``;
+    on the last stage, None elsewhere) of ``stage_split`` (default: the config's layout).
+    Call after ``initialize_parallel``;
     build order (D, then G, then the head) fixes the RNG stream, so the same seed gives the same
     weights for every TP size (with CPU initialisation).
     """
@@ -69,9 +71,8 @@ def build_spactor_modules(
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         from spactor_mega.parallel.pipeline import build_stage_modules
 
-        # This rank's stage (default even split; [3/5] layout parsing will pass its own split).
         return build_stage_modules(
-            cfg, vocab_size, with_generator=with_generator, params_dtype=params_dtype,
+            cfg, vocab_size, stage_split, with_generator=with_generator, params_dtype=params_dtype,
             use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
         )
     return build_whole_modules(

@@ -10,8 +10,9 @@ the last stage computes D's losses (LM head + vocab-parallel CE on the decoder p
 hybrid stage the RTD head on the encoder part). See :meth:`T5Discriminator.stage_forward`.
 
 Stage split: a list with one ``(encoder_layers, decoder_layers)`` pair of global ``[start, end)``
-ranges per stage (:func:`even_stage_split` by default; a FLOPs-balanced layout parser can
-produce the same list). A stage may hold the end of the encoder and the start of the decoder.
+ranges per stage; by default the config's pipeline layout
+(:func:`spactor_mega.parallel.layout.config_layout`: ``parallel.pipeline_layout`` or the
+FLOPs-balanced split). A stage may hold the end of the encoder and the start of the decoder.
 
 Relative-position bias tables are replicated on every stage holding layers of that stack: equal
 at build time (:func:`sync_relative_bias`, an all-reduce over the pipeline group in which
@@ -39,20 +40,6 @@ import torch
 import torch.distributed as dist
 
 StageSplit = list  # [((enc_start, enc_end), (dec_start, dec_end)), ...] one per stage
-
-
-def even_stage_split(num_encoder_layers: int, num_decoder_layers: int, pp: int) -> StageSplit:
-    """Contiguous split of the ``enc + dec`` layers (encoder first) into ``pp`` near-equal runs."""
-    total = num_encoder_layers + num_decoder_layers
-    if pp < 1 or total < pp:
-        raise ValueError(f"cannot split {total} layers over {pp} pipeline stages")
-    bounds = [round(s * total / pp) for s in range(pp + 1)]
-    split = []
-    for a, b in zip(bounds, bounds[1:]):
-        enc = (min(a, num_encoder_layers), min(b, num_encoder_layers))
-        dec = (max(a - num_encoder_layers, 0), max(b - num_encoder_layers, 0))
-        split.append((enc if enc[1] > enc[0] else (0, 0), dec if dec[1] > dec[0] else (0, 0)))
-    return split
 
 
 def validate_stage_split(split: Sequence, num_encoder_layers: int, num_decoder_layers: int) -> StageSplit:
@@ -103,8 +90,11 @@ def build_stage_modules(
 
     pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     m = cfg.model
-    split = validate_stage_split(split or even_stage_split(m.num_encoder_layers, m.num_decoder_layers, pp),
-                                 m.num_encoder_layers, m.num_decoder_layers)
+    if split is None:
+        from spactor_mega.parallel.layout import config_layout
+
+        split = config_layout(cfg, vocab_size).stage_split()
+    split = validate_stage_split(split, m.num_encoder_layers, m.num_decoder_layers)
     if len(split) != pp:
         raise ValueError(f"the stage split has {len(split)} stages but PP = {pp}")
     if with_generator is None:

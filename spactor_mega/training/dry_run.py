@@ -43,10 +43,11 @@ def describe(cfg: Config, vocab_size: int = 32128) -> str:
         f"tau {cfg.spactor.tau}, steps {cfg.train.steps}: total {format_flops(_total(cfg, flops) * batch)}",
     ]
     if cfg.parallel.pipeline_model_parallel_size > 1 or cfg.parallel.pipeline_layout:
-        from spactor_mega.parallel.layout import resolve_layout
+        from spactor_mega.parallel.layout import config_layout
 
-        layout = resolve_layout(cfg, s, targets)
-        lines.append(f"pipeline layout ({layout.num_stages} stages): {layout.describe()}")
+        layout = config_layout(cfg, vocab_size)
+        lines.append(f"pipeline layout ({layout.num_stages} stages, balanced for vocab {vocab_size} unless given): "
+                     f"{layout.describe()}")
     return "\n".join(lines)
 
 

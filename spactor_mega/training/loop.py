@@ -38,23 +38,21 @@ def _bf16(cfg: Config) -> bool:
 def train(cfg: Config) -> RunResult:
     from megatron.core import parallel_state as ps
 
-    from spactor_mega.checkpoint.megatron import find_checkpoint, load_checkpoint, read_record, save_checkpoint
+    from spactor_mega.checkpoint.megatron import (
+        check_resumable, find_checkpoint, load_checkpoint, read_record, save_checkpoint,
+    )
     from spactor_mega.data.dataset import PretrainingSampler, SpactorBatchBuilder, build_datasets, collate_raw
     from spactor_mega.data.prepare import ensure_data
     from spactor_mega.data.span_corruption import SpanCorruption
     from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
     from spactor_mega.model.spactor import build_spactor_modules
     from spactor_mega.model.t5 import padded_vocab_size
+    from spactor_mega.parallel.layout import config_layout
     from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.training.engines.megatron import MegatronEngine
     from spactor_mega.training.metrics import RunLogger
 
     p, t = cfg.parallel, cfg.train
-    if p.pipeline_model_parallel_size > 1:
-        from spactor_mega.config import ConfigError
-
-        raise ConfigError("parallel.pipeline_model_parallel_size > 1: training through the encoder-decoder pipeline "
-                          "is not verified end to end yet; use tensor and data parallelism (PP = 1)")
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed)
     world = torch.distributed.get_world_size()
     validate(cfg, world)
@@ -78,13 +76,16 @@ def train(cfg: Config) -> RunResult:
 
     # Model and engine -------------------------------------------------------------------
     vocab = padded_vocab_size(tokenizer.model_vocab_size, cfg.model.make_vocab_size_divisible_by, p.tensor_model_parallel_size)
+    layout = config_layout(cfg, vocab)  # this rank builds its stage of it (all of D when PP = 1)
     checkpoint = find_checkpoint(t.resume, t.save_dir)
     record = read_record(checkpoint) if checkpoint else {"step": 0, "consumed_samples": 0}
+    if checkpoint is not None:
+        check_resumable(checkpoint, record, cfg, vocab, layout.describe())
     step, consumed = int(record["step"]), int(record["consumed_samples"])
     bf16 = _bf16(cfg)
     d, g, rtd = build_spactor_modules(
         cfg, vocab, with_generator=stage_at(step, cfg.spactor.tau) is Stage.HYBRID,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, stage_split=layout.stage_split(),
     )
     engine = MegatronEngine(cfg, d, g, rtd, _loss_fn(cfg, tokenizer), bf16)
     if checkpoint is not None:
@@ -95,7 +96,8 @@ def train(cfg: Config) -> RunResult:
     log = RunLogger(cfg.logging.tensorboard_dir, t.steps, step, enabled=rank == 0, progress=cfg.logging.progress)
     counts = engine.parameter_counts()
     log.line(
-        f"[train] world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x DP {dp_size}; "
+        f"[train] world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x DP {dp_size}"
+        + (f" (layout {layout.describe()})" if p.pipeline_model_parallel_size > 1 else "") + "; "
         f"D {counts['discriminator'] / 1e6:.2f}M params per rank, G {generator_num_layers(cfg)} layers "
         f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={cfg.spactor.tau}; "
         f"FLOPs/sample hybrid {format_flops(flops.hybrid)}, SC-only {format_flops(flops.sc_only)}"
@@ -113,7 +115,7 @@ def train(cfg: Config) -> RunResult:
         record = {
             "step": at_step, "consumed_samples": at_step * t.global_batch_size, "stage": stage_at(at_step, cfg.spactor.tau).name,
             "tensor_model_parallel_size": p.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+            "pipeline_model_parallel_size": p.pipeline_model_parallel_size, "pipeline_layout": layout.describe(),
             "vocab_size": vocab, "config": cfg.to_dict(),
         }
         return save_checkpoint(t.save_dir, at_step, engine.sharded_state_dict(), record, tokenizer.model_file)
