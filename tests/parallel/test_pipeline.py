@@ -39,7 +39,7 @@ def _grads(module, global_names=None):
 
     if module is None:
         return {}
-    full = gather_full_state_dict(module, grads=True)
+    full = gather_full_state_dict(module, grads=True, group=module.tp_group)  # G's is its own size-1 group
     rename = global_names or (lambda n: n)
     return {rename(k): v for k, v in full.items()}
 
