@@ -71,22 +71,14 @@ def build_stage_modules(
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
     recompute_granularity: Optional[str] = None,
-    exact_init: bool = True,
 ):
     """(D stage, G or None, RTD head or None) for this pipeline rank: G on stage 0 (it shares
-    the embedding there), the RTD head on the last stage. PP = 1 gives the whole model.
-
-    ``exact_init``: the stage starts from exactly the weights PP = 1 would have (same seed), by
-    building the whole model first and copying this stage's parameters by global name; the
-    default RNG is left where the PP = 1 build leaves it. This briefly holds the whole model on
-    every rank (fine for the sizes trained on CPU; large runs should pass False, or load a
-    checkpoint, until per-layer seeding exists)."""
+    the embedding there), the RTD head on the last stage. PP = 1 gives the whole model. Each
+    stage builds only its own layers, with exactly the weights PP = 1 gives them (seeded per
+    layer, :func:`spactor_mega.model.spactor.build_modules`)."""
     from megatron.core import parallel_state as ps
 
-    from spactor_mega.model.generator import T5Generator
-    from spactor_mega.model.heads import RTDHead
-    from spactor_mega.config import generator_num_layers
-    from spactor_mega.model.t5 import T5Discriminator
+    from spactor_mega.model.spactor import build_modules
 
     pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     m = cfg.model
@@ -99,37 +91,16 @@ def build_stage_modules(
         raise ValueError(f"the stage split has {len(split)} stages but PP = {pp}")
     if with_generator is None:
         with_generator = cfg.spactor.tau > 0
-    common = dict(params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization,
-                  recompute_granularity=recompute_granularity)
     enc, dec = split[rank]
-    first, last = rank == 0, rank == pp - 1
-    whole = None
-    if exact_init:
-        from spactor_mega.model.spactor import build_whole_modules
-
-        whole = build_whole_modules(cfg, vocab_size, with_generator=with_generator, **common)
-        rng = torch.random.get_rng_state()
-    d = T5Discriminator(m, vocab_size, pre_process=first, post_process=last,
-                        encoder_layers=enc, decoder_layers=dec, **common)
+    d, g, rtd = build_modules(
+        cfg, vocab_size, with_generator=with_generator, encoder_layers=enc, decoder_layers=dec,
+        first_stage=rank == 0, last_stage=rank == pp - 1, params_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
+    )
     if d.config.pipeline_dtype is None:
         d.config.pipeline_dtype = params_dtype
     if pp > 1:
         sync_relative_bias(d)
-    g = rtd = None
-    if with_generator and first:
-        g = T5Generator(m, cfg.generator, generator_num_layers(cfg), d.embedding, **common)
-    if with_generator and last:
-        rtd = RTDHead(d.encoder_config)
-    if whole is not None:
-        full = dict(whole[0].named_parameters())
-        with torch.no_grad():
-            for name, p in d.named_parameters():
-                p.copy_(full[d.global_parameter_name(name)])
-            for part, src in ((g, whole[1]), (rtd, whole[2])):
-                if part is not None:
-                    part.load_state_dict(src.state_dict(), strict=True)
-        del whole, full
-        torch.random.set_rng_state(rng)
     return d, g, rtd
 
 

@@ -52,16 +52,18 @@ def _run(tp, pp, split, reference):
 
     from spactor_mega.parallel.pipeline import build_stage_modules, pipeline_step
     from spactor_mega.parallel.state import initialize_parallel
-    from spactor_mega.parallel.tensor_shards import load_full_state_dict
+    from spactor_mega.parallel.tensor_shards import gather_full_state_dict
 
     initialize_parallel(tp=tp, pp=pp, seed=11)
     d, g, rtd = build_stage_modules(_cfg(), 256, split)
-    with torch.no_grad():  # the PP=1 weights, by global name
-        load_full_state_dict(d, {n: reference["d"][d.global_parameter_name(n)] for n, _ in d.named_parameters()})
-        if g is not None:
-            load_full_state_dict(g, reference["g"], group=g.tp_group)
-        if rtd is not None:
-            load_full_state_dict(rtd, reference["rtd"])
+    # Seeded per layer: this stage's parts start from exactly the PP=1 weights (by global name).
+    built = {f"d.{d.global_parameter_name(k)}": v for k, v in gather_full_state_dict(d).items()}
+    for name, module in (("g", g), ("rtd", rtd)):
+        if module is not None:
+            built.update({f"{name}.{k}": v for k, v in gather_full_state_dict(module, group=module.tp_group).items()})
+    for key, value in built.items():
+        part, name = key.split(".", 1)
+        assert torch.equal(value, reference[part][name]), f"TP={tp} PP={pp}: {key} differs from the PP=1 init"
     out = {}
     for stage in ("hybrid", "sc"):
         for m in (d, g, rtd):
@@ -124,7 +126,7 @@ def _worker(rank, world_size, layouts):
     dist.all_gather_object(weights, {k: ref[k] for k in ("d", "g", "rtd")})
     results = {}
     for name, (tp, pp, split) in layouts.items():
-        run = _run(tp, pp, split, weights[0])  # every layout starts from rank 0's weights
+        run = _run(tp, pp, split, weights[0])
         first_of_pipeline = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
         results[name] = run if first_of_pipeline else None
     destroy_parallel()
