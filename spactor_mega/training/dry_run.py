@@ -46,8 +46,8 @@ def describe(cfg: Config, vocab_size: int = 32128) -> str:
         from spactor_mega.parallel.layout import config_layout
 
         layout = config_layout(cfg, vocab_size)
-        lines.append(f"pipeline layout ({layout.num_stages} stages, balanced for vocab {vocab_size} unless given): "
-                     f"{layout.describe()}")
+        how = "given" if cfg.parallel.pipeline_layout else f"FLOPs-balanced at vocab {vocab_size}"
+        lines.append(f"pipeline layout ({layout.num_stages} stages, {how}): {layout.describe()}")
     return "\n".join(lines)
 
 
