@@ -326,11 +326,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          f"optim.lr_schedule must be inverse-sqrt, cosine or constant, got {o.lr_schedule!r}")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     if pp > 1 or p.pipeline_layout:
-        from spactor_mega.data.span_corruption import random_spans_helper
-        from spactor_mega.parallel.layout import resolve_layout
+        from spactor_mega.parallel.layout import config_layout
 
-        _, decoder_length = random_spans_helper(cfg.data.encoder_seq_length, s.noise_density, s.mean_noise_span_length)
-        resolve_layout(cfg, cfg.data.encoder_seq_length, decoder_length)
+        config_layout(cfg)
     if t.engine == "deepspeed":
         from spactor_mega.training.engines.deepspeed_config import check_deepspeed
 

@@ -161,9 +161,7 @@ def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], 
     initialize_parallel(1, world, seed=1)
     sc = SpanCorruption(cfg.data.encoder_seq_length, SP_SIZE + 99)
     layout = balanced_layout(cfg, world, sc.encoder_length, sc.decoder_length, vocab_size=VOCAB)
-    split = [((s.encoder_layers.start, s.encoder_layers.stop), (s.decoder_layers.start, s.decoder_layers.stop))
-             for s in layout.stages]
-    d, g, rtd = build_stage_modules(cfg, VOCAB, split, with_generator=True, exact_init=False)
+    d, g, rtd = build_stage_modules(cfg, VOCAB, layout.stage_split(), with_generator=True)
     objective = SpactorObjective.from_config(cfg, mask_id=SP_SIZE + 100, sample_vocab_size=SP_SIZE)
 
     def loss_fn(batch, d, g, rtd, hybrid, step, micro_batch):

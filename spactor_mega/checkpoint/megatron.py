@@ -119,6 +119,56 @@ def find_checkpoint(resume: Optional[str], save_dir: str | Path) -> Optional[Pat
     return path
 
 
+# The fields that fix the parameters' shapes (and what they mean): a checkpoint written with
+# other values is another model. The generator's only matter while it is in the checkpoint.
+_MODEL_FIELDS = ("d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers",
+                 "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
+                 "vocab_size")
+_GENERATOR_FIELDS = ("depth_fraction", "d_ff", "num_heads")
+
+
+def check_resumable(path: Path, record: dict, cfg, vocab_size: int, pipeline_layout: str) -> None:
+    """Refuses, before anything is built, a checkpoint of another engine or model (naming the field)
+    and one whose optimizer state cannot be resharded to this run's layout (Adafactor's is kept per
+    (TP, PP) rank); model weights and AdamW state load under any TP/PP/DP layout. A weights-only
+    checkpoint (``spactor convert from-hf``) is checked for D's shape alone: G and the optimizers
+    start afresh from it."""
+    saved = record.get("config", {})
+    weights_only = bool(record.get("weights_only"))
+    engine = saved.get("train", {}).get("engine", "megatron")
+    if not weights_only and engine != cfg.train.engine:
+        raise CheckpointError(f"{path}: written by train.engine={engine}; resume it with that engine, "
+                              f"not {cfg.train.engine}")
+    hybrid = record.get("stage") == "HYBRID" and not weights_only
+    sections = [("model", _MODEL_FIELDS)] + ([("generator", _GENERATOR_FIELDS)] if hybrid else [])
+    for section, names in sections:
+        for name in names:
+            theirs, ours = saved.get(section, {}).get(name), getattr(getattr(cfg, section), name)
+            if theirs != ours:
+                raise CheckpointError(f"{path}: written for {section}.{name}={theirs!r} but this run has "
+                                      f"{section}.{name}={ours!r}; resume with the checkpoint's model config or start afresh")
+    if record.get("vocab_size") != vocab_size:
+        raise CheckpointError(
+            f"{path}: its padded vocabulary has {record.get('vocab_size')} rows but this run pads to {vocab_size} "
+            "(the tokenizer's rows rounded up to lcm(model.make_vocab_size_divisible_by, TP)); use a "
+            "tensor-parallel size that divides model.make_vocab_size_divisible_by")
+    if weights_only:
+        return
+    theirs = saved.get("optim", {}).get("optimizer")
+    if theirs != cfg.optim.optimizer:
+        raise CheckpointError(f"{path}: written with optim.optimizer={theirs!r} but this run has "
+                              f"optim.optimizer={cfg.optim.optimizer!r}; resume with the same optimizer")
+    if cfg.optim.optimizer == "adafactor":
+        p = cfg.parallel
+        then = (record.get("tensor_model_parallel_size"), record.get("pipeline_model_parallel_size"),
+                record.get("pipeline_layout"))
+        now = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, pipeline_layout)
+        if then != now:
+            raise CheckpointError(
+                f"{path}: Adafactor state is kept per (TP, PP) rank and was written under TP={then[0]}, PP={then[1]}, "
+                f"layout {then[2]}; resume with that layout (this run: TP={now[0]}, PP={now[1]}, layout {now[2]})")
+
+
 def load_checkpoint(path: Path, sharded_state: dict) -> dict:
     from megatron.core import dist_checkpointing
 
@@ -130,31 +180,6 @@ def load_checkpoint(path: Path, sharded_state: dict) -> dict:
             f"{path}: cannot load into this model ({first[:300]}); check that the model config matches the "
             "checkpoint's run.json"
         ) from None
-
-
-# Fields of model config that fix D's tensors (shapes or what they compute).
-ARCHITECTURE_FIELDS = (
-    "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers",
-    "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon", "vocab_size",
-)
-
-
-def check_architecture(record: dict, model_cfg, path: str | Path, vocab_rows: Optional[int] = None) -> None:
-    """Refuses a checkpoint whose recorded model differs from ``model_cfg``, naming the field, or whose
-    embedding rows differ from ``vocab_rows`` (this layout's padded vocabulary)."""
-    recorded = (record.get("config") or {}).get("model") or {}
-    saved_rows = record.get("vocab_size")
-    if vocab_rows is not None and saved_rows is not None and int(saved_rows) != vocab_rows:
-        raise CheckpointError(
-            f"{Path(path) / RUN_RECORD}: the checkpoint's embedding has {saved_rows} rows but this layout pads the "
-            f"vocabulary to {vocab_rows}; use a tensor-parallel size that divides model.make_vocab_size_divisible_by "
-            f"(the padding is then the same for all of them)")
-    for name in ARCHITECTURE_FIELDS:
-        if name in recorded and recorded[name] != getattr(model_cfg, name):
-            raise CheckpointError(
-                f"{Path(path) / RUN_RECORD}: the checkpoint's model.{name}={recorded[name]} but the config has "
-                f"{getattr(model_cfg, name)}; use the checkpoint's model settings (--model.{name} {recorded[name]})"
-            )
 
 
 def load_model_weights(path: Path, discriminator) -> None:

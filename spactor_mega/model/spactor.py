@@ -35,7 +35,7 @@ from spactor_mega.config import generator_num_layers
 from .generator import T5Generator, gumbel_max_sample, sampling_seed, vocab_parallel_argmax
 from .heads import RTDHead
 from .losses import masked_mean, rtd_loss, rtd_stats, sc_loss, vocab_parallel_ce
-from .t5 import T5Discriminator
+from .t5 import T5Discriminator, seeded_init
 
 HYBRID, SC_ONLY = "hybrid", "sc"
 
@@ -56,57 +56,63 @@ def build_spactor_modules(
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
     recompute_granularity: Optional[str] = None,
+    stage_split: Optional[Sequence] = None,
 ):
     """(D, G or None, RTD head or None) for ``cfg`` (a :class:`spactor_mega.config.Config`).
 
     ``with_generator`` defaults to ``cfg.spactor.tau > 0``. With PP > 1 this rank's pipeline
     stage (:func:`spactor_mega.parallel.pipeline.build_stage_modules`: G on stage 0, the RTD head
-    on the last stage, None elsewhere). Call after ``initialize_parallel``;
-    build order (D, then G, then the head) fixes the RNG stream, so the same seed gives the same
-    weights for every TP size (with CPU initialisation).
+    on the last stage, None elsewhere) of ``stage_split`` (default: the config's layout).
+    Call after ``initialize_parallel``; the weights depend on ``cfg.train.seed`` only, not on
+    the layout (see :func:`build_modules`).
     """
     if with_generator is None:
         with_generator = cfg.spactor.tau > 0
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         from spactor_mega.parallel.pipeline import build_stage_modules
 
-        # This rank's stage (default even split; [3/5] layout parsing will pass its own split).
         return build_stage_modules(
-            cfg, vocab_size, with_generator=with_generator, params_dtype=params_dtype,
+            cfg, vocab_size, stage_split, with_generator=with_generator, params_dtype=params_dtype,
             use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
         )
-    return build_whole_modules(
+    return build_modules(
         cfg, vocab_size, with_generator=with_generator, params_dtype=params_dtype,
         use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
     )
 
 
-def build_whole_modules(
+def build_modules(
     cfg,
     vocab_size: int,
     *,
     with_generator: bool,
+    encoder_layers: Optional[tuple[int, int]] = None,
+    decoder_layers: Optional[tuple[int, int]] = None,
+    first_stage: bool = True,
+    last_stage: bool = True,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
     recompute_granularity: Optional[str] = None,
 ):
-    """The whole (one-stage) D, G, RTD head, whatever the pipeline size (see build_spactor_modules)."""
+    """D (the given global layer ranges; all by default), G on the first stage and the RTD
+    head on the last (when ``with_generator``). Every part is drawn under
+    :func:`~spactor_mega.model.t5.seeded_init` with ``cfg.train.seed`` (D's layers by global
+    index), so any TP/PP layout starts from the one-stage model's weights."""
     common = dict(
         params_dtype=params_dtype,
         use_cpu_initialization=use_cpu_initialization,
         recompute_granularity=recompute_granularity,
     )
-    d = T5Discriminator(cfg.model, vocab_size, **common)
-    if not with_generator:
-        return d, None, None
-    g = T5Generator(
-        cfg.model,
-        cfg.generator,
-        generator_num_layers(cfg),
-        d.embedding,
-        **common,
-    )
-    rtd = RTDHead(d.encoder_config)
+    seed = cfg.train.seed
+    d = T5Discriminator(cfg.model, vocab_size, pre_process=first_stage, post_process=last_stage,
+                        encoder_layers=encoder_layers, decoder_layers=decoder_layers, init_seed=seed, **common)
+    g = rtd = None
+    if with_generator and first_stage:
+        with seeded_init(seed, "generator"):
+            g = T5Generator(cfg.model, cfg.generator, generator_num_layers(cfg), d.embedding, **common)
+    if with_generator and last_stage:
+        with seeded_init(seed, "rtd_head"):
+            rtd = RTDHead(d.encoder_config)
     return d, g, rtd
 
 

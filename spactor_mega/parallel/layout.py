@@ -68,6 +68,15 @@ class PipelineLayout:
         """The ``parallel.pipeline_layout`` string; :func:`parse_layout` reads it back."""
         return "|".join(s.describe() for s in self.stages)
 
+    def stage_split(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """One ``((enc_start, enc_end), (dec_start, dec_end))`` pair of global layer ranges per
+        stage (an absent stack is ``(0, 0)``): what :mod:`spactor_mega.parallel.pipeline` builds."""
+
+        def bounds(r: range) -> tuple[int, int]:
+            return (r.start, r.stop) if len(r) else (0, 0)
+
+        return [(bounds(s.encoder_layers), bounds(s.decoder_layers)) for s in self.stages]
+
     @property
     def stage_holding_last_encoder_layer(self) -> Optional[int]:
         """The stage that applies the encoder's final norm (None if there are no encoder layers)."""
@@ -273,6 +282,16 @@ def resolve_layout(cfg: Config, encoder_length: int, decoder_length: int, **bala
                 f"parallel.pipeline_model_parallel_size={pp}; make them equal (or unset {FIELD})")
         return layout
     return balanced_layout(cfg, pp, encoder_length, decoder_length, **balance_kwargs)
+
+
+def config_layout(cfg: Config, vocab_size: int = DEFAULT_VOCAB_SIZE) -> PipelineLayout:
+    """:func:`resolve_layout` at the config's own lengths (the encoder length and the decoder
+    length its span corruption gives): the one layout validation, ``--dry-run`` and training use."""
+    from spactor_mega.data.span_corruption import random_spans_helper
+
+    s = cfg.spactor
+    _, decoder_length = random_spans_helper(cfg.data.encoder_seq_length, s.noise_density, s.mean_noise_span_length)
+    return resolve_layout(cfg, cfg.data.encoder_seq_length, decoder_length, vocab_size=vocab_size)
 
 
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:

@@ -10,8 +10,9 @@ the last stage computes D's losses (LM head + vocab-parallel CE on the decoder p
 hybrid stage the RTD head on the encoder part). See :meth:`T5Discriminator.stage_forward`.
 
 Stage split: a list with one ``(encoder_layers, decoder_layers)`` pair of global ``[start, end)``
-ranges per stage (:func:`even_stage_split` by default; a FLOPs-balanced layout parser can
-produce the same list). A stage may hold the end of the encoder and the start of the decoder.
+ranges per stage; by default the config's pipeline layout
+(:func:`spactor_mega.parallel.layout.config_layout`: ``parallel.pipeline_layout`` or the
+FLOPs-balanced split). A stage may hold the end of the encoder and the start of the decoder.
 
 Relative-position bias tables are replicated on every stage holding layers of that stack: equal
 at build time (:func:`sync_relative_bias`, an all-reduce over the pipeline group in which
@@ -39,20 +40,6 @@ import torch
 import torch.distributed as dist
 
 StageSplit = list  # [((enc_start, enc_end), (dec_start, dec_end)), ...] one per stage
-
-
-def even_stage_split(num_encoder_layers: int, num_decoder_layers: int, pp: int) -> StageSplit:
-    """Contiguous split of the ``enc + dec`` layers (encoder first) into ``pp`` near-equal runs."""
-    total = num_encoder_layers + num_decoder_layers
-    if pp < 1 or total < pp:
-        raise ValueError(f"cannot split {total} layers over {pp} pipeline stages")
-    bounds = [round(s * total / pp) for s in range(pp + 1)]
-    split = []
-    for a, b in zip(bounds, bounds[1:]):
-        enc = (min(a, num_encoder_layers), min(b, num_encoder_layers))
-        dec = (max(a - num_encoder_layers, 0), max(b - num_encoder_layers, 0))
-        split.append((enc if enc[1] > enc[0] else (0, 0), dec if dec[1] > dec[0] else (0, 0)))
-    return split
 
 
 def validate_stage_split(split: Sequence, num_encoder_layers: int, num_decoder_layers: int) -> StageSplit:
@@ -84,62 +71,36 @@ def build_stage_modules(
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
     recompute_granularity: Optional[str] = None,
-    exact_init: bool = True,
 ):
     """(D stage, G or None, RTD head or None) for this pipeline rank: G on stage 0 (it shares
-    the embedding there), the RTD head on the last stage. PP = 1 gives the whole model.
-
-    ``exact_init``: the stage starts from exactly the weights PP = 1 would have (same seed), by
-    building the whole model first and copying this stage's parameters by global name; the
-    default RNG is left where the PP = 1 build leaves it. This briefly holds the whole model on
-    every rank (fine for the sizes trained on CPU; large runs should pass False, or load a
-    checkpoint, until per-layer seeding exists)."""
+    the embedding there), the RTD head on the last stage. PP = 1 gives the whole model. Each
+    stage builds only its own layers, with exactly the weights PP = 1 gives them (seeded per
+    layer, :func:`spactor_mega.model.spactor.build_modules`)."""
     from megatron.core import parallel_state as ps
 
-    from spactor_mega.model.generator import T5Generator
-    from spactor_mega.model.heads import RTDHead
-    from spactor_mega.config import generator_num_layers
-    from spactor_mega.model.t5 import T5Discriminator
+    from spactor_mega.model.spactor import build_modules
 
     pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     m = cfg.model
-    split = validate_stage_split(split or even_stage_split(m.num_encoder_layers, m.num_decoder_layers, pp),
-                                 m.num_encoder_layers, m.num_decoder_layers)
+    if split is None:
+        from spactor_mega.parallel.layout import config_layout
+
+        split = config_layout(cfg, vocab_size).stage_split()
+    split = validate_stage_split(split, m.num_encoder_layers, m.num_decoder_layers)
     if len(split) != pp:
         raise ValueError(f"the stage split has {len(split)} stages but PP = {pp}")
     if with_generator is None:
         with_generator = cfg.spactor.tau > 0
-    common = dict(params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization,
-                  recompute_granularity=recompute_granularity)
     enc, dec = split[rank]
-    first, last = rank == 0, rank == pp - 1
-    whole = None
-    if exact_init:
-        from spactor_mega.model.spactor import build_whole_modules
-
-        whole = build_whole_modules(cfg, vocab_size, with_generator=with_generator, **common)
-        rng = torch.random.get_rng_state()
-    d = T5Discriminator(m, vocab_size, pre_process=first, post_process=last,
-                        encoder_layers=enc, decoder_layers=dec, **common)
+    d, g, rtd = build_modules(
+        cfg, vocab_size, with_generator=with_generator, encoder_layers=enc, decoder_layers=dec,
+        first_stage=rank == 0, last_stage=rank == pp - 1, params_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
+    )
     if d.config.pipeline_dtype is None:
         d.config.pipeline_dtype = params_dtype
     if pp > 1:
         sync_relative_bias(d)
-    g = rtd = None
-    if with_generator and first:
-        g = T5Generator(m, cfg.generator, generator_num_layers(cfg), d.embedding, **common)
-    if with_generator and last:
-        rtd = RTDHead(d.encoder_config)
-    if whole is not None:
-        full = dict(whole[0].named_parameters())
-        with torch.no_grad():
-            for name, p in d.named_parameters():
-                p.copy_(full[d.global_parameter_name(name)])
-            for part, src in ((g, whole[1]), (rtd, whole[2])):
-                if part is not None:
-                    part.load_state_dict(src.state_dict(), strict=True)
-        del whole, full
-        torch.random.set_rng_state(rng)
     return d, g, rtd
 
 

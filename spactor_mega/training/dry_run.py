@@ -44,10 +44,11 @@ def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None
     ]
     lines += _memory(cfg, counts, world_size)
     if cfg.parallel.pipeline_model_parallel_size > 1 or cfg.parallel.pipeline_layout:
-        from spactor_mega.parallel.layout import resolve_layout
+        from spactor_mega.parallel.layout import config_layout
 
-        layout = resolve_layout(cfg, s, targets)
-        lines.append(f"pipeline layout ({layout.num_stages} stages): {layout.describe()}")
+        layout = config_layout(cfg, vocab_size)
+        how = "given" if cfg.parallel.pipeline_layout else f"FLOPs-balanced at vocab {vocab_size}"
+        lines.append(f"pipeline layout ({layout.num_stages} stages, {how}): {layout.describe()}")
     return "\n".join(lines)
 
 

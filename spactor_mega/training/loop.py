@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from spactor_mega.config import Config, ConfigError, generator_num_layers, uses_bf16, validate
+from spactor_mega.config import Config, generator_num_layers, uses_bf16, validate
 from spactor_mega.training.schedule import Stage, format_flops, sample_flops, stage_at
 
 
@@ -33,7 +33,7 @@ def train(cfg: Config) -> RunResult:
     from megatron.core import parallel_state as ps
 
     from spactor_mega.checkpoint.megatron import (
-        check_architecture, find_checkpoint, load_model_weights, make_record, read_record,
+        check_resumable, find_checkpoint, load_model_weights, make_record, read_record,
     )
     from spactor_mega.data.dataset import PretrainingSampler, SpactorBatchBuilder, build_datasets, collate_raw
     from spactor_mega.data.prepare import ensure_data
@@ -41,14 +41,12 @@ def train(cfg: Config) -> RunResult:
     from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
     from spactor_mega.model.spactor import build_spactor_modules
     from spactor_mega.model.t5 import model_vocab_size
+    from spactor_mega.parallel.layout import config_layout
     from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.training.engines import build_engine
     from spactor_mega.training.metrics import RunLogger
 
     p, t = cfg.parallel, cfg.train
-    if p.pipeline_model_parallel_size > 1:
-        raise ConfigError("parallel.pipeline_model_parallel_size > 1: training through the encoder-decoder pipeline "
-                          "is not verified end to end yet; use tensor and data parallelism (PP = 1)")
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed)
     world = torch.distributed.get_world_size()
     validate(cfg, world)
@@ -72,18 +70,16 @@ def train(cfg: Config) -> RunResult:
 
     # Model and engine -------------------------------------------------------------------
     vocab = model_vocab_size(cfg.model, tokenizer.model_vocab_size, p.tensor_model_parallel_size)
+    layout = config_layout(cfg, vocab)  # this rank builds its stage of it (all of D when PP = 1)
     checkpoint = find_checkpoint(t.resume, t.save_dir)
     record = read_record(checkpoint) if checkpoint else {"step": 0, "consumed_samples": 0}
-    step, consumed = int(record["step"]), int(record["consumed_samples"])
-    if checkpoint is not None and record.get("config", {}).get("train", {}).get("engine", "megatron") != t.engine:
-        raise ConfigError(f"{checkpoint} was written by train.engine={record['config']['train']['engine']}; "
-                          f"resume it with that engine, not {t.engine}")
     if checkpoint is not None:
-        check_architecture(record, cfg.model, checkpoint, vocab)
+        check_resumable(checkpoint, record, cfg, vocab, layout.describe())
+    step, consumed = int(record["step"]), int(record["consumed_samples"])
     bf16 = uses_bf16(cfg)
     d, g, rtd = build_spactor_modules(
         cfg, vocab, with_generator=stage_at(step, cfg.spactor.tau) is Stage.HYBRID,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, stage_split=layout.stage_split(),
     )
     weights_only = checkpoint is not None and record.get("weights_only", False)
     if weights_only:  # an imported model: D's weights; G, the RTD head and optimizers start afresh
@@ -96,7 +92,8 @@ def train(cfg: Config) -> RunResult:
     log = RunLogger(cfg.logging.tensorboard_dir, t.steps, step, enabled=rank == 0, progress=cfg.logging.progress)
     counts = engine.parameter_counts()
     log.line(
-        f"[train] world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x DP {dp_size}; "
+        f"[train] world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x DP {dp_size}"
+        + (f" (layout {layout.describe()})" if p.pipeline_model_parallel_size > 1 else "") + "; "
         f"D {counts['discriminator'] / 1e6:.2f}M params per rank, G {generator_num_layers(cfg)} layers "
         f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={cfg.spactor.tau}; "
         f"FLOPs/sample hybrid {format_flops(flops.hybrid)}, SC-only {format_flops(flops.sc_only)}"
@@ -111,7 +108,8 @@ def train(cfg: Config) -> RunResult:
     result = RunResult(step=step, checkpoint=checkpoint, tensorboard_dir=cfg.logging.tensorboard_dir)
 
     def save(at_step: int) -> Path:
-        return engine.save(t.save_dir, at_step, make_record(cfg, at_step, vocab), tokenizer.model_file)
+        return engine.save(t.save_dir, at_step, make_record(cfg, at_step, vocab, pipeline_layout=layout.describe()),
+                           tokenizer.model_file)
 
     if step == 0 and t.eval_interval > 0 and valid_set is not None:
         hybrid = stage_at(0, cfg.spactor.tau) is Stage.HYBRID

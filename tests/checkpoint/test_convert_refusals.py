@@ -8,7 +8,7 @@ import pytest
 
 from spactor_mega.checkpoint.hf_export import OutputExistsError, export_to_hf
 from spactor_mega.checkpoint.hf_import import ImportRefused, import_from_hf
-from spactor_mega.checkpoint.megatron import CheckpointError, check_architecture, read_record
+from spactor_mega.checkpoint.megatron import CheckpointError, check_resumable, read_record
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +78,10 @@ def test_training_refuses_a_checkpoint_of_another_architecture(imported):
     from spactor_mega.config import Config
 
     cfg = Config()  # the default model (d_model 512), not the imported one (32)
-    with pytest.raises(CheckpointError, match=r"the checkpoint's model.d_model=32 but the config has 512; use the "
-                                              r"checkpoint's model settings \(--model.d_model 32\)"):
-        check_architecture(read_record(imported / "iter_0000000"), cfg.model, imported / "iter_0000000")
+    record = read_record(imported / "iter_0000000")
+    with pytest.raises(CheckpointError, match=r"written for model.d_model=32 but this run has model.d_model=512; "
+                                              r"resume with the checkpoint's model config"):
+        check_resumable(imported / "iter_0000000", record, cfg, record["vocab_size"], "E2|D2")
 
 
 def test_rtd_head_export_needs_a_checkpoint_that_has_one(imported, tmp_path):

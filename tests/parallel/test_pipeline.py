@@ -1,5 +1,7 @@
-"""Pipeline parallelism of D (packed encoder-decoder tensor through Megatron's 1F1B) == PP=1:
-losses and (gathered, global-name) gradients, in the hybrid and the SC-only stage."""
+"""Pipeline parallelism of D (packed encoder-decoder tensor through Megatron's 1F1B), alone and
+with TP and DP, == TP=1 x PP=1: losses and (gathered, global-name) gradients of every stage, in
+the hybrid and the SC-only stage. Each DP rank is checked against the reference for its own
+micro-batches and sampling key (gradients before the DP all-reduce, which Megatron's DDP does)."""
 
 import pytest
 import torch
@@ -16,9 +18,14 @@ def _cfg():
 
 
 def _batches():
+    """This DP rank's micro-batches."""
+    from megatron.core import parallel_state as ps
+
     from spactor_mega.model.synthetic import synthetic_batch
 
-    return [synthetic_batch(2, 16, 6, mlm_slots=4, sp_size=150, seed=10 + i, pad_rows=1) for i in range(N_MICRO)]
+    dp = ps.get_data_parallel_rank()
+    return [synthetic_batch(2, 16, 6, mlm_slots=4, sp_size=150, seed=10 + i + 100 * dp, pad_rows=1)
+            for i in range(N_MICRO)]
 
 
 def _objective():
@@ -32,28 +39,31 @@ def _grads(module, global_names=None):
 
     if module is None:
         return {}
-    full = gather_full_state_dict(module, grads=True)
+    full = gather_full_state_dict(module, grads=True, group=module.tp_group)  # G's is its own size-1 group
     rename = global_names or (lambda n: n)
     return {rename(k): v for k, v in full.items()}
 
 
 def _run(tp, pp, split, reference):
-    """Returns {stage: {"metrics", "grads"}} (grads merged over PP ranks on the caller side)."""
+    """This pipeline's [{stage: {"metrics", "grads"}} per PP rank] (merged by the caller), and
+    this rank's DP rank."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from spactor_mega.parallel.pipeline import build_stage_modules, pipeline_step
     from spactor_mega.parallel.state import initialize_parallel
-    from spactor_mega.parallel.tensor_shards import load_full_state_dict
+    from spactor_mega.parallel.tensor_shards import gather_full_state_dict
 
     initialize_parallel(tp=tp, pp=pp, seed=11)
     d, g, rtd = build_stage_modules(_cfg(), 256, split)
-    with torch.no_grad():  # the PP=1 weights, by global name
-        load_full_state_dict(d, {n: reference["d"][d.global_parameter_name(n)] for n, _ in d.named_parameters()})
-        if g is not None:
-            load_full_state_dict(g, reference["g"], group=g.tp_group)
-        if rtd is not None:
-            load_full_state_dict(rtd, reference["rtd"])
+    # Seeded per layer: this stage's parts start from exactly the PP=1 weights (by global name).
+    built = {f"d.{d.global_parameter_name(k)}": v for k, v in gather_full_state_dict(d).items()}
+    for name, module in (("g", g), ("rtd", rtd)):
+        if module is not None:
+            built.update({f"{name}.{k}": v for k, v in gather_full_state_dict(module, group=module.tp_group).items()})
+    for key, value in built.items():
+        part, name = key.split(".", 1)
+        assert torch.equal(value, reference[part][name]), f"TP={tp} PP={pp}: {key} differs from the PP=1 init"
     out = {}
     for stage in ("hybrid", "sc"):
         for m in (d, g, rtd):
@@ -68,11 +78,12 @@ def _run(tp, pp, split, reference):
     # every pipeline rank's grads, to the first TP/DP rank of the pipeline
     gathered = [None] * pp
     dist.all_gather_object(gathered, out, group=ps.get_pipeline_model_parallel_group())
-    return gathered
+    return {"dp": ps.get_data_parallel_rank(), "per_stage": gathered}
 
 
 def _reference():
-    """PP=1 (and TP=1): weights, and the objective's per-micro-batch loss path as the truth."""
+    """PP=1 (and TP=1): weights, and the objective's per-micro-batch loss path as the truth
+    (world rank r is DP rank r here: the truth for DP rank r of the other layouts)."""
     from spactor_mega.model.spactor import build_spactor_modules
     from spactor_mega.parallel.pipeline import pipeline_step
     from spactor_mega.parallel.state import initialize_parallel
@@ -105,19 +116,21 @@ def _reference():
 
 
 def _worker(rank, world_size, layouts):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
     from spactor_mega.parallel.state import destroy_parallel
 
-    ref = _reference()  # every rank computes it (DP rank differs: sampling key!) -> use DP rank 0's
-    import torch.distributed as dist
-
-    refs = [None] * world_size
-    dist.all_gather_object(refs, {k: ref[k] for k in ("d", "g", "rtd")})
-    ref0 = refs[0]
+    ref = _reference()  # the truth for DP rank == this rank (batches and sampling key)
+    weights = [None] * world_size
+    dist.all_gather_object(weights, {k: ref[k] for k in ("d", "g", "rtd")})
     results = {}
     for name, (tp, pp, split) in layouts.items():
-        results[name] = _run(tp, pp, split, ref0)
+        run = _run(tp, pp, split, weights[0])
+        first_of_pipeline = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
+        results[name] = run if first_of_pipeline else None
     destroy_parallel()
-    return {"ref": ref, "results": results} if rank == 0 else None
+    return {"ref": ref if rank < 2 else None, "results": results}
 
 
 def _merge(per_stage: list, stage: str) -> dict:
@@ -155,16 +168,21 @@ STAGE_WITH_BOTH = [((0, 3), (0, 0)), ((3, 4), (0, 1)), ((4, 4), (1, 2))]
 @pytest.mark.parametrize(
     "world,layouts",
     [
-        (2, {"pp2": (1, 2, SPLIT_INSIDE_ENCODER)}),
+        # (TP, PP, split): PP=2 alone (and so DP=2), TP=2 x PP=2, TP=2 x DP=2
+        (4, {"pp2": (1, 2, SPLIT_INSIDE_ENCODER), "tp2pp2": (2, 2, SPLIT_INSIDE_ENCODER), "tp2dp2": (2, 1, None)}),
         (3, {"pp3": (1, 3, STAGE_WITH_BOTH)}),
     ],
 )
 def test_pipeline_matches_pp1(world, layouts):
-    res = run_distributed(_worker, world, layouts, timeout=240)[0]
-    ref = res["ref"]
-    for stage in ("hybrid", "sc"):  # PP=1 through the schedule == plain autograd
-        for k, v in ref[stage]["metrics"].items():
-            assert abs(v - ref[stage]["schedule_metrics"][k]) <= 1e-6 * max(abs(v), 1e-3), (stage, k)
-    assert ref["hybrid"]["metrics"]["replaced_fraction"] > 0
-    for name, per_stage in res["results"].items():
-        _check(ref, per_stage)
+    per_rank = run_distributed(_worker, world, layouts, timeout=400)
+    refs = [r["ref"] for r in per_rank[:2]]
+    for ref in refs:
+        for stage in ("hybrid", "sc"):  # PP=1 through the schedule == plain autograd
+            for k, v in ref[stage]["metrics"].items():
+                assert abs(v - ref[stage]["schedule_metrics"][k]) <= 1e-6 * max(abs(v), 1e-3), (stage, k)
+        assert ref["hybrid"]["metrics"]["replaced_fraction"] > 0
+    for name, (tp, pp, _) in layouts.items():
+        runs = [r["results"][name] for r in per_rank if r["results"][name] is not None]
+        assert sorted(run["dp"] for run in runs) == list(range(world // (tp * pp))), name
+        for run in runs:
+            _check(refs[run["dp"]], run["per_stage"])

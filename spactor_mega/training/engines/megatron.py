@@ -10,9 +10,11 @@ to the last micro-batch through the schedule's ``no_sync_func``/``finalize_model
 With PP > 1 (:mod:`spactor_mega.parallel.pipeline`) this rank holds one stage of D; G only on
 stage 0 and the RTD head only on the last stage. G runs for all micro-batches before D's
 schedule; the losses exist on the last stage and are broadcast over the pipeline group for
-logging. The G + RTD optimizer's grad-norm (clipping) is reduced over a group of the first and
-last stages of this model-parallel group (stages in between hold neither), so it clips by the
-same norm as with PP = 1.
+logging. Stages in between hold neither G nor the head: they get Megatron's stub optimizer (no
+parameters) in the G + RTD optimizer's place, as Megatron does for ranks without trainable
+parameters, so every rank takes part in its collectives (the world-wide param-group alignment
+when it is built, the grad-norm reduction over the model-parallel group when it steps) and it
+clips by the same norm as with PP = 1.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def _ddp_config():
 
 
 def _optimizer(cfg: Config, modules: list, bf16: bool):
-    """Megatron's optimizer for AdamW; Adafactor (which megatron-core lacks) from torch."""
+    """Megatron's optimizer for AdamW; Adafactor (which megatron-core lacks) from torch. Modules
+    without trainable parameters give Megatron's stub optimizer."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     o = cfg.optim
@@ -50,8 +53,20 @@ def _optimizer(cfg: Config, modules: list, bf16: bool):
     # megatron-core builds only Adam/SGD; its FP32Optimizer wraps any torch optimizer and
     # keeps Megatron's grad clipping, zero-grad and checkpoint interfaces.
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    adafactor = torch.optim.Adafactor(params, lr=o.lr, weight_decay=o.weight_decay)
+    adafactor = torch.optim.Adafactor(params, lr=o.lr, weight_decay=o.weight_decay) if params else None
     return FP32Optimizer(adafactor, config, init_state_fn=_materialise_state)
+
+
+class _NoParameters(torch.nn.Module):
+    """What a pipeline stage without G and the RTD head gives the G + RTD optimizer (a stub)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+
+def _is_stub(optimizer) -> bool:
+    return all(getattr(part, "is_stub_optimizer", False) for part in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _materialise_state(optimizer, config=None) -> None:
@@ -93,19 +108,17 @@ class MegatronEngine:
         self.has_generator = generator is not None or rtd_head is not None
         if self.pp > 1:
             self.has_generator = _any_rank(self.has_generator)
-        aux_group = _first_last_stage_group() if (self.pp > 1 and self.has_generator) else None
         if generator is not None:
             from spactor_mega.model.generator import GeneratorDDP
 
             self.g = GeneratorDDP(generator, _ddp_config())  # reduces over TP x DP (G's copies)
         if rtd_head is not None:
             self.rtd = DDP(rtd_head.config, _ddp_config(), rtd_head)
-        aux = [m for m in (self.g, self.rtd) if m is not None]
-        if aux:
+        if self.has_generator:
+            aux = [m for m in (self.g, self.rtd) if m is not None]
+            if not aux:  # a middle pipeline stage
+                aux = [DDP(discriminator.config, _ddp_config(), _NoParameters(discriminator.config))]
             self.aux_optimizer = _optimizer(cfg, aux, bf16)
-            if aux_group is not None:
-                for part in getattr(self.aux_optimizer, "chained_optimizers", [self.aux_optimizer]):
-                    part.grad_stats_parallel_group = aux_group
             self.aux_scheduler = build_lr_scheduler(self.aux_optimizer, cfg)
         self._install_schedule_hooks()
 
@@ -247,14 +260,14 @@ class MegatronEngine:
 
     def _optimizer_state(self, key: str, optimizer, model_state: dict, is_loading: bool):
         if self.cfg.optim.optimizer == "adamw":
-            return optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+            return {} if _is_stub(optimizer) else optimizer.sharded_state_dict(model_state, is_loading=is_loading)
         # Adafactor's factored moments are not parameter-shaped, which Megatron's resharding
         # optimizer checkpoint requires: keep them per (TP, PP) rank, written by DP rank 0.
         from megatron.core import parallel_state as ps
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         return ShardedObject(
-            f"{key}.adafactor", optimizer.state_dict(),
+            f"{key}.adafactor", {} if _is_stub(optimizer) else optimizer.state_dict(),
             (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()),
             (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
             replica_id=ps.get_data_parallel_rank(),
@@ -270,6 +283,8 @@ class MegatronEngine:
             self.aux_scheduler.load_state_dict(state["aux_scheduler"])
 
     def _load_optimizer(self, optimizer, state: dict) -> None:
+        if _is_stub(optimizer):
+            return
         if self.cfg.optim.optimizer == "adamw":
             optimizer.load_state_dict(state)
         else:  # the torch optimizer's own state dict, saved whole (see _optimizer_state)
@@ -288,6 +303,8 @@ def _optimizer_state_numel(optimizer: Optional[object]) -> int:
         return 0
     total = 0
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(part, "is_stub_optimizer", False):
+            continue
         for state in part.optimizer.state.values():
             total += sum(v.numel() for v in state.values() if torch.is_tensor(v))
     return total
@@ -308,23 +325,3 @@ def _any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
-
-
-def _first_last_stage_group():
-    """This rank's group of the first- and last-stage ranks of its model-parallel group
-    (TP x {first, last stage}). Every rank creates every such group, in the same order."""
-    from megatron.core import parallel_state as ps
-
-    mine_mp = tuple(torch.distributed.get_process_group_ranks(ps.get_model_parallel_group()))
-    pipe = tuple(torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group()))
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, (mine_mp, pipe))
-    ends: dict = {}
-    for mp, p in everyone:
-        ends.setdefault(tuple(mp), set()).update((p[0], p[-1]))
-    chosen = None
-    for mp in sorted(ends):
-        group = torch.distributed.new_group(ranks=sorted(ends[mp]))
-        if mp == mine_mp:
-            chosen = group
-    return chosen

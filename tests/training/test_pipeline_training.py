@@ -1,0 +1,72 @@
+"""`spactor train` with pipeline parallelism, and checkpoints that do not depend on the layout:
+saved under TP=2 x PP=2, resumed under TP=1 x PP=1 and under PP=4, the losses continue as in a
+run that never stopped (fp32; 1e-5 relative, the reduction order differs across layouts).
+Adafactor state (per (TP, PP) rank) and another model's checkpoint are refused with one line."""
+
+import pytest
+
+from spactor_mega.parallel.testing import run_distributed
+from tests.training.test_training import tiny_config
+
+STOP = 3  # before tau = 4: the resumed runs reload G, the RTD head and their optimizer too
+LOSSES = ("loss", "sc_loss", "rtd_loss", "mlm_loss")
+
+
+def _train_all(rank, world_size, runs):
+    """Runs ``train(cfg)`` for each config in turn in this process group (Megatron's groups are
+    rebuilt for each layout); a CheckpointError is returned as its message."""
+    from spactor_mega.checkpoint.megatron import CheckpointError
+    from spactor_mega.parallel.state import destroy_parallel
+    from spactor_mega.training.loop import train
+
+    out = []
+    try:
+        for cfg in runs:
+            try:
+                out.append(train(cfg).history)
+            except CheckpointError as e:
+                out.append(str(e)); print("CKPTERR", rank, e, flush=True)
+            destroy_parallel(destroy_process_group=False)
+    finally:
+        destroy_parallel()
+    return out if rank == 0 else None
+
+
+def _close(reference: list, got: list) -> None:
+    assert [h["step"] for h in got] == [h["step"] for h in reference[: len(got)]]
+    for want, have in zip(reference, got):
+        assert set(k for k in LOSSES if k in want) == set(k for k in LOSSES if k in have), want["step"]
+        for key in LOSSES:
+            if key in want:
+                assert have[key] == pytest.approx(want[key], rel=1e-5), (want["step"], key, want[key], have[key])
+
+
+def test_checkpoint_resumes_under_other_layouts(tmp_path):
+    work = tmp_path / "run"
+
+    def cfg(name, tp=1, pp=1, **overrides):
+        return tiny_config(work / name, parallel__tensor_model_parallel_size=tp,
+                           parallel__pipeline_model_parallel_size=pp, **overrides)
+
+    saved = work / "tp2pp2" / "ckpt" / f"iter_{STOP:07d}"
+    adafactor_saved = work / "adafactor" / "ckpt" / f"iter_{1:07d}"
+    four = run_distributed(_train_all, 4, [
+        cfg("tp2pp2", 2, 2, train__exit_interval=STOP),
+        cfg("pp4", 1, 4, train__resume=str(saved)),
+        cfg("adafactor", 2, 2, optim__optimizer="adafactor", train__exit_interval=1),
+    ], timeout=600)[0]
+    one = run_distributed(_train_all, 1, [
+        cfg("reference"),
+        cfg("tp1", train__resume=str(saved)),
+        cfg("adafactor_tp1", optim__optimizer="adafactor", train__resume=str(adafactor_saved)),
+        cfg("other_model", model__d_ff=128, train__resume=str(saved)),
+    ], timeout=600)[0]
+    stopped, pp4, reference = four[0], four[1], one[0]
+    assert [h["stage"] for h in reference] == [1.0] * 4 + [2.0] * 4
+    assert len(stopped) == STOP
+    _close(reference, stopped)  # TP=2 x PP=2 == TP=1 x PP=1 step by step
+    for resumed in (pp4, one[1]):
+        assert [h["step"] for h in resumed] == list(range(STOP + 1, 9))
+        _close(reference[STOP:], resumed)
+    assert "Adafactor state is kept per (TP, PP) rank" in one[2] and "TP=2, PP=2" in one[2], one[2]
+    assert "model.d_ff=64 but this run has model.d_ff=128" in one[3], one[3]
