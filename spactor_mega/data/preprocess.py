@@ -361,11 +361,18 @@ class _WorkerPool:
         self._close_pipes()
 
     def terminate(self) -> None:
-        """Stops the workers now (errors, Ctrl-C)."""
+        """Stops the workers now (errors, Ctrl-C): SIGTERM, then SIGKILL for a worker still alive.
+
+        A worker forked a moment earlier still has the main process's SIGTERM handler; a SIGTERM
+        landing in one of Python's at-fork hooks raises there, is swallowed as "unraisable", and
+        the worker would then wait for tasks forever (seen under pytest after torch was imported)."""
         for proc in self.procs:
             proc.terminate()
         for proc in self.procs:
-            proc.join()
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
         self._close_pipes()
 
     def _close_pipes(self) -> None:
