@@ -44,6 +44,18 @@ def _grads(module, global_names=None):
     return {rename(k): v for k, v in full.items()}
 
 
+def _generator_grads(g):
+    """G's gradients summed over TP: each TP rank runs G's layers on its share of the rows only
+    (what GeneratorDDP's reduction over TP x DP does in training)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    grads = _grads(g)
+    for v in grads.values():
+        dist.all_reduce(v, group=ps.get_tensor_model_parallel_group())
+    return grads
+
+
 def _run(tp, pp, split, reference):
     """This pipeline's [{stage: {"metrics", "grads"}} per PP rank] (merged by the caller), and
     this rank's DP rank."""
@@ -72,7 +84,7 @@ def _run(tp, pp, split, reference):
         metrics = pipeline_step(_objective(), _batches(), d, g, rtd, hybrid=stage == "hybrid", step=3)
         grads = {f"d.{k}": v for k, v in _grads(d, d.global_parameter_name).items()}
         if stage == "hybrid":
-            grads.update({f"g.{k}": v for k, v in _grads(g).items() if g is not None})
+            grads.update({f"g.{k}": v for k, v in _generator_grads(g).items()} if g is not None else {})
             grads.update({f"rtd.{k}": v for k, v in _grads(rtd).items() if rtd is not None})
         out[stage] = {"metrics": metrics, "grads": grads}
     # every pipeline rank's grads, to the first TP/DP rank of the pipeline
