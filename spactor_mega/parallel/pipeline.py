@@ -33,7 +33,6 @@ the other stages); running G inside stage 0's forward step is the alternative to
 
 from __future__ import annotations
 
-import itertools
 from typing import Optional, Sequence
 
 import torch
@@ -62,7 +61,23 @@ def validate_stage_split(split: Sequence, num_encoder_layers: int, num_decoder_l
     return split
 
 
-def build_stage_modules(
+def build_stage_modules(cfg, vocab_size: int, split: Optional[Sequence] = None, **kwargs):
+    """(D stage, G or None, RTD head or None) for this pipeline rank without virtual stages
+    (:func:`build_stage_chunks` with one chunk)."""
+    chunks, g, rtd = build_stage_chunks(cfg, vocab_size, split, **kwargs)
+    if len(chunks) != 1:
+        raise ValueError(f"this rank holds {len(chunks)} virtual stages; use build_stage_chunks")
+    return chunks[0], g, rtd
+
+
+def virtual_pipeline_size() -> int:
+    """V: the number of model chunks (virtual stages) each pipeline rank holds (1 = none)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_virtual_pipeline_model_parallel_world_size() or 1
+
+
+def build_stage_chunks(
     cfg,
     vocab_size: int,
     split: Optional[Sequence] = None,
@@ -72,40 +87,62 @@ def build_stage_modules(
     use_cpu_initialization: Optional[bool] = None,
     recompute_granularity: Optional[str] = None,
 ):
-    """(D stage, G or None, RTD head or None) for this pipeline rank: G on stage 0 (it shares
-    the embedding there), the RTD head on the last stage. PP = 1 gives the whole model. Each
-    stage builds only its own layers, with exactly the weights PP = 1 gives them (seeded per
-    layer, :func:`spactor_mega.model.spactor.build_modules`)."""
+    """([D chunk per virtual stage], G or None, RTD head or None) for this pipeline rank.
+
+    The split has ``PP * V`` stages in virtual order: rank ``r`` holds virtual stages ``r, r + PP,
+    r + 2 PP, ...`` (Megatron's interleaved assignment), chunk ``c`` being virtual stage
+    ``c * PP + r``. G lives with virtual stage 0 (it shares the embedding), the RTD head with the
+    last. Each chunk builds only its own layers, with exactly the weights PP = 1 gives them
+    (seeded per layer, :func:`spactor_mega.model.spactor.build_modules`)."""
     from megatron.core import parallel_state as ps
 
     from spactor_mega.model.spactor import build_modules
 
     pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    vp = virtual_pipeline_size()
     m = cfg.model
     if split is None:
         from spactor_mega.parallel.layout import config_layout
 
         split = config_layout(cfg, vocab_size).stage_split()
     split = validate_stage_split(split, m.num_encoder_layers, m.num_decoder_layers)
-    if len(split) != pp:
-        raise ValueError(f"the stage split has {len(split)} stages but PP = {pp}")
+    if len(split) != pp * vp:
+        raise ValueError(f"the stage split has {len(split)} stages but PP x V = {pp} x {vp}")
     if with_generator is None:
         with_generator = cfg.spactor.tau > 0
-    enc, dec = split[rank]
-    d, g, rtd = build_modules(
-        cfg, vocab_size, with_generator=with_generator, encoder_layers=enc, decoder_layers=dec,
-        first_stage=rank == 0, last_stage=rank == pp - 1, params_dtype=params_dtype,
-        use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
-    )
-    if d.config.pipeline_dtype is None:
-        d.config.pipeline_dtype = params_dtype
+    chunks, g, rtd = [], None, None
+    for chunk in range(vp):
+        stage = chunk * pp + rank
+        enc, dec = split[stage]
+        d, g_here, rtd_here = build_modules(
+            cfg, vocab_size, with_generator=with_generator, encoder_layers=enc, decoder_layers=dec,
+            first_stage=stage == 0, last_stage=stage == len(split) - 1, params_dtype=params_dtype,
+            use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
+        )
+        if d.config.pipeline_dtype is None:
+            d.config.pipeline_dtype = params_dtype
+        if vp > 1:
+            # Read by the interleaved schedule from the first chunk's config; our layer configs
+            # keep pipeline_model_parallel_size = 1, so its default group size (PP) is set here.
+            d.config.virtual_pipeline_model_parallel_size = vp
+            d.config.microbatch_group_size_per_vp_stage = pp
+            # Interleaving sends both ways at once; with PP = 2 both peers are the same rank, and
+            # batched gloo p2p (all tag 0) then pairs an activation with a gradient (measured:
+            # wrong losses). Megatron's unbatched path orders them by even/odd rank.
+            d.config.batch_p2p_comm = False
+        chunks.append(d)
+        g, rtd = g or g_here, rtd or rtd_here
     if pp > 1:
-        sync_relative_bias(d)
-    return d, g, rtd
+        sync_relative_bias(chunks)
+    return chunks, g, rtd
+
+
+def _as_chunks(d) -> list:
+    return list(d) if isinstance(d, (list, tuple)) else [d]
 
 
 def _bias_params(d) -> list:
-    """[(encoder table or None), (decoder table or None)]: stages without a stack send zeros."""
+    """[(encoder table or None), (decoder table or None)] of one chunk."""
     return [getattr(getattr(d, stack, None), "relative_attention_bias", None) for stack in ("encoder", "decoder")]
 
 
@@ -116,58 +153,71 @@ def _bias_shape(d) -> tuple:
     return (d.model_cfg.relative_attention_num_buckets, heads)
 
 
-def _sum_over_pipeline(d, tensors: list) -> list:
-    """All-reduce (sum) each stack's table-shaped tensor over the pipeline group (zeros for a
-    stage without that stack); returns the sums."""
+def _sum_over_pipeline(chunks: list, per_chunk: list) -> list:
+    """Sums, over this rank's chunks and then the pipeline group, each stack's table-shaped
+    tensor (``per_chunk``: one [encoder, decoder] pair per chunk, None where the chunk lacks the
+    stack); returns the two sums."""
     from megatron.core import parallel_state as ps
 
-    shape = _bias_shape(d)
-    ref = next(t for t in tensors if t is not None)
-    flat = torch.cat([(t if t is not None else torch.zeros(shape, dtype=ref.dtype, device=ref.device)).reshape(-1)
-                      for t in tensors]).contiguous()
-    dist.all_reduce(flat, group=ps.get_pipeline_model_parallel_group())
+    shape = _bias_shape(chunks[0])
     n = shape[0] * shape[1]
-    return [flat[i * n:(i + 1) * n].view(shape) for i in range(len(tensors))]
+    ref = next(b.weight for c in chunks for b in _bias_params(c) if b is not None)  # every chunk holds a stack
+    flat = torch.zeros(2 * n, dtype=ref.dtype, device=ref.device)
+    for pair in per_chunk:
+        for i, t in enumerate(pair):
+            if t is not None:
+                flat[i * n:(i + 1) * n] += t.reshape(-1)
+    dist.all_reduce(flat, group=ps.get_pipeline_model_parallel_group())
+    return [flat[i * n:(i + 1) * n].view(shape) for i in range(2)]
 
 
 @torch.no_grad()
 def sync_relative_bias(d) -> None:
-    """Makes every stage's copy of a stack's bias table equal to the first holder's, and marks
-    later copies ``shared`` (grad-norm counts one). Collective over the pipeline group."""
-    biases = _bias_params(d)
-    firsts = [d.encoder_layers[0] == 0, d.decoder_layers[0] == 0]
-    sums = _sum_over_pipeline(d, [b.weight if (b is not None and f) else None if b is None else torch.zeros_like(b.weight)
-                                   for b, f in zip(biases, firsts)])
-    for b, f, s in zip(biases, firsts, sums):
-        if b is not None:
-            b.weight.copy_(s)
-            b.weight.shared = not f
+    """Makes every chunk's copy of a stack's bias table equal to the first holder's (the chunk
+    holding that stack's layer 0), and marks the other copies ``shared`` (grad-norm counts one).
+    ``d``: a chunk or this rank's list of chunks. Collective over the pipeline group."""
+    chunks = _as_chunks(d)
+    pairs = []
+    for c in chunks:
+        firsts = (c.encoder_layers[0] == 0, c.decoder_layers[0] == 0)
+        pairs.append([b.weight if (b is not None and f) else None for b, f in zip(_bias_params(c), firsts)])
+    sums = _sum_over_pipeline(chunks, pairs)
+    for c in chunks:
+        firsts = (c.encoder_layers[0] == 0, c.decoder_layers[0] == 0)
+        for b, f, s in zip(_bias_params(c), firsts, sums):
+            if b is not None:
+                b.weight.copy_(s)
+                b.weight.shared = not f
 
 
 @torch.no_grad()
 def allreduce_relative_bias_grads(d) -> None:
-    """Sums the bias tables' gradients (DDP ``main_grad`` when present) over the pipeline group."""
+    """Sums the bias tables' gradients (DDP ``main_grad`` when present) over every chunk of
+    every pipeline rank and writes the sum back into each copy. ``d``: a chunk or a list."""
     from megatron.core import parallel_state as ps
 
-    if ps.get_pipeline_model_parallel_world_size() == 1:
+    chunks = _as_chunks(d)
+    if ps.get_pipeline_model_parallel_world_size() == 1 and len(chunks) == 1:
         return
-    grads = []
-    for b in _bias_params(d):
-        if b is None:
-            grads.append(None)
-            continue
-        g = getattr(b.weight, "main_grad", None)
-        if g is None:
-            if b.weight.grad is None:
-                b.weight.grad = torch.zeros_like(b.weight)
-            g = b.weight.grad
-        grads.append(g)
-    if all(g is None for g in grads):
-        grads[0] = torch.zeros(_bias_shape(d))
-    sums = _sum_over_pipeline(d, grads)
-    for g, s in zip(grads, sums):
-        if g is not None:
-            g.copy_(s)
+    pairs = []
+    for c in chunks:
+        grads = []
+        for b in _bias_params(c):
+            if b is None:
+                grads.append(None)
+                continue
+            g = getattr(b.weight, "main_grad", None)
+            if g is None:
+                if b.weight.grad is None:
+                    b.weight.grad = torch.zeros_like(b.weight)
+                g = b.weight.grad
+            grads.append(g)
+        pairs.append(grads)
+    sums = _sum_over_pipeline(chunks, pairs)
+    for grads in pairs:
+        for g, s in zip(grads, sums):
+            if g is not None:
+                g.copy_(s)
 
 
 def run_generator(objective, micro_batches: list, d, g, step: int, *, backward: bool = True,
@@ -207,16 +257,14 @@ def run_generator(objective, micro_batches: list, d, g, step: int, *, backward: 
 
 
 def make_forward_step(objective, hybrid: bool, rtd_head=None, generated: Optional[list] = None):
-    """The ``forward_step_func`` for Megatron's schedule: this stage's part of D; on the last
-    stage D's losses (the returned loss excludes G's MLM term, already back-propagated by
-    :func:`run_generator`; the reported ``loss`` includes it)."""
+    """The ``forward_step_func`` for Megatron's schedule: this stage's (chunk's) part of D; on
+    the last stage D's losses (the returned loss excludes G's MLM term, already back-propagated
+    by :func:`run_generator`; the reported ``loss`` includes it). The data iterator yields
+    ``(micro-batch index, batch)``: with virtual stages each chunk reads its own iterator."""
     from spactor_mega.model.spactor import unwrap
 
-    counter = itertools.count()
-
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        i = next(counter)
+        i, batch = next(data_iterator)
         d = unwrap(model)
         gen = generated[i] if hybrid else None
         tokens = None
@@ -239,28 +287,39 @@ def _no_loss(output_tensor):  # never called: Megatron applies loss functions on
     raise RuntimeError("loss function called on a non-last pipeline stage")
 
 
+def check_microbatch_count(num_microbatches: int, pp: int, vp: int) -> None:
+    """Megatron's interleaved schedule runs micro-batches in groups of PP per virtual stage."""
+    if vp > 1 and (num_microbatches < pp or num_microbatches % pp):
+        raise ValueError(f"{num_microbatches} micro-batches with virtual pipeline stages need a multiple of "
+                         f"the pipeline size {pp} (Megatron's interleaved schedule)")
+
+
 def pipeline_step(objective, micro_batches: list, d, g=None, rtd_head=None, *, hybrid: bool, step: int,
                   forward_only: bool = False, reduce_bias_grads: bool = True) -> dict:
     """One step of D's pipeline (and G before it on stage 0 in the hybrid stage): gradients
     accumulate in place (not stepped). Returns the micro-batch-averaged metrics on every rank
-    (broadcast from the last stage). ``d`` may be wrapped (DDP)."""
+    (broadcast from the last stage). ``d``: this rank's D stage, or its list of chunks (virtual
+    stages, Megatron's interleaved schedule); either may be wrapped (DDP)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from spactor_mega.model.spactor import unwrap
 
-    inner = unwrap(d)
+    chunks = _as_chunks(d)
+    inner = [unwrap(c) for c in chunks]
+    check_microbatch_count(len(micro_batches), ps.get_pipeline_model_parallel_world_size(), len(chunks))
     generated = None
     if hybrid:
         with torch.set_grad_enabled(not forward_only):
-            generated = run_generator(objective, micro_batches, inner, unwrap(g), step,
-                                      backward=not forward_only, config=inner.config)
+            generated = run_generator(objective, micro_batches, inner[0], unwrap(g), step,
+                                      backward=not forward_only, config=inner[0].config)
     b, s_enc = micro_batches[0]["enc_tokens"].shape
     s_dec = micro_batches[0]["dec_input"].shape[1]
+    iterators = [iter(list(enumerate(micro_batches))) for _ in chunks]
     outputs = get_forward_backward_func()(
         forward_step_func=make_forward_step(objective, hybrid, rtd_head, generated),
-        data_iterator=iter(micro_batches),
-        model=[d],
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks,
         num_microbatches=len(micro_batches),
         seq_length=s_enc + s_dec,
         micro_batch_size=b,

@@ -91,13 +91,15 @@ def initialize_parallel(
     pp: int = 1,
     seed: int = 1234,
     *,
+    vp: int = 1,
     backend: Optional[str] = None,
     timeout_s: float = 600.0,
 ) -> None:
     """Initialises torch.distributed (if needed), Megatron's TP/PP/DP groups and the RNGs.
 
     Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK (torchrun); without them it makes a
-    one-process group. ``world_size`` must be a multiple of ``tp * pp``; DP is the rest.
+    one-process group. ``world_size`` must be a multiple of ``tp * pp``; DP is the rest. ``vp``:
+    virtual pipeline stages (model chunks) per pipeline rank (Megatron's interleaved schedule).
     """
     from megatron.core import parallel_state
 
@@ -111,7 +113,8 @@ def initialize_parallel(
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
     )
     apply_cpu_compat()  # modules imported by initialize_model_parallel
     seed_everything(seed)

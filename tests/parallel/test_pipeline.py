@@ -1,5 +1,5 @@
-"""Pipeline parallelism of D (packed encoder-decoder tensor through Megatron's 1F1B), alone and
-with TP and DP, == TP=1 x PP=1: losses and (gathered, global-name) gradients of every stage, in
+"""Pipeline parallelism of D (packed encoder-decoder tensor through Megatron's 1F1B, and its
+interleaved schedule with virtual stages), alone and with TP and DP, == TP=1 x PP=1: losses and (gathered, global-name) gradients of every stage, in
 the hybrid and the SC-only stage. Each DP rank is checked against the reference for its own
 micro-batches and sampling key (gradients before the DP all-reduce, which Megatron's DDP does)."""
 
@@ -8,16 +8,13 @@ import torch
 
 from spactor_mega.parallel.testing import run_distributed
 
-N_MICRO = 3
-
-
 def _cfg():
     from spactor_mega.model.synthetic import tiny_config
 
     return tiny_config(num_heads=4, num_encoder_layers=4, num_decoder_layers=2)
 
 
-def _batches():
+def _batches(n_micro):
     """This DP rank's micro-batches."""
     from megatron.core import parallel_state as ps
 
@@ -25,7 +22,7 @@ def _batches():
 
     dp = ps.get_data_parallel_rank()
     return [synthetic_batch(2, 16, 6, mlm_slots=4, sp_size=150, seed=10 + i + 100 * dp, pad_rows=1)
-            for i in range(N_MICRO)]
+            for i in range(n_micro)]
 
 
 def _objective():
@@ -56,20 +53,20 @@ def _generator_grads(g):
     return grads
 
 
-def _run(tp, pp, split, reference):
+def _run(tp, pp, vp, split, reference, n_micro):
     """This pipeline's [{stage: {"metrics", "grads"}} per PP rank] (merged by the caller), and
     this rank's DP rank."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from spactor_mega.parallel.pipeline import build_stage_modules, pipeline_step
+    from spactor_mega.parallel.pipeline import build_stage_chunks, pipeline_step
     from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.parallel.tensor_shards import gather_full_state_dict
 
-    initialize_parallel(tp=tp, pp=pp, seed=11)
-    d, g, rtd = build_stage_modules(_cfg(), 256, split)
+    initialize_parallel(tp=tp, pp=pp, vp=vp, seed=11)
+    chunks, g, rtd = build_stage_chunks(_cfg(), 256, split)
     # Seeded per layer: this stage's parts start from exactly the PP=1 weights (by global name).
-    built = {f"d.{d.global_parameter_name(k)}": v for k, v in gather_full_state_dict(d).items()}
+    built = {f"d.{d.global_parameter_name(k)}": v for d in chunks for k, v in gather_full_state_dict(d).items()}
     for name, module in (("g", g), ("rtd", rtd)):
         if module is not None:
             built.update({f"{name}.{k}": v for k, v in gather_full_state_dict(module, group=module.tp_group).items()})
@@ -78,11 +75,13 @@ def _run(tp, pp, split, reference):
         assert torch.equal(value, reference[part][name]), f"TP={tp} PP={pp}: {key} differs from the PP=1 init"
     out = {}
     for stage in ("hybrid", "sc"):
-        for m in (d, g, rtd):
+        for m in (*chunks, g, rtd):
             if m is not None:
                 m.zero_grad(set_to_none=True)
-        metrics = pipeline_step(_objective(), _batches(), d, g, rtd, hybrid=stage == "hybrid", step=3)
-        grads = {f"d.{k}": v for k, v in _grads(d, d.global_parameter_name).items()}
+        metrics = pipeline_step(_objective(), _batches(n_micro), chunks, g, rtd, hybrid=stage == "hybrid", step=3)
+        grads = {}
+        for d in chunks:  # a bias table held by two chunks has the same (summed) grad in both
+            grads.update({f"d.{k}": v for k, v in _grads(d, d.global_parameter_name).items()})
         if stage == "hybrid":
             grads.update({f"g.{k}": v for k, v in _generator_grads(g).items()} if g is not None else {})
             grads.update({f"rtd.{k}": v for k, v in _grads(rtd).items() if rtd is not None})
@@ -93,7 +92,7 @@ def _run(tp, pp, split, reference):
     return {"dp": ps.get_data_parallel_rank(), "per_stage": gathered}
 
 
-def _reference():
+def _reference(n_micro):
     """PP=1 (and TP=1): weights, and the objective's per-micro-batch loss path as the truth
     (world rank r is DP rank r here: the truth for DP rank r of the other layouts)."""
     from spactor_mega.model.spactor import build_spactor_modules
@@ -110,9 +109,9 @@ def _reference():
         for m in (d, g, rtd):
             m.zero_grad(set_to_none=True)
         metrics = []
-        for i, batch in enumerate(_batches()):  # plain autograd, no schedule
+        for i, batch in enumerate(_batches(n_micro)):  # plain autograd, no schedule
             loss, m = objective(batch, d, g, rtd, stage=stage, step=3, micro_batch=i)
-            (loss / N_MICRO).backward()
+            (loss / n_micro).backward()
             metrics.append(m)
         avg = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
         grads = {f"d.{k}": v for k, v in _grads(d).items()}
@@ -123,22 +122,22 @@ def _reference():
         # the PP=1 schedule path agrees too
         for m in (d, g, rtd):
             m.zero_grad(set_to_none=True)
-        ref[stage]["schedule_metrics"] = pipeline_step(objective, _batches(), d, g, rtd, hybrid=stage == "hybrid", step=3)
+        ref[stage]["schedule_metrics"] = pipeline_step(objective, _batches(n_micro), d, g, rtd, hybrid=stage == "hybrid", step=3)
     return ref
 
 
-def _worker(rank, world_size, layouts):
+def _worker(rank, world_size, layouts, n_micro):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from spactor_mega.parallel.state import destroy_parallel
 
-    ref = _reference()  # the truth for DP rank == this rank (batches and sampling key)
+    ref = _reference(n_micro)  # the truth for DP rank == this rank (batches and sampling key)
     weights = [None] * world_size
     dist.all_gather_object(weights, {k: ref[k] for k in ("d", "g", "rtd")})
     results = {}
-    for name, (tp, pp, split) in layouts.items():
-        run = _run(tp, pp, split, weights[0])
+    for name, (tp, pp, vp, split) in layouts.items():
+        run = _run(tp, pp, vp, split, weights[0], n_micro)
         first_of_pipeline = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
         results[name] = run if first_of_pipeline else None
     destroy_parallel()
@@ -175,25 +174,30 @@ def _check(ref, per_stage):
 
 SPLIT_INSIDE_ENCODER = [((0, 3), (0, 0)), ((3, 4), (0, 2))]
 STAGE_WITH_BOTH = [((0, 3), (0, 0)), ((3, 4), (0, 1)), ((4, 4), (1, 2))]
+# PP=2 x V=2 in virtual order "E1|E3|D1|D1": rank 0 holds virtual stages 0 and 2 (the embedding and
+# G with the first decoder layer), rank 1 stages 1 and 3; each rank has both bias tables.
+VIRTUAL_2X2 = [((0, 1), (0, 0)), ((1, 4), (0, 0)), ((4, 4), (0, 1)), ((4, 4), (1, 2))]
 
 
 @pytest.mark.parametrize(
-    "world,layouts",
+    "world,n_micro,layouts",
     [
-        # (TP, PP, split): PP=2 alone (and so DP=2), TP=2 x PP=2, TP=2 x DP=2
-        (4, {"pp2": (1, 2, SPLIT_INSIDE_ENCODER), "tp2pp2": (2, 2, SPLIT_INSIDE_ENCODER), "tp2dp2": (2, 1, None)}),
-        (3, {"pp3": (1, 3, STAGE_WITH_BOTH)}),
+        # (TP, PP, V, split): PP=2 alone (and so DP=2), TP=2 x PP=2, TP=2 x DP=2, PP=2 x V=2 (x DP=2);
+        # the interleaved schedule needs a multiple of PP micro-batches
+        (4, 4, {"pp2": (1, 2, 1, SPLIT_INSIDE_ENCODER), "tp2pp2": (2, 2, 1, SPLIT_INSIDE_ENCODER),
+                "tp2dp2": (2, 1, 1, None), "pp2vp2": (1, 2, 2, VIRTUAL_2X2)}),
+        (3, 3, {"pp3": (1, 3, 1, STAGE_WITH_BOTH)}),
     ],
 )
-def test_pipeline_matches_pp1(world, layouts):
-    per_rank = run_distributed(_worker, world, layouts, timeout=400)
+def test_pipeline_matches_pp1(world, n_micro, layouts):
+    per_rank = run_distributed(_worker, world, layouts, n_micro, timeout=400)
     refs = [r["ref"] for r in per_rank[:2]]
     for ref in refs:
         for stage in ("hybrid", "sc"):  # PP=1 through the schedule == plain autograd
             for k, v in ref[stage]["metrics"].items():
                 assert abs(v - ref[stage]["schedule_metrics"][k]) <= 1e-6 * max(abs(v), 1e-3), (stage, k)
         assert ref["hybrid"]["metrics"]["replaced_fraction"] > 0
-    for name, (tp, pp, _) in layouts.items():
+    for name, (tp, pp, _, _) in layouts.items():
         runs = [r["results"][name] for r in per_rank if r["results"][name] is not None]
         assert sorted(run["dp"] for run in runs) == list(range(world // (tp * pp))), name
         for run in runs:
