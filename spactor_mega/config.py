@@ -93,6 +93,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     pipeline_layout: Optional[str] = None  # e.g. "E6|E6|D4|D4|D4"; None: balanced by FLOPs
+    # V > 1: each pipeline rank holds V virtual stages (Megatron's interleaved schedule); the
+    # layout then has PP * V stages in virtual order (rank r holds stages r, r + PP, ...)
+    virtual_pipeline_model_parallel_size: int = 1
 
 
 @dataclass
@@ -320,6 +323,16 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
          f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x data-parallel "
          f"size = {t.micro_batch_size}x{dp}; change one of them")
+    vp = p.virtual_pipeline_model_parallel_size
+    need(vp >= 1, f"parallel.virtual_pipeline_model_parallel_size must be >= 1, got {vp}")
+    if vp > 1:
+        need(pp > 1, f"parallel.virtual_pipeline_model_parallel_size={vp} needs "
+             "parallel.pipeline_model_parallel_size > 1 (virtual stages interleave over pipeline ranks)")
+        micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+        need(micro_batches % pp == 0,
+             f"parallel.virtual_pipeline_model_parallel_size={vp}: the {micro_batches} micro-batches per step "
+             f"(train.global_batch_size / (micro_batch_size x DP)) must be a multiple of "
+             f"parallel.pipeline_model_parallel_size={pp} (Megatron's interleaved schedule)")
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     need(o.optimizer in ("adamw", "adafactor"), f"optim.optimizer must be adamw or adafactor, got {o.optimizer!r}")
     need(o.lr_schedule in ("inverse-sqrt", "cosine", "constant"),

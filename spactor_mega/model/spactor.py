@@ -61,20 +61,22 @@ def build_spactor_modules(
     """(D, G or None, RTD head or None) for ``cfg`` (a :class:`spactor_mega.config.Config`).
 
     ``with_generator`` defaults to ``cfg.spactor.tau > 0``. With PP > 1 this rank's pipeline
-    stage (:func:`spactor_mega.parallel.pipeline.build_stage_modules`: G on stage 0, the RTD head
-    on the last stage, None elsewhere) of ``stage_split`` (default: the config's layout).
+    stage (:func:`spactor_mega.parallel.pipeline.build_stage_chunks`: G on stage 0, the RTD head
+    on the last stage, None elsewhere) of ``stage_split`` (default: the config's layout); with
+    virtual stages (V > 1) D is this rank's list of V chunks.
     Call after ``initialize_parallel``; the weights depend on ``cfg.train.seed`` only, not on
     the layout (see :func:`build_modules`).
     """
     if with_generator is None:
         with_generator = cfg.spactor.tau > 0
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        from spactor_mega.parallel.pipeline import build_stage_modules
+        from spactor_mega.parallel.pipeline import build_stage_chunks
 
-        return build_stage_modules(
+        chunks, g, rtd = build_stage_chunks(
             cfg, vocab_size, stage_split, with_generator=with_generator, params_dtype=params_dtype,
             use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
         )
+        return (chunks[0] if len(chunks) == 1 else chunks), g, rtd
     return build_modules(
         cfg, vocab_size, with_generator=with_generator, params_dtype=params_dtype,
         use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,

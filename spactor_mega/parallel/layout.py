@@ -256,12 +256,13 @@ def balanced_layout(cfg: Config, num_stages: int, encoder_length: int, decoder_l
 def resolve_layout(cfg: Config, encoder_length: int, decoder_length: int, **balance_kwargs) -> PipelineLayout:
     """The layout to build: ``parallel.pipeline_layout`` if set, else :func:`balanced_layout`.
 
-    Rejects, before any process group exists: DeepSpeed with PP > 1, more stages than layers,
-    and a layout string that does not match the model or the number of stages.
+    Rejects, before any process group exists: DeepSpeed with PP > 1, more (virtual) stages than
+    layers, and a layout string that does not match the model or the number of stages (PP x V,
+    in virtual order when V > 1).
     ``balance_kwargs`` go to :func:`balanced_layout` (vocab size, extra stage-0 / last-stage FLOPs).
     """
     m, par = cfg.model, cfg.parallel
-    pp = par.pipeline_model_parallel_size
+    pp, vp = par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size
     n_layers = m.num_encoder_layers + m.num_decoder_layers
     if cfg.train.engine == "deepspeed" and pp > 1:
         raise ConfigError(
@@ -274,14 +275,21 @@ def resolve_layout(cfg: Config, encoder_length: int, decoder_length: int, **bala
         raise ConfigError(
             f"parallel.pipeline_model_parallel_size={pp} exceeds the {n_layers} transformer layers of the "
             f"model ({m.num_encoder_layers} encoder + {m.num_decoder_layers} decoder); use fewer stages")
+    if pp * vp > n_layers:
+        raise ConfigError(
+            f"parallel.pipeline_model_parallel_size={pp} x parallel.virtual_pipeline_model_parallel_size={vp} "
+            f"stages exceed the {n_layers} transformer layers of the model; use fewer virtual stages")
     if par.pipeline_layout:
         layout = parse_layout(par.pipeline_layout, m.num_encoder_layers, m.num_decoder_layers)
-        if layout.num_stages != pp:
+        if layout.num_stages != pp * vp:
             raise ConfigError(
                 f"{FIELD}={par.pipeline_layout!r} has {layout.num_stages} stages but "
-                f"parallel.pipeline_model_parallel_size={pp}; make them equal (or unset {FIELD})")
+                f"parallel.pipeline_model_parallel_size={pp} x parallel.virtual_pipeline_model_parallel_size={vp} "
+                f"= {pp * vp}; make them equal (or unset {FIELD})")
         return layout
-    return balanced_layout(cfg, pp, encoder_length, decoder_length, **balance_kwargs)
+    # Virtual stages are balanced one by one, in virtual order (a proxy: a rank's cost is the
+    # sum of its V stages).
+    return balanced_layout(cfg, pp * vp, encoder_length, decoder_length, **balance_kwargs)
 
 
 def config_layout(cfg: Config, vocab_size: int = DEFAULT_VOCAB_SIZE) -> PipelineLayout:

@@ -47,7 +47,8 @@ def train(cfg: Config) -> RunResult:
     from spactor_mega.training.metrics import RunLogger
 
     p, t = cfg.parallel, cfg.train
-    initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed)
+    initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed,
+                        vp=p.virtual_pipeline_model_parallel_size)
     world = torch.distributed.get_world_size()
     validate(cfg, world)
     rank = torch.distributed.get_rank()
@@ -83,7 +84,8 @@ def train(cfg: Config) -> RunResult:
     )
     weights_only = checkpoint is not None and record.get("weights_only", False)
     if weights_only:  # an imported model: D's weights; G, the RTD head and optimizers start afresh
-        load_model_weights(checkpoint, d)
+        for chunk in (d if isinstance(d, list) else [d]):  # virtual stages: one load per chunk
+            load_model_weights(checkpoint, chunk)
     engine = build_engine(cfg, d, g, rtd, _loss_fn(cfg, tokenizer), bf16)
     if checkpoint is not None and not weights_only:
         engine.load(checkpoint)

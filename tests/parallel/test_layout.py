@@ -19,10 +19,11 @@ from spactor_mega.parallel.layout import (
 )
 
 
-def _cfg(n_enc=8, n_dec=8, pp=1, layout=None, engine="megatron"):
+def _cfg(n_enc=8, n_dec=8, pp=1, layout=None, engine="megatron", vp=1):
     cfg = Config()
     cfg.model.num_encoder_layers, cfg.model.num_decoder_layers = n_enc, n_dec
     cfg.parallel.pipeline_model_parallel_size, cfg.parallel.pipeline_layout = pp, layout
+    cfg.parallel.virtual_pipeline_model_parallel_size = vp
     cfg.train.engine = engine
     return cfg
 
@@ -199,6 +200,18 @@ def test_resolve_rejects_stage_count_mismatch():
     with pytest.raises(ConfigError, match=r"parallel\.pipeline_layout='E6\|E6\|D6\|D6' has 4 stages but "
                                           r"parallel\.pipeline_model_parallel_size=2"):
         resolve_layout(_cfg(12, 12, pp=2, layout="E6|E6|D6|D6"), 512, 114)
+
+
+def test_virtual_stages_have_pp_times_v_stages_in_virtual_order():
+    assert resolve_layout(_cfg(4, 4, pp=2, vp=2, layout="E2|E2|D2|D2"), 512, 114).num_stages == 4
+    assert resolve_layout(_cfg(8, 8, pp=2, vp=2), 512, 114).num_stages == 4  # balanced over PP x V
+    with pytest.raises(ConfigError, match=r"parallel\.pipeline_layout='E4\|D4' has 2 stages but "
+                                          r"parallel\.pipeline_model_parallel_size=2 x "
+                                          r"parallel\.virtual_pipeline_model_parallel_size=2 = 4"):
+        resolve_layout(_cfg(4, 4, pp=2, vp=2, layout="E4|D4"), 512, 114)
+    with pytest.raises(ConfigError, match=r"size=2 x parallel\.virtual_pipeline_model_parallel_size=3 stages "
+                                          r"exceed the 4 transformer layers"):
+        resolve_layout(_cfg(2, 2, pp=2, vp=3), 512, 114)
 
 
 def test_resolve_rejects_layout_not_matching_model():

@@ -92,6 +92,15 @@ def test_config_rejections_name_the_field(tmp_path):
         ({"spactor__mlm_weight": -1.0}, 1, "spactor.mlm_weight must be >= 0"),
         ({"train__global_batch_size": 10}, 1, "train.global_batch_size=10 is not divisible by micro_batch_size"),
         ({"parallel__pipeline_model_parallel_size": 7}, 7, "pipeline_model_parallel_size=7 exceeds the 6"),
+        ({"parallel__virtual_pipeline_model_parallel_size": 2}, 1,
+         "virtual_pipeline_model_parallel_size=2 needs parallel.pipeline_model_parallel_size > 1"),
+        ({"parallel__pipeline_model_parallel_size": 2, "parallel__virtual_pipeline_model_parallel_size": 2}, 4,
+         "the 1 micro-batches per step (train.global_batch_size / (micro_batch_size x DP)) must be a multiple of "
+         "parallel.pipeline_model_parallel_size=2"),
+        ({"parallel__pipeline_model_parallel_size": 4, "parallel__virtual_pipeline_model_parallel_size": 2,
+          "train__global_batch_size": 16}, 4,
+         "parallel.pipeline_model_parallel_size=4 x parallel.virtual_pipeline_model_parallel_size=2 stages exceed "
+         "the 6 transformer layers"),
     ]
     for overrides, world, message in cases:
         cfg = tiny_config(tmp_path, **overrides)

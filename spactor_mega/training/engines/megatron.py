@@ -15,6 +15,11 @@ parameters) in the G + RTD optimizer's place, as Megatron does for ranks without
 parameters, so every rank takes part in its collectives (the world-wide param-group alignment
 when it is built, the grad-norm reduction over the model-parallel group when it steps) and it
 clips by the same norm as with PP = 1.
+
+With virtual pipeline stages (V > 1) this rank holds V chunks of D: one DDP per chunk, one
+optimizer over all of them, and Megatron's interleaved schedule over the list. Each chunk's
+checkpoint entries keep global names (``discriminator.encoder.layers.<global k>``), so a run
+saved with V chunks resumes under any other layout.
 """
 
 from __future__ import annotations
@@ -100,8 +105,10 @@ class MegatronEngine:
         self.objective = getattr(loss_fn, "objective", None)
         if self.pp > 1 and self.objective is None:
             raise ValueError("pipeline parallelism needs loss_fn.objective (a SpactorObjective)")
-        self.d = DDP(discriminator.config, _ddp_config(), discriminator)
-        self.d_optimizer = _optimizer(cfg, [self.d], bf16)
+        chunks = list(discriminator) if isinstance(discriminator, (list, tuple)) else [discriminator]
+        self.d_chunks = [DDP(c.config, _ddp_config(), c) for c in chunks]
+        self.d = self.d_chunks[0]  # the first chunk's config drives the schedule
+        self.d_optimizer = _optimizer(cfg, self.d_chunks, bf16)
         self.d_scheduler = build_lr_scheduler(self.d_optimizer, cfg)
         self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
         # Whether the run still has the hybrid stage's modules somewhere (on some stage with PP).
@@ -124,7 +131,7 @@ class MegatronEngine:
 
     # Schedule plumbing ----------------------------------------------------------------
     def _models(self) -> list:
-        return [m for m in (self.d, self.g, self.rtd) if m is not None]
+        return [*self.d_chunks, *(m for m in (self.g, self.rtd) if m is not None)]
 
     def _install_schedule_hooks(self) -> None:
         from megatron.core.distributed import finalize_model_grads
@@ -144,7 +151,7 @@ class MegatronEngine:
             if engine.pp > 1:
                 from spactor_mega.parallel.pipeline import allreduce_relative_bias_grads
 
-                allreduce_relative_bias_grads(engine.d.module)
+                allreduce_relative_bias_grads([c.module for c in engine.d_chunks])
 
         config = self.d.config
         config.no_sync_func = no_sync
@@ -160,7 +167,7 @@ class MegatronEngine:
         from spactor_mega.parallel.pipeline import pipeline_step
 
         return pipeline_step(
-            self.objective, micro_batches, self.d, self.g if hybrid else None, self.rtd if hybrid else None,
+            self.objective, micro_batches, self.d_chunks, self.g if hybrid else None, self.rtd if hybrid else None,
             hybrid=hybrid, step=step, forward_only=forward_only, reduce_bias_grads=False,
         )
 
@@ -242,15 +249,21 @@ class MegatronEngine:
 
         self.load_state_dict(load_checkpoint(path, self.sharded_state_dict(is_loading=True)))
 
-    def _parts(self) -> list[tuple[str, object]]:
-        return [(name, m) for name, m in (("discriminator", self.d), ("generator", self.g), ("rtd_head", self.rtd)) if m is not None]
+    def _parts(self) -> list[tuple[str, str, object]]:
+        """(state key, checkpoint prefix, module): D's chunks all under ``discriminator.`` (their
+        keys are global names); only the state dict's nesting tells them apart."""
+        chunks = [(f"discriminator_chunk{i}" if i else "discriminator", "discriminator.", c)
+                  for i, c in enumerate(self.d_chunks)]
+        aux = [(name, f"{name}.", m) for name, m in (("generator", self.g), ("rtd_head", self.rtd)) if m is not None]
+        return chunks + aux
 
     def sharded_state_dict(self, is_loading: bool = False) -> dict:
         """Everything a checkpoint holds; ``is_loading`` builds the template to load into."""
         state = {}
-        for name, model in self._parts():
-            state[name] = model.module.sharded_state_dict(prefix=f"{name}.")
-        state["d_optimizer"] = self._optimizer_state("d_optimizer", self.d_optimizer, state["discriminator"], is_loading)
+        for key, prefix, model in self._parts():
+            state[key] = model.module.sharded_state_dict(prefix=prefix)
+        d_state = {key: state[key] for key, prefix, _ in self._parts() if prefix == "discriminator."}
+        state["d_optimizer"] = self._optimizer_state("d_optimizer", self.d_optimizer, d_state, is_loading)
         state["d_scheduler"] = self.d_scheduler.state_dict()
         if self.aux_optimizer is not None:
             aux_state = {**state.get("generator", {}), **state.get("rtd_head", {})}
@@ -274,8 +287,8 @@ class MegatronEngine:
         )
 
     def load_state_dict(self, state: dict) -> None:
-        for name, model in self._parts():
-            model.module.load_state_dict(_strip(state[name], f"{name}."), strict=True)
+        for key, prefix, model in self._parts():
+            model.module.load_state_dict(_strip(state[key], prefix), strict=True)
         self._load_optimizer(self.d_optimizer, state["d_optimizer"])
         self.d_scheduler.load_state_dict(state["d_scheduler"])
         if self.aux_optimizer is not None:
@@ -291,7 +304,7 @@ class MegatronEngine:
             optimizer.optimizer.load_state_dict(state)
 
     def parameter_counts(self) -> dict[str, int]:
-        counts = {"discriminator": sum(p.numel() for p in self.d.module.parameters())}
+        counts = {"discriminator": sum(p.numel() for c in self.d_chunks for p in c.module.parameters())}
         counts["generator"] = sum(p.numel() for p in self.g.module.parameters()) if self.g else 0
         counts["rtd_head"] = sum(p.numel() for p in self.rtd.module.parameters()) if self.rtd else 0
         counts["generator_optimizer_state"] = _optimizer_state_numel(self.aux_optimizer)
