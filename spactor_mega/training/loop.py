@@ -95,7 +95,10 @@ def train(cfg: Config) -> RunResult:
     counts = engine.parameter_counts()
     log.line(
         f"[train] world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x DP {dp_size}"
-        + (f" (layout {layout.describe()})" if p.pipeline_model_parallel_size > 1 else "") + "; "
+        + (f" (layout {layout.describe()}" if p.pipeline_model_parallel_size > 1 else "")
+        + (f", {p.virtual_pipeline_model_parallel_size} virtual stages per rank"
+           if p.virtual_pipeline_model_parallel_size > 1 else "")
+        + (")" if p.pipeline_model_parallel_size > 1 else "") + "; "
         f"D {counts['discriminator'] / 1e6:.2f}M params per rank, G {generator_num_layers(cfg)} layers "
         f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={cfg.spactor.tau}; "
         f"FLOPs/sample hybrid {format_flops(flops.hybrid)}, SC-only {format_flops(flops.sc_only)}"

@@ -1,5 +1,6 @@
 """`spactor train` with pipeline parallelism, and checkpoints that do not depend on the layout:
-saved under TP=2 x PP=2, resumed under TP=1 x PP=1 and under PP=4, the losses continue as in a
+saved under TP=2 x PP=2, resumed under TP=1 x PP=1, under PP=4 and under TP=2 x PP=2 x V=2
+virtual stages (whose own checkpoint resumes under TP=1 x PP=1), the losses continue as in a
 run that never stopped (fp32; 1e-5 relative, the reduction order differs across layouts).
 Adafactor state (per (TP, PP) rank) and another model's checkpoint are refused with one line."""
 
@@ -9,6 +10,7 @@ from spactor_mega.parallel.testing import run_distributed
 from tests.training.test_training import tiny_config
 
 STOP = 3  # before tau = 4: the resumed runs reload G, the RTD head and their optimizer too
+VIRTUAL_STOP = 5  # the virtual-stage run saves here (after tau: D's chunks and their optimizer)
 LOSSES = ("loss", "sc_loss", "rtd_loss", "mlm_loss")
 
 
@@ -50,9 +52,12 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
 
     saved = work / "tp2pp2" / "ckpt" / f"iter_{STOP:07d}"
     adafactor_saved = work / "adafactor" / "ckpt" / f"iter_{1:07d}"
+    virtual_saved = work / "tp2pp2vp2" / "ckpt" / f"iter_{VIRTUAL_STOP:07d}"
     four = run_distributed(_train_all, 4, [
         cfg("tp2pp2", 2, 2, train__exit_interval=STOP),
         cfg("pp4", 1, 4, train__resume=str(saved)),
+        cfg("tp2pp2vp2", 2, 2, parallel__virtual_pipeline_model_parallel_size=2, train__resume=str(saved),
+            train__exit_interval=VIRTUAL_STOP),
         cfg("adafactor", 2, 2, optim__optimizer="adafactor", train__exit_interval=1),
     ], timeout=600)[0]
     one = run_distributed(_train_all, 1, [
@@ -60,13 +65,18 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
         cfg("tp1", train__resume=str(saved)),
         cfg("adafactor_tp1", optim__optimizer="adafactor", train__resume=str(adafactor_saved)),
         cfg("other_model", model__d_ff=128, train__resume=str(saved)),
+        cfg("from_virtual", train__resume=str(virtual_saved)),
     ], timeout=600)[0]
-    stopped, pp4, reference = four[0], four[1], one[0]
+    stopped, pp4, virtual, reference = four[0], four[1], four[2], one[0]
     assert [h["stage"] for h in reference] == [1.0] * 4 + [2.0] * 4
     assert len(stopped) == STOP
     _close(reference, stopped)  # TP=2 x PP=2 == TP=1 x PP=1 step by step
     for resumed in (pp4, one[1]):
         assert [h["step"] for h in resumed] == list(range(STOP + 1, 9))
         _close(reference[STOP:], resumed)
+    assert [h["step"] for h in virtual] == list(range(STOP + 1, VIRTUAL_STOP + 1))
+    _close(reference[STOP:], virtual)
+    assert [h["step"] for h in one[4]] == list(range(VIRTUAL_STOP + 1, 9))
+    _close(reference[VIRTUAL_STOP:], one[4])
     assert "Adafactor state is kept per (TP, PP) rank" in one[2] and "TP=2, PP=2" in one[2], one[2]
     assert "model.d_ff=64 but this run has model.d_ff=128" in one[3], one[3]
