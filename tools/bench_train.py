@@ -6,8 +6,9 @@ Prints, from one run on one machine:
     of the same shape, batch and optimizer (torch AdamW), the named baseline;
 (b) our stage-1 (hybrid) vs stage-2 step time, beside the FLOPs model's ratio of the two;
 (c) the pipeline bubble: the idle fraction of each pipeline rank's step, measured, beside the
-    non-interleaved 1F1B formula ``(p - 1) / (m + p - 1)`` (the named baseline), for PP = 2 and 4
-    at several micro-batch counts, in stage 1 (hybrid: G runs on stage 0 before the schedule) and
+    1F1B formula ``(p - 1) / (v m + p - 1)`` (the named baseline; ``v`` = 1 non-interleaved, ``v``
+    virtual stages per rank with Megatron's interleaved schedule), for PP = 2 and 4 at several
+    micro-batch counts, in stage 1 (hybrid: G runs on stage 0 before the schedule) and
     stage 2 (SC only). One process per stage, one thread each: with fewer cores than stages the
     processes share cores and the measured bubble is not meaningful (the table says so).
 
@@ -149,19 +150,20 @@ class StepTimers:
         return _Timer()
 
 
-def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], steps: int) -> dict:
+def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], steps: int, vp: int = 1) -> dict:
     """One pipeline rank: for each micro-batch count and stage, the median over ``steps`` of its idle
     fraction of the step region [step start, end of the forward-backward schedule]. Busy time is the
-    schedule's forward+backward compute, plus (stage 0, hybrid) the generator pass before it."""
+    schedule's forward+backward compute, plus (stage 0, hybrid) the generator pass before it.
+    ``vp``: virtual stages per rank (Megatron's interleaved schedule)."""
     from spactor_mega.model.spactor import HYBRID, SC_ONLY, SpactorObjective
-    from spactor_mega.parallel.pipeline import build_stage_modules
+    from spactor_mega.parallel.pipeline import build_stage_chunks
     from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
     from spactor_mega.training.engines.megatron import MegatronEngine
 
-    initialize_parallel(1, world, seed=1)
+    initialize_parallel(1, world, seed=1, vp=vp)
     sc = SpanCorruption(cfg.data.encoder_seq_length, SP_SIZE + 99)
-    layout = balanced_layout(cfg, world, sc.encoder_length, sc.decoder_length, vocab_size=VOCAB)
-    d, g, rtd = build_stage_modules(cfg, VOCAB, layout.stage_split(), with_generator=True)
+    layout = balanced_layout(cfg, world * vp, sc.encoder_length, sc.decoder_length, vocab_size=VOCAB)
+    d, g, rtd = build_stage_chunks(cfg, VOCAB, layout.stage_split(), with_generator=True)
     objective = SpactorObjective.from_config(cfg, mask_id=SP_SIZE + 100, sample_vocab_size=SP_SIZE)
 
     def loss_fn(batch, d, g, rtd, hybrid, step, micro_batch):
@@ -193,18 +195,24 @@ def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], 
     return results
 
 
-def bench_bubble(cfg: Config, stages: list[int], microbatches: list[int], steps: int) -> list[list]:
+def bench_bubble(cfg: Config, stages: list[int], microbatches: list[int], steps: int,
+                 virtual: tuple[int, ...] = (1,)) -> list[list]:
     from spactor_mega.parallel.testing import run_distributed
 
     rows = []
     for pp in stages:
-        per_rank = run_distributed(_bubble_worker, pp, cfg, microbatches, steps, timeout=3600)
-        shared = " (cores shared)" if pp > (os.cpu_count() or 1) else ""
-        for stage_name, key in (("1 (hybrid)", "hybrid"), ("2 (SC only)", "sc")):
-            for m in microbatches:
-                measured = [r[(key, m)] for r in per_rank]
-                rows.append([f"{pp} {per_rank[0]['layout']}{shared}", stage_name, m, f"{bubble_fraction(pp, m):.3f}",
-                             f"{statistics.mean(measured):.3f}", " ".join(f"{x:.2f}" for x in measured)])
+        for vp in virtual:
+            counts = [m for m in microbatches if vp == 1 or m % pp == 0]  # interleaving: multiples of PP
+            if not counts or (vp > 1 and pp == 1):
+                continue
+            per_rank = run_distributed(_bubble_worker, pp, cfg, counts, steps, vp, timeout=3600)
+            shared = " (cores shared)" if pp > (os.cpu_count() or 1) else ""
+            name = f"{pp}{f' x V={vp}' if vp > 1 else ''} {per_rank[0]['layout']}{shared}"
+            for stage_name, key in (("1 (hybrid)", "hybrid"), ("2 (SC only)", "sc")):
+                for m in counts:
+                    measured = [r[(key, m)] for r in per_rank]
+                    rows.append([name, stage_name, m, f"{bubble_fraction(pp, m, vp):.3f}",
+                                 f"{statistics.mean(measured):.3f}", " ".join(f"{x:.2f}" for x in measured)])
     return rows
 
 
@@ -220,6 +228,7 @@ def main() -> int:
     parser.add_argument("--parts", default="a,b,c", help="which tables: a (vs HF), b (stage 1 vs 2), c (bubble)")
     parser.add_argument("--pipeline-stages", default="2,4", help="(c) PP sizes")
     parser.add_argument("--microbatches", default="1,2,4,8", help="(c) micro-batches per step")
+    parser.add_argument("--virtual-stages", default="1,2", help="(c) virtual stages per rank (interleaved)")
     parser.add_argument("--pipeline-batch", type=int, default=2, help="(c) micro-batch size")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -250,7 +259,8 @@ def main() -> int:
     if "c" in parts:
         pipe_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=args.pipeline_batch))
         rows = bench_bubble(pipe_cfg, [int(x) for x in args.pipeline_stages.split(",")],
-                            [int(x) for x in args.microbatches.split(",")], args.steps)
+                            [int(x) for x in args.microbatches.split(",")], args.steps,
+                            tuple(int(x) for x in args.virtual_stages.split(",")))
         table(f"(c) pipeline bubble, idle fraction of the step per rank (micro-batch {args.pipeline_batch}, "
               "FLOPs-balanced layout)", ["PP, layout", "stage", "micro-batches", "1F1B formula (baseline)",
                                          "measured, mean", "measured per rank"], rows)

@@ -302,15 +302,17 @@ def config_layout(cfg: Config, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Pipeline
     return resolve_layout(cfg, cfg.data.encoder_seq_length, decoder_length, vocab_size=vocab_size)
 
 
-def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
-    """Idle fraction of a step under non-interleaved 1F1B: ``(p - 1) / (m + p - 1)``.
+def bubble_fraction(num_stages: int, num_microbatches: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of a step under 1F1B: ``(p - 1) / (v m + p - 1)`` (``v`` = 1: non-interleaved).
 
     With ``p`` equal stages and ``m`` micro-batches each stage is busy for ``m`` forward+backward
     slots out of ``m + p - 1`` (the warm-up and cool-down take ``p - 1`` slots), the same bubble
-    as GPipe; 1F1B only bounds activation memory to ``p`` in-flight micro-batches. Ignores p2p
-    time and unequal stages (the slowest stage sets the pace).
+    as GPipe; 1F1B only bounds activation memory to ``p`` in-flight micro-batches. With ``v``
+    virtual stages per rank a slot is ``1/v`` as long, so the warm-up and cool-down shrink by ``v``
+    (Megatron's interleaved schedule). Ignores p2p time and unequal stages (the slowest stage
+    sets the pace).
     """
-    if num_stages < 1 or num_microbatches < 1:
-        raise ValueError(f"bubble_fraction needs num_stages >= 1 and num_microbatches >= 1, "
-                         f"got {num_stages}, {num_microbatches}")
-    return (num_stages - 1) / (num_microbatches + num_stages - 1)
+    if num_stages < 1 or num_microbatches < 1 or virtual_stages < 1:
+        raise ValueError(f"bubble_fraction needs num_stages, num_microbatches and virtual_stages >= 1, "
+                         f"got {num_stages}, {num_microbatches}, {virtual_stages}")
+    return (num_stages - 1) / (virtual_stages * num_microbatches + num_stages - 1)

@@ -14,10 +14,16 @@ ranges per stage; by default the config's pipeline layout
 (:func:`spactor_mega.parallel.layout.config_layout`: ``parallel.pipeline_layout`` or the
 FLOPs-balanced split). A stage may hold the end of the encoder and the start of the decoder.
 
-Relative-position bias tables are replicated on every stage holding layers of that stack: equal
+Virtual stages (``parallel.virtual_pipeline_model_parallel_size`` V > 1): the split has
+``PP * V`` stages in virtual order and each rank builds V chunks (:func:`build_stage_chunks`:
+rank ``r`` holds virtual stages ``r, r + PP, ...``); the same packed tensor goes through
+Megatron's interleaved schedule with one data iterator per chunk (each yields ``(micro-batch
+index, batch)``). Virtual stage 0 holds the embedding and G, the last the heads and losses.
+
+Relative-position bias tables are replicated on every stage (chunk) holding layers of that stack: equal
 at build time (:func:`sync_relative_bias`, an all-reduce over the pipeline group in which
-stages without the stack send zeros) and kept equal by summing their gradients over the same
-group after the schedule (:func:`allreduce_relative_bias_grads`, as Megatron does for shared
+chunks other than the stack's first holder send zeros) and kept equal by summing their gradients
+over this rank's chunks and the same group after the schedule (:func:`allreduce_relative_bias_grads`, as Megatron does for shared
 embeddings). Copies on later stages are marked ``shared`` so the grad-norm counts them once.
 
 The generator G (hybrid stage) lives on stage 0 with D's embedding. Choice made here: stage 0

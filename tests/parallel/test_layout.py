@@ -240,6 +240,7 @@ def test_bubble_fraction():
     assert bubble_fraction(4, 1) == pytest.approx(3 / 4)
     assert bubble_fraction(4, 13) == pytest.approx(3 / 16)
     assert bubble_fraction(8, 64) < bubble_fraction(8, 16)
+    assert bubble_fraction(4, 8, virtual_stages=2) == pytest.approx(3 / 19)  # interleaved: v m + p - 1
     with pytest.raises(ValueError):
         bubble_fraction(0, 4)
     with pytest.raises(ValueError):
