@@ -333,6 +333,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
              f"parallel.virtual_pipeline_model_parallel_size={vp}: the {micro_batches} micro-batches per step "
              f"(train.global_batch_size / (micro_batch_size x DP)) must be a multiple of "
              f"parallel.pipeline_model_parallel_size={pp} (Megatron's interleaved schedule)")
+        need(t.eval_interval <= 0 or t.eval_batches % pp == 0,
+             f"parallel.virtual_pipeline_model_parallel_size={vp}: train.eval_batches={t.eval_batches} must be a "
+             f"multiple of parallel.pipeline_model_parallel_size={pp} (Megatron's interleaved schedule)")
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     need(o.optimizer in ("adamw", "adafactor"), f"optim.optimizer must be adamw or adafactor, got {o.optimizer!r}")
     need(o.lr_schedule in ("inverse-sqrt", "cosine", "constant"),

@@ -101,6 +101,9 @@ def test_config_rejections_name_the_field(tmp_path):
           "train__global_batch_size": 16}, 4,
          "parallel.pipeline_model_parallel_size=4 x parallel.virtual_pipeline_model_parallel_size=2 stages exceed "
          "the 6 transformer layers"),
+        ({"parallel__pipeline_model_parallel_size": 2, "parallel__virtual_pipeline_model_parallel_size": 2,
+          "train__eval_interval": 4, "train__eval_batches": 3}, 2,
+         "train.eval_batches=3 must be a multiple of parallel.pipeline_model_parallel_size=2"),
     ]
     for overrides, world, message in cases:
         cfg = tiny_config(tmp_path, **overrides)
