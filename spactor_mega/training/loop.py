@@ -116,9 +116,10 @@ def train(cfg: Config) -> RunResult:
         return engine.save(t.save_dir, at_step, make_record(cfg, at_step, vocab, pipeline_layout=layout.describe()),
                            tokenizer.model_file)
 
+    eval_multiple = p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size > 1 else 1
     if step == 0 and t.eval_interval > 0 and valid_set is not None:
         hybrid = stage_at(0, cfg.spactor.tau) is Stage.HYBRID
-        evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, hybrid, 0)
+        evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, hybrid, 0, eval_multiple)
         result.evals.append({"step": 0, **evaluation})
         log.scalars(0, evaluation, prefix="valid")
         log.line(_format_eval(0, evaluation))
@@ -155,7 +156,7 @@ def train(cfg: Config) -> RunResult:
         if step % cfg.logging.log_interval == 0 or step == t.steps:
             log.line(_format(step, stage, metrics))
         if t.eval_interval > 0 and (step % t.eval_interval == 0 or step == t.steps) and valid_set is not None:
-            evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, hybrid, step)
+            evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, hybrid, step, eval_multiple)
             result.evals.append({"step": step, **evaluation})
             log.scalars(step, evaluation, prefix="valid")
             log.line(_format_eval(step, evaluation))
@@ -174,8 +175,10 @@ def train(cfg: Config) -> RunResult:
     return result
 
 
-def evaluate(engine, valid_set, builder, t, dp_rank: int, dp_size: int, hybrid: bool, step: int) -> dict[str, float]:
-    """Validation losses on the first ``eval_batches`` micro-batches of the held-out split."""
+def evaluate(engine, valid_set, builder, t, dp_rank: int, dp_size: int, hybrid: bool, step: int,
+             multiple: int = 1) -> dict[str, float]:
+    """Validation losses on the first ``eval_batches`` micro-batches of the held-out split, cut to a
+    multiple of ``multiple`` (Megatron's interleaved schedule needs a multiple of PP)."""
     from spactor_mega.data.dataset import PretrainingSampler, collate_raw
 
     sampler = PretrainingSampler(min(len(valid_set), t.eval_batches * t.micro_batch_size * dp_size), 0,
@@ -184,6 +187,7 @@ def evaluate(engine, valid_set, builder, t, dp_rank: int, dp_size: int, hybrid: 
     for indices in sampler:
         raw = collate_raw([valid_set[i] for i in indices])
         micro_batches.append(builder(raw["raw"], raw["key"], with_mlm=hybrid))
+    micro_batches = micro_batches[: len(micro_batches) // multiple * multiple]
     if not micro_batches:
         return {}
     metrics = engine.eval_step(micro_batches, hybrid=hybrid, step=step)
