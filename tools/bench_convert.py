@@ -36,7 +36,7 @@ _MEASURE = r"""
 import json, sys, time
 import torch, transformers, megatron.core, safetensors  # noqa: F401  (what any conversion imports)
 from spactor_mega.checkpoint import hf_export, hf_import  # noqa: F401
-from spactor_mega.parallel.testing import single_process_parallel
+from spactor_mega.parallel.state import single_process_parallel
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -69,7 +69,7 @@ from spactor_mega.data.tokenizer import T5SentencePieceTokenizer, train_sentence
 from spactor_mega.model.spactor import build_spactor_modules
 from spactor_mega.model.synthetic import synthetic_batch
 from spactor_mega.model.t5 import model_vocab_size
-from spactor_mega.parallel.testing import single_process_parallel
+from spactor_mega.parallel.state import single_process_parallel
 from spactor_mega.training.engines.megatron import MegatronEngine
 from spactor_mega.training.loop import _loss_fn
 import gzip, json

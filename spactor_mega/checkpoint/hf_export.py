@@ -74,7 +74,7 @@ def read_module_weights(path: Path, record: dict, modules: tuple[str, ...]) -> d
             prefix = f"{module}."
             out[module] = {k[len(prefix):]: full.pop(k) for k in [k for k in full if k.startswith(prefix)]}
         return out
-    from spactor_mega.parallel.testing import single_process_parallel
+    from spactor_mega.parallel.state import single_process_parallel
 
     with single_process_parallel():  # dist_checkpointing's reader wants a process group
         return {module: read_full_tensors(path, f"{module}.") for module in modules}

@@ -95,7 +95,7 @@ def import_from_hf(hf_dir: str | Path, save_dir: str | Path, *, tp: int = 1, pp:
     from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
     from spactor_mega.model.hf_mapping import hf_to_megatron
     from spactor_mega.model.t5 import T5Discriminator, model_vocab_size
-    from spactor_mega.parallel.testing import single_process_parallel
+    from spactor_mega.parallel.state import single_process_parallel
 
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
     doc = read_t5_v11_config(hf_dir)

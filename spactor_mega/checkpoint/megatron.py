@@ -175,19 +175,27 @@ def load_checkpoint(path: Path, sharded_state: dict) -> dict:
     try:
         return dist_checkpointing.load(sharded_state, str(path))
     except Exception as e:  # dist_checkpointing raises CheckpointingException and others
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: cannot load into this model ({first[:300]}); check that the model config matches the "
+            f"{path}: cannot load into this model ({_first_line(e)}); check that the model config matches the "
             "checkpoint's run.json"
         ) from None
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an exception's message (dist_checkpointing's run to pages), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def strip_prefix(state: dict, prefix: str) -> dict:
+    """``state`` with ``prefix`` taken off the keys that have it (checkpoint keys -> module names)."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 def load_model_weights(path: Path, discriminator) -> None:
     """Loads D's weights alone (a weights-only checkpoint) into ``discriminator`` (any layout)."""
     state = load_checkpoint(path, {"discriminator": discriminator.sharded_state_dict(prefix="discriminator.")})
-    prefix = "discriminator."
-    weights = {k[len(prefix):]: v for k, v in state["discriminator"].items()}
-    discriminator.load_state_dict(weights, strict=True)
+    discriminator.load_state_dict(strip_prefix(state["discriminator"], "discriminator."), strict=True)
 
 
 def read_full_tensors(path: Path, prefix: str) -> dict:
@@ -202,8 +210,7 @@ def read_full_tensors(path: Path, prefix: str) -> dict:
         # Every process reads whole tensors, so shards are deliberately "accessed" more than once.
         loaded = dist_checkpointing.load(wanted, str(path), validate_access_integrity=False)
     except Exception as e:  # dist_checkpointing raises CheckpointingException and others
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({first[:300]})") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({_first_line(e)})") from None
     keys = list(wanted)
     del wanted  # its ShardedTensors hold the loaded tensors too: keep one reference, in `loaded`
     out = {}

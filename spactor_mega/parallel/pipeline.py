@@ -143,7 +143,8 @@ def build_stage_chunks(
     return chunks, g, rtd
 
 
-def _as_chunks(d) -> list:
+def as_chunks(d) -> list:
+    """A D stage as this rank's list of chunks (one, or V with virtual stages)."""
     return list(d) if isinstance(d, (list, tuple)) else [d]
 
 
@@ -182,7 +183,7 @@ def sync_relative_bias(d) -> None:
     """Makes every chunk's copy of a stack's bias table equal to the first holder's (the chunk
     holding that stack's layer 0), and marks the other copies ``shared`` (grad-norm counts one).
     ``d``: a chunk or this rank's list of chunks. Collective over the pipeline group."""
-    chunks = _as_chunks(d)
+    chunks = as_chunks(d)
     pairs = []
     for c in chunks:
         firsts = (c.encoder_layers[0] == 0, c.decoder_layers[0] == 0)
@@ -202,7 +203,7 @@ def allreduce_relative_bias_grads(d) -> None:
     every pipeline rank and writes the sum back into each copy. ``d``: a chunk or a list."""
     from megatron.core import parallel_state as ps
 
-    chunks = _as_chunks(d)
+    chunks = as_chunks(d)
     if ps.get_pipeline_model_parallel_world_size() == 1 and len(chunks) == 1:
         return
     pairs = []
@@ -311,7 +312,7 @@ def pipeline_step(objective, micro_batches: list, d, g=None, rtd_head=None, *, h
 
     from spactor_mega.model.spactor import unwrap
 
-    chunks = _as_chunks(d)
+    chunks = as_chunks(d)
     inner = [unwrap(c) for c in chunks]
     check_microbatch_count(len(micro_batches), ps.get_pipeline_model_parallel_world_size(), len(chunks))
     generated = None
@@ -333,14 +334,15 @@ def pipeline_step(objective, micro_batches: list, d, g=None, rtd_head=None, *, h
     )
     if reduce_bias_grads and not forward_only:
         allreduce_relative_bias_grads(inner)
-    metrics = [_average(outputs)] if ps.is_pipeline_last_stage(ignore_virtual=True) else [None]
+    metrics = [average_metrics(outputs)] if ps.is_pipeline_last_stage(ignore_virtual=True) else [None]
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast_object_list(metrics, src=ps.get_pipeline_model_parallel_last_rank(),
                                    group=ps.get_pipeline_model_parallel_group())
     return metrics[0]
 
 
-def _average(outputs: list) -> dict:
+def average_metrics(outputs: list) -> dict:
+    """The per-micro-batch metric dicts a schedule returns, averaged (floats)."""
     if not outputs:
         return {}
     return {k: float(sum(float(o[k]) for o in outputs) / len(outputs)) for k in outputs[0]}

@@ -17,6 +17,7 @@ different TP ranks, since that generator drops TP-replicated activations and mus
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -118,6 +119,21 @@ def initialize_parallel(
     )
     apply_cpu_compat()  # modules imported by initialize_model_parallel
     seed_everything(seed)
+
+
+@contextlib.contextmanager
+def single_process_parallel(seed: int = 1234):
+    """A one-process gloo group with Megatron TP = PP = 1 in *this* process, for the duration of a
+    ``with`` block: what single-process tools (``spactor convert``, dist-checkpoint readers, test
+    fixtures) need. Reuses a one-process group someone else created; tears down only what it set up."""
+    owned = not dist.is_initialized()
+    if not owned and dist.get_world_size() != 1:
+        raise RuntimeError("single_process_parallel: a multi-process group is already initialised")
+    initialize_parallel(tp=1, pp=1, seed=seed)
+    try:
+        yield
+    finally:
+        destroy_parallel(destroy_process_group=owned)
 
 
 def destroy_parallel(destroy_process_group: bool = True) -> None:

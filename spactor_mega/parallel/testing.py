@@ -131,28 +131,3 @@ def run_distributed(
         raise DistributedWorkerError("worker(s) failed:\n" + "\n".join(errors))
     return [got[r] for r in range(world_size)]
 
-
-def single_process_parallel(seed: int = 1234):
-    """Context manager: a one-process gloo group with Megatron TP=PP=1 in *this* process.
-
-    For pytest fixtures (``yield`` inside it). Reuses a process group someone else created; tears
-    down only what it set up.
-    """
-    import contextlib
-
-    @contextlib.contextmanager
-    def _ctx():
-        import torch.distributed as dist
-
-        from .state import destroy_parallel, initialize_parallel
-
-        owned = not dist.is_initialized()
-        if not owned and dist.get_world_size() != 1:
-            raise RuntimeError("single_process_parallel: a multi-process group is already initialised")
-        initialize_parallel(tp=1, pp=1, seed=seed)
-        try:
-            yield
-        finally:
-            destroy_parallel(destroy_process_group=owned)
-
-    return _ctx()

@@ -42,6 +42,7 @@ def train(cfg: Config) -> RunResult:
     from spactor_mega.model.spactor import build_spactor_modules
     from spactor_mega.model.t5 import model_vocab_size
     from spactor_mega.parallel.layout import config_layout
+    from spactor_mega.parallel.pipeline import as_chunks
     from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.training.engines import build_engine
     from spactor_mega.training.metrics import RunLogger
@@ -84,7 +85,7 @@ def train(cfg: Config) -> RunResult:
     )
     weights_only = checkpoint is not None and record.get("weights_only", False)
     if weights_only:  # an imported model: D's weights; G, the RTD head and optimizers start afresh
-        for chunk in (d if isinstance(d, list) else [d]):  # virtual stages: one load per chunk
+        for chunk in as_chunks(d):  # virtual stages: one load per chunk
             load_model_weights(checkpoint, chunk)
     engine = build_engine(cfg, d, g, rtd, _loss_fn(cfg, tokenizer), bf16)
     if checkpoint is not None and not weights_only:
@@ -93,12 +94,13 @@ def train(cfg: Config) -> RunResult:
     flops = sample_flops(cfg, corruption.encoder_length, corruption.decoder_length, vocab, builder.mlm_capacity)
     log = RunLogger(cfg.logging.tensorboard_dir, t.steps, step, enabled=rank == 0, progress=cfg.logging.progress)
     counts = engine.parameter_counts()
+    pipeline = ""
+    if p.pipeline_model_parallel_size > 1:
+        virtual = p.virtual_pipeline_model_parallel_size
+        pipeline = f" (layout {layout.describe()}" + (f", {virtual} virtual stages per rank)" if virtual > 1 else ")")
     log.line(
         f"[train] world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x DP {dp_size}"
-        + (f" (layout {layout.describe()}" if p.pipeline_model_parallel_size > 1 else "")
-        + (f", {p.virtual_pipeline_model_parallel_size} virtual stages per rank"
-           if p.virtual_pipeline_model_parallel_size > 1 else "")
-        + (")" if p.pipeline_model_parallel_size > 1 else "") + "; "
+        f"{pipeline}; "
         f"D {counts['discriminator'] / 1e6:.2f}M params per rank, G {generator_num_layers(cfg)} layers "
         f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={cfg.spactor.tau}; "
         f"FLOPs/sample hybrid {format_flops(flops.hybrid)}, SC-only {format_flops(flops.sc_only)}"

@@ -41,7 +41,7 @@ def test_exported_model_fills_sentinels_like_ours(trained, tmp_path):
     from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
     from spactor_mega.model.decoding import greedy_decode
     from spactor_mega.model.t5 import T5Discriminator, export_vocab_size, model_vocab_size
-    from spactor_mega.parallel.testing import single_process_parallel
+    from spactor_mega.parallel.state import single_process_parallel
 
     cfg, result = trained
     checkpoint = Path(result["checkpoint"])

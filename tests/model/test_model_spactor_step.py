@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spactor_mega.parallel.testing import single_process_parallel
+from spactor_mega.parallel.state import single_process_parallel
 
 VOCAB, SP_SIZE, MASK_ID = 256, 150, 250
 

@@ -4,7 +4,7 @@ mapping round-trips."""
 import pytest
 import torch
 
-from spactor_mega.parallel.testing import single_process_parallel
+from spactor_mega.parallel.state import single_process_parallel
 
 VOCAB = 256
 

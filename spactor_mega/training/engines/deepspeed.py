@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from spactor_mega.config import Config
-from spactor_mega.training.engines.megatron import _average
+from spactor_mega.parallel.pipeline import average_metrics
 
 D_TAG, AUX_TAG = "discriminator", "generator_rtd"
 
@@ -217,7 +217,7 @@ class DeepSpeedEngine:
                 engine.step()  # the optimizer steps at the accumulation boundary (the last micro-batch)
             outputs.append(metrics)
         self.d_scheduler.step(increment=1)
-        result = _average(outputs)
+        result = average_metrics(outputs)
         result["grad_norm"] = _norm(self.d)
         result["lr"] = self.d.optimizer.param_groups[0]["lr"]
         if hybrid:
@@ -231,7 +231,7 @@ class DeepSpeedEngine:
         for engine in engines:
             engine.eval()
         try:
-            return _average([self._micro_step(b, hybrid, step, i)[1] for i, b in enumerate(micro_batches)])
+            return average_metrics([self._micro_step(b, hybrid, step, i)[1] for i, b in enumerate(micro_batches)])
         finally:
             for engine in engines:
                 engine.train()

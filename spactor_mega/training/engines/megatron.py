@@ -30,7 +30,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from spactor_mega.checkpoint.megatron import strip_prefix
 from spactor_mega.config import Config
+from spactor_mega.parallel.pipeline import as_chunks, average_metrics
 
 
 def _ddp_config():
@@ -105,8 +107,7 @@ class MegatronEngine:
         self.objective = getattr(loss_fn, "objective", None)
         if self.pp > 1 and self.objective is None:
             raise ValueError("pipeline parallelism needs loss_fn.objective (a SpactorObjective)")
-        chunks = list(discriminator) if isinstance(discriminator, (list, tuple)) else [discriminator]
-        self.d_chunks = [DDP(c.config, _ddp_config(), c) for c in chunks]
+        self.d_chunks = [DDP(c.config, _ddp_config(), c) for c in as_chunks(discriminator)]
         self.d = self.d_chunks[0]  # the first chunk's config drives the schedule
         self.d_optimizer = _optimizer(cfg, self.d_chunks, bf16)
         self.d_scheduler = build_lr_scheduler(self.d_optimizer, cfg)
@@ -216,7 +217,7 @@ class MegatronEngine:
             micro_batch_size=micro_batches[0]["enc_tokens"].shape[0],
             forward_only=forward_only,
         )
-        return _average(outputs)
+        return average_metrics(outputs)
 
     def _forward_step(self, hybrid: bool, step: int):
         engine = self
@@ -288,7 +289,7 @@ class MegatronEngine:
 
     def load_state_dict(self, state: dict) -> None:
         for key, prefix, model in self._parts():
-            model.module.load_state_dict(_strip(state[key], prefix), strict=True)
+            model.module.load_state_dict(strip_prefix(state[key], prefix), strict=True)
         self._load_optimizer(self.d_optimizer, state["d_optimizer"])
         self.d_scheduler.load_state_dict(state["d_scheduler"])
         if self.aux_optimizer is not None:
@@ -321,16 +322,6 @@ def _optimizer_state_numel(optimizer: Optional[object]) -> int:
         for state in part.optimizer.state.values():
             total += sum(v.numel() for v in state.values() if torch.is_tensor(v))
     return total
-
-
-def _strip(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-
-
-def _average(outputs: list[dict]) -> dict[str, float]:
-    if not outputs:
-        return {}
-    return {k: float(sum(float(o[k]) for o in outputs) / len(outputs)) for k in outputs[0]}
 
 
 def _any_rank(flag: bool) -> bool:
