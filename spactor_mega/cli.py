@@ -10,13 +10,15 @@ import argparse
 import importlib
 import sys
 
+from spactor_mega.errors import UserError
+
 # name -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
     "tokenizer": ("spactor_mega.data.train_tokenizer", "train a SentencePiece tokenizer with T5's conventions"),
-    "preprocess": ("spactor_mega.data.preprocess", "C4 json/json.gz/jsonl -> Megatron indexed dataset"),
-    "prepare": ("spactor_mega.data.prepare", "build the tokenizer and datasets a config needs, show a batch"),
+    "preprocess": ("spactor_mega.data.preprocess_cli", "C4 json/json.gz/jsonl -> Megatron indexed dataset"),
+    "prepare": ("spactor_mega.prepare_cli", "build the tokenizer and datasets a config needs, show a batch"),
     "train": ("spactor_mega.training.cli", "pretrain a T5 with SpacTor (Megatron-Core or DeepSpeed engine)"),
-    "convert": ("spactor_mega.checkpoint.cli", "convert checkpoints to and from Hugging Face T5"),
+    "convert": ("spactor_mega.convert.cli", "convert checkpoints to and from Hugging Face T5"),
 }
 
 
@@ -31,12 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            try:
-                importlib.import_module(module).add_arguments(p)
-            except ModuleNotFoundError as e:
-                if e.name != module:
-                    raise
-                p.set_defaults(unavailable=f"`spactor {name}` is not implemented yet")
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -44,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     args = build_parser().parse_args()
-    if getattr(args, "unavailable", None):
-        print(f"spactor: {args.unavailable}", file=sys.stderr)
-        return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    from spactor_mega.errors import UserError
-
     try:
         return int(module.run(args) or 0)
     except UserError as e:

@@ -1,17 +1,15 @@
-"""One typed configuration for every command, validated in one place.
+"""One typed configuration for every command: the schema and its parsing, nothing else.
 
 YAML presets (``configs/*.yaml``) fill the dataclasses; command-line flags named
-``--section.field`` (e.g. ``--train.steps 200``) override them; :func:`validate` rejects
-anything that cannot work with a one-line reason naming the field.
+``--section.field`` (e.g. ``--train.steps 200``) override them.
+:func:`spactor_mega.plan.validate.validate` rejects anything that cannot work with a one-line
+reason naming the field.
 """
 
 from __future__ import annotations
 
-from spactor_mega.errors import UserError
-
 import argparse
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +17,14 @@ from typing import Any, Optional
 
 import yaml
 
+from spactor_mega.errors import UserError
+
 
 class ConfigError(UserError):
     """A configuration that cannot work; the message names the field and the fix."""
+
+
+INIT_SCHEMES = ("megatron", "t5")  # ModelConfig.init
 
 
 @dataclass
@@ -41,7 +44,11 @@ class ModelConfig:
     # The embedding is padded to a multiple of this times TP (as Megatron does) so it splits
     # evenly; the padded rows are never produced by the tokenizer.
     make_vocab_size_divisible_by: int = 128
-    init_method_std: float = 0.02
+    # Weight initialisation (spactor_mega/model/init.py): "megatron" = N(0, init_method_std),
+    # output layers scaled by 1/sqrt(2 * layers); "t5" = mesh-tensorflow / HF T5's per-tensor
+    # fan-in scales (attention logits of std ~1 at any width; G's tied head scaled by d_model**-0.5).
+    init: str = "megatron"
+    init_method_std: float = 0.02  # the "megatron" scheme's std
     # Vocabulary rows before that padding, and the rows an HF export gets. None: the
     # tokenizer's pieces + sentinels + mask (exported padded to make_vocab_size_divisible_by);
     # `spactor convert from-hf` sets the imported model's vocab_size (e.g. 32128).
@@ -68,6 +75,7 @@ class SpactorConfig:
     tau: float = 0  # first SC-only step; 0 = plain T5, inf = hybrid throughout
     mlm_weight: float = 1.0
     rtd_weight: float = 10.0
+    z_loss: float = 0.0  # T5X's auxiliary z-loss on D's LM logits, z_loss * log(Z)^2 (T5X default 1e-4; 0: off)
 
 
 @dataclass
@@ -103,13 +111,15 @@ class OptimConfig:
     optimizer: str = "adamw"  # adamw | adafactor
     lr: float = 1e-3
     min_lr: float = 1e-5
-    lr_schedule: str = "inverse-sqrt"  # inverse-sqrt | cosine | constant
+    # inverse-sqrt: linear warmup, then lr*sqrt(warmup/step) (Megatron) | constant-inverse-sqrt: T5's,
+    # lr for the warmup steps, then lr*sqrt(warmup/step) | cosine | constant (all after a linear warmup)
+    lr_schedule: str = "inverse-sqrt"
     warmup_steps: int = 100
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # global gradient-norm clipping; 0: off (T5 v1.1 with Adafactor clipped none)
 
 
 @dataclass
@@ -119,7 +129,9 @@ class TrainConfig:
     global_batch_size: int = 128
     micro_batch_size: int = 8
     seed: int = 1234
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # auto (bf16 on GPUs with native bf16, fp32 elsewhere) | fp32 | bf16 (bf16 weights and activations;
+    # fp32 master weights, optimizer state and gradient reduction)
+    precision: str = "auto"
     save_dir: str = "runs/default/checkpoints"
     save_interval: int = 500
     resume: Optional[str] = None  # None | auto | a checkpoint directory
@@ -262,88 +274,4 @@ def config_from_args(args: argparse.Namespace) -> Config:
         except ValueError as e:
             raise ConfigError(f"--{section}.{key}: {e}") from None
         _apply(cfg, section, key, value, f"--{section}.{key}")
-    return cfg
-
-
-def uses_bf16(cfg: Config) -> bool:
-    """train.precision resolved: ``auto`` is bf16 where the GPU supports it, fp32 elsewhere."""
-    if cfg.train.precision == "auto":
-        import torch
-
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return cfg.train.precision == "bf16"
-
-
-def generator_num_layers(cfg: Config) -> int:
-    return max(1, round(cfg.generator.depth_fraction * cfg.model.num_encoder_layers))
-
-
-def validate(cfg: Config, world_size: int = 1) -> Config:
-    """Rejects a config that cannot work, naming the field and the fix. Returns ``cfg``."""
-    m, g, s, p, t, o = cfg.model, cfg.generator, cfg.spactor, cfg.parallel, cfg.train, cfg.optim
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    for name in ("d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers"):
-        need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    need(0.0 < s.noise_density < 1.0, f"spactor.noise_density must be in (0, 1), got {s.noise_density}")
-    need(s.mean_noise_span_length >= 1.0, f"spactor.mean_noise_span_length must be >= 1, got {s.mean_noise_span_length}")
-    need(0.0 <= s.mlm_fraction < 1.0, f"spactor.mlm_fraction must be in [0, 1), got {s.mlm_fraction}")
-    need(not math.isnan(s.tau) and s.tau >= 0, f"spactor.tau must be >= 0 (0 = plain T5, inf = hybrid throughout), got {s.tau}")
-    need(s.mlm_weight >= 0, f"spactor.mlm_weight must be >= 0, got {s.mlm_weight}")
-    need(s.rtd_weight >= 0, f"spactor.rtd_weight must be >= 0, got {s.rtd_weight}")
-    need(g.temperature > 0, f"generator.temperature must be > 0, got {g.temperature}")
-    need(0 < g.depth_fraction <= 1, f"generator.depth_fraction must be in (0, 1], got {g.depth_fraction}")
-    need(cfg.data.encoder_seq_length >= 8, f"data.encoder_seq_length must be >= 8, got {cfg.data.encoder_seq_length}")
-
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    need(tp >= 1 and pp >= 1, "parallel sizes must be >= 1")
-    need(world_size % (tp * pp) == 0,
-         f"world size {world_size} is not divisible by tensor x pipeline parallel size {tp}x{pp}; "
-         "launch a multiple of TP*PP processes")
-    dp = world_size // (tp * pp)
-    heads = [("model.num_heads", m.num_heads)]
-    if g.num_heads is not None:
-        heads.append(("generator.num_heads", g.num_heads))
-    for name, value in heads:
-        need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
-    for name, value in (("model.d_ff", m.d_ff),) + ((("generator.d_ff", g.d_ff),) if g.d_ff else ()):
-        need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
-    need(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
-    need(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive or unset, got {m.vocab_size}")
-
-    need(t.engine in ("megatron", "deepspeed"), f"train.engine must be megatron or deepspeed, got {t.engine!r}")
-    need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
-    need(t.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
-    need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
-         f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x data-parallel "
-         f"size = {t.micro_batch_size}x{dp}; change one of them")
-    vp = p.virtual_pipeline_model_parallel_size
-    need(vp >= 1, f"parallel.virtual_pipeline_model_parallel_size must be >= 1, got {vp}")
-    if vp > 1:
-        need(pp > 1, f"parallel.virtual_pipeline_model_parallel_size={vp} needs "
-             "parallel.pipeline_model_parallel_size > 1 (virtual stages interleave over pipeline ranks)")
-        micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
-        need(micro_batches % pp == 0,
-             f"parallel.virtual_pipeline_model_parallel_size={vp}: the {micro_batches} micro-batches per step "
-             f"(train.global_batch_size / (micro_batch_size x DP)) must be a multiple of "
-             f"parallel.pipeline_model_parallel_size={pp} (Megatron's interleaved schedule)")
-        need(t.eval_interval <= 0 or t.eval_batches % pp == 0,
-             f"parallel.virtual_pipeline_model_parallel_size={vp}: train.eval_batches={t.eval_batches} must be a "
-             f"multiple of parallel.pipeline_model_parallel_size={pp} (Megatron's interleaved schedule)")
-    need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
-    need(o.optimizer in ("adamw", "adafactor"), f"optim.optimizer must be adamw or adafactor, got {o.optimizer!r}")
-    need(o.lr_schedule in ("inverse-sqrt", "cosine", "constant"),
-         f"optim.lr_schedule must be inverse-sqrt, cosine or constant, got {o.lr_schedule!r}")
-    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    if pp > 1 or p.pipeline_layout:  # also refuses more stages than layers, naming both
-        from spactor_mega.parallel.layout import config_layout
-
-        config_layout(cfg)
-    if t.engine == "deepspeed":
-        from spactor_mega.training.engines.deepspeed_config import check_deepspeed
-
-        check_deepspeed(cfg, dp)
     return cfg

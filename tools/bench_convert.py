@@ -35,7 +35,7 @@ DEMO = ROOT / "data" / "demo_c4"
 _MEASURE = r"""
 import json, sys, time
 import torch, transformers, megatron.core, safetensors  # noqa: F401  (what any conversion imports)
-from spactor_mega.checkpoint import hf_export, hf_import  # noqa: F401
+from spactor_mega.convert import hf_export, hf_import  # noqa: F401
 from spactor_mega.parallel.state import single_process_parallel
 
 def status(field):
@@ -63,15 +63,17 @@ import sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
 import torch
-from spactor_mega.checkpoint.megatron import make_record, save_checkpoint
+from spactor_mega.checkpoint.megatron import save_checkpoint
+from spactor_mega.checkpoint.store import make_record
 from spactor_mega.config import Config
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer, train_sentencepiece
-from spactor_mega.model.spactor import build_spactor_modules
+from spactor_mega.model.stages import build_spactor_modules
 from spactor_mega.model.synthetic import synthetic_batch
 from spactor_mega.model.t5 import model_vocab_size
 from spactor_mega.parallel.state import single_process_parallel
-from spactor_mega.training.engines.megatron import MegatronEngine
-from spactor_mega.training.loop import _loss_fn
+from spactor_mega.curriculum import Phase
+from spactor_mega.model.spactor import SpactorObjective
+from spactor_mega.training.engines import build_engine
 import gzip, json
 
 work = Path({str(work)!r})
@@ -89,8 +91,9 @@ with single_process_parallel():
     vocab = model_vocab_size(m, tok.model_vocab_size, 1)
     d, g, rtd = build_spactor_modules(cfg, vocab)
     print(sum(p.numel() for p in d.parameters()) * 4)
-    engine = MegatronEngine(cfg, d, g, rtd, _loss_fn(cfg, tok), bf16=False)
-    engine.train_step([synthetic_batch(1, 16, 4, 2, sp_size=tok.sp_size)], hybrid=True, step=0)  # AdamW state
+    objective = SpactorObjective.from_config(cfg, mask_id=tok.mask_id, sample_vocab_size=tok.sp_size)
+    engine = build_engine(cfg, d, g, rtd, objective, False)
+    engine.train_step([synthetic_batch(1, 16, 4, 2, sp_size=tok.sp_size)], Phase.HYBRID)  # AdamW state
     save_checkpoint(work / "ckpt", 100, engine.sharded_state_dict(), make_record(cfg, 100, vocab), tok.model_file)
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,

@@ -20,7 +20,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -84,10 +83,12 @@ def _worker(rank, world_size, args, zero):
 
     from spactor_mega.data.dataset import SpactorBatchBuilder
     from spactor_mega.data.span_corruption import SpanCorruption, sample_keys
-    from spactor_mega.model.spactor import SpactorObjective, build_spactor_modules
+    from spactor_mega.curriculum import Phase
+    from spactor_mega.model.spactor import SpactorObjective
+    from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
     from spactor_mega.training.engines import build_engine
-    from spactor_mega.training.memory_estimate import model_state_bytes
+    from spactor_mega.plan.memory import model_state_bytes
 
     cfg = _config(args, zero)
     initialize_parallel(1, 1, cfg.train.seed)
@@ -100,18 +101,15 @@ def _worker(rank, world_size, args, zero):
                    for i in range(args.steps)]
         objective = SpactorObjective.from_config(cfg, mask_id=SP_SIZE + 100, sample_vocab_size=SP_SIZE)
 
-        def loss_fn(batch, d, g, rtd, hybrid, step, micro_batch):
-            return objective(batch, d, g, rtd, stage="hybrid" if hybrid else "sc", step=step, micro_batch=micro_batch)
-
         d, g, rtd = build_spactor_modules(cfg, VOCAB, with_generator=True)
         params = sum(p.numel() for m in (d, g, rtd) for p in m.parameters())
         before = _rss_mb()
-        engine = build_engine(cfg, d, g, rtd, loss_fn, bf16=False)
+        engine = build_engine(cfg, d, g, rtd, objective, False)
         del d, g, rtd
         times = []
-        for step, batch in enumerate(batches):
+        for batch in batches:
             start = time.perf_counter()
-            engine.train_step([batch], hybrid=True, step=step)
+            engine.train_step([batch], Phase.HYBRID)
             times.append(time.perf_counter() - start)
         estimate = model_state_bytes(cfg, params, 2)
         return {"peak": _peak_mb(), "increase": _peak_mb() - before, "params": params,

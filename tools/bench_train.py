@@ -5,6 +5,8 @@ Prints, from one run on one machine:
 (a) tokens/s of our SC-only (stage 2) optimizer step vs ``transformers.T5ForConditionalGeneration``
     of the same shape, batch and optimizer (torch AdamW), the named baseline;
 (b) our stage-1 (hybrid) vs stage-2 step time, beside the FLOPs model's ratio of the two;
+(a, b) each precision of ``--precisions`` (default fp32 and bf16: bf16 weights and activations, fp32
+    master weights and optimizer state), the same model and batches, fp32 the baseline;
 (c) the pipeline bubble: the idle fraction of each pipeline rank's step, measured, beside the
     1F1B formula ``(p - 1) / (v m + p - 1)`` (the named baseline; ``v`` = 1 non-interleaved, ``v``
     virtual stages per rank with Megatron's interleaved schedule), for PP = 2 and 4 at several
@@ -35,11 +37,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from spactor_mega.config import Config  # noqa: E402
+from spactor_mega.curriculum import Phase  # noqa: E402
 from spactor_mega.data.dataset import SpactorBatchBuilder  # noqa: E402
 from spactor_mega.data.span_corruption import SpanCorruption, sample_keys  # noqa: E402
-from spactor_mega.training.schedule import sample_flops  # noqa: E402
+from spactor_mega.plan.flops import sample_flops  # noqa: E402
 from benchlib import table  # noqa: E402
-from spactor_mega.parallel.layout import balanced_layout, bubble_fraction  # noqa: E402
+from spactor_mega.plan.layout import balanced_layout, bubble_fraction  # noqa: E402
 
 SP_SIZE = 32000
 VOCAB = 32128
@@ -79,24 +82,22 @@ def timed(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench_ours(cfg: Config, steps: int) -> dict[str, float]:
-    from spactor_mega.model.spactor import HYBRID, SC_ONLY, SpactorObjective, build_spactor_modules
+def bench_ours(cfg: Config, steps: int, bf16: bool) -> dict[str, float]:
+    from spactor_mega.model.spactor import SpactorObjective
+    from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
-    from spactor_mega.training.engines.megatron import MegatronEngine
+    from spactor_mega.training.engines import build_engine
 
     initialize_parallel(1, 1, seed=1)
-    d, g, rtd = build_spactor_modules(cfg, VOCAB, with_generator=True)
+    d, g, rtd = build_spactor_modules(cfg, VOCAB, with_generator=True,
+                                      params_dtype=torch.bfloat16 if bf16 else torch.float32)
     objective = SpactorObjective.from_config(cfg, mask_id=SP_SIZE + 100, sample_vocab_size=SP_SIZE)
-
-    def loss_fn(batch, d, g, rtd, hybrid, step, micro_batch):
-        return objective(batch, d, g, rtd, stage=HYBRID if hybrid else SC_ONLY, step=step, micro_batch=micro_batch)
-
-    engine = MegatronEngine(cfg, d, g, rtd, loss_fn, bf16=False)
+    engine = build_engine(cfg, d, g, rtd, objective, bf16)
     hybrid_batches, _, _ = batches(cfg, steps + 1, True)
     sc_batches, _, _ = batches(cfg, steps + 1, False)
     result = {
-        "hybrid": timed(lambda i: engine.train_step([hybrid_batches[i]], hybrid=True, step=i), steps),
-        "sc": timed(lambda i: engine.train_step([sc_batches[i]], hybrid=False, step=i), steps),
+        "hybrid": timed(lambda i: engine.train_step([hybrid_batches[i]], Phase.HYBRID), steps),
+        "sc": timed(lambda i: engine.train_step([sc_batches[i]], Phase.SC_ONLY), steps),
     }
     destroy_parallel()
     return result
@@ -155,22 +156,17 @@ def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], 
     fraction of the step region [step start, end of the forward-backward schedule]. Busy time is the
     schedule's forward+backward compute, plus (stage 0, hybrid) the generator pass before it.
     ``vp``: virtual stages per rank (Megatron's interleaved schedule)."""
-    from spactor_mega.model.spactor import HYBRID, SC_ONLY, SpactorObjective
-    from spactor_mega.parallel.pipeline import build_stage_chunks
+    from spactor_mega.model.spactor import SpactorObjective
+    from spactor_mega.model.stages import build_stage_chunks
     from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
-    from spactor_mega.training.engines.megatron import MegatronEngine
+    from spactor_mega.training.engines import build_engine
 
     initialize_parallel(1, world, seed=1, vp=vp)
     sc = SpanCorruption(cfg.data.encoder_seq_length, SP_SIZE + 99)
     layout = balanced_layout(cfg, world * vp, sc.encoder_length, sc.decoder_length, vocab_size=VOCAB)
     d, g, rtd = build_stage_chunks(cfg, VOCAB, layout.stage_split(), with_generator=True)
     objective = SpactorObjective.from_config(cfg, mask_id=SP_SIZE + 100, sample_vocab_size=SP_SIZE)
-
-    def loss_fn(batch, d, g, rtd, hybrid, step, micro_batch):
-        return objective(batch, d, g, rtd, stage=HYBRID if hybrid else SC_ONLY, step=step, micro_batch=micro_batch)
-
-    loss_fn.objective = objective
-    engine = MegatronEngine(cfg, d, g, rtd, loss_fn, bf16=False)
+    engine = build_engine(cfg, d, g, rtd, objective, False)
     results = {"layout": layout.describe()}
     for hybrid in (True, False):
         for m in microbatches:
@@ -181,7 +177,7 @@ def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], 
                 engine.d.config.timers = timers
                 torch.distributed.barrier()
                 start = time.perf_counter()
-                engine.train_step(data, hybrid=hybrid, step=i)
+                engine.train_step(data, Phase.HYBRID if hybrid else Phase.SC_ONLY)
                 engine.d.config.timers = None
                 schedule_start = timers.first_start["forward-backward"]
                 region = schedule_start - start + timers.total["forward-backward"]
@@ -226,6 +222,7 @@ def main() -> int:
     parser.add_argument("--encoder-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--parts", default="a,b,c", help="which tables: a (vs HF), b (stage 1 vs 2), c (bubble)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="(a, b) our engine's precisions; fp32 is the baseline")
     parser.add_argument("--pipeline-stages", default="2,4", help="(c) PP sizes")
     parser.add_argument("--microbatches", default="1,2,4,8", help="(c) micro-batches per step")
     parser.add_argument("--virtual-stages", default="1,2", help="(c) virtual stages per rank (interleaved)")
@@ -238,24 +235,29 @@ def main() -> int:
     tokens = args.batch * sc.encoder_length
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{'GPU' if torch.cuda.is_available() else 'CPU'}; model d_model {args.d_model}, {args.layers}+{args.layers} "
-          f"layers, vocab {VOCAB}; batch {args.batch} x {sc.encoder_length}/{sc.decoder_length}; fp32, AdamW")
+          f"layers, vocab {VOCAB}; batch {args.batch} x {sc.encoder_length}/{sc.decoder_length}; AdamW; "
+          f"ours in {args.precisions}")
 
+    precisions = args.precisions.split(",")
     if parts & {"a", "b"}:
         hf = bench_hf(cfg, args.steps)
-        ours = bench_ours(cfg, args.steps)
+        ours = {p: bench_ours(cfg, args.steps, bf16=p == "bf16") for p in precisions}
     if "a" in parts:
-        table("(a) SC-only training step, encoder tokens/s (median step)", ["implementation", "s/step", "tokens/s", "vs HF"], [
-            ["transformers T5ForConditionalGeneration (baseline)", f"{hf:.3f}", f"{tokens / hf:,.0f}", "1.00x"],
-            ["spactor_mega, Megatron-Core engine, stage 2", f"{ours['sc']:.3f}", f"{tokens / ours['sc']:,.0f}",
-             f"{hf / ours['sc']:.2f}x"],
-        ])
+        rows = [["transformers T5ForConditionalGeneration (baseline)", "fp32", f"{hf:.3f}", f"{tokens / hf:,.0f}", "1.00x"]]
+        rows += [["spactor_mega, Megatron-Core engine, stage 2", p, f"{ours[p]['sc']:.3f}", f"{tokens / ours[p]['sc']:,.0f}",
+                  f"{hf / ours[p]['sc']:.2f}x"] for p in precisions]
+        table("(a) SC-only training step, encoder tokens/s (median step)",
+              ["implementation", "precision", "s/step", "tokens/s", "vs HF"], rows)
     flops = sample_flops(cfg, sc.encoder_length, sc.decoder_length, VOCAB, builder.mlm_capacity)
     if "b" in parts:
-        table("(b) stage 1 (hybrid) vs stage 2 (SC only)", ["stage", "s/step", "measured ratio", "FLOPs-model ratio"], [
-            ["stage 2: SC only", f"{ours['sc']:.3f}", "1.00", "1.00"],
-            ["stage 1: SC + MLM(G) + RTD", f"{ours['hybrid']:.3f}", f"{ours['hybrid'] / ours['sc']:.2f}",
-             f"{flops.hybrid / flops.sc_only:.2f}"],
-        ])
+        base = ours[precisions[0]]
+        rows = []
+        for p in precisions:
+            rows += [["stage 2: SC only", p, f"{ours[p]['sc']:.3f}", "1.00", "1.00", f"{ours[p]['sc'] / base['sc']:.2f}"],
+                     ["stage 1: SC + MLM(G) + RTD", p, f"{ours[p]['hybrid']:.3f}", f"{ours[p]['hybrid'] / ours[p]['sc']:.2f}",
+                      f"{flops.hybrid / flops.sc_only:.2f}", f"{ours[p]['hybrid'] / base['hybrid']:.2f}"]]
+        table(f"(b) stage 1 (hybrid) vs stage 2 (SC only); last column: s/step vs {precisions[0]} (baseline)",
+              ["stage", "precision", "s/step", "measured ratio", "FLOPs-model ratio", f"vs {precisions[0]}"], rows)
     if "c" in parts:
         pipe_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=args.pipeline_batch))
         rows = bench_bubble(pipe_cfg, [int(x) for x in args.pipeline_stages.split(",")],

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """C4 text -> Megatron indexed dataset for SpacTor pretraining; see --help.
 
-A thin wrapper around :func:`spactor_mega.data.preprocess.main` (also wired as
+A thin wrapper around :func:`spactor_mega.data.preprocess_cli.main` (also wired as
 ``spactor preprocess``), runnable from a checkout without installing the package.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spactor_mega.data.preprocess import main  # noqa: E402
+from spactor_mega.data.preprocess_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

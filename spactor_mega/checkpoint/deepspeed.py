@@ -1,10 +1,10 @@
 """DeepSpeed checkpoints of the DeepSpeed engine, consolidated into full fp32 tensors.
 
 A checkpoint is ``SAVE_DIR/iter_NNNNNNN/`` with one DeepSpeed checkpoint per engine
-(``discriminator/``, and before tau ``generator_rtd/``) plus the same ``run.json`` and
-``latest`` as :mod:`spactor_mega.checkpoint.megatron`. :func:`consolidated_state_dict` turns it
+(``discriminator/``, and before tau ``generator_rtd/``) in the store's folder, beside its
+``run.json`` (:mod:`spactor_mega.checkpoint.store`). :func:`consolidated_state_dict` turns it
 into one state dict keyed like our TP=1 modules (``discriminator.``, ``generator.``,
-``rtd_head.`` prefixes): what ``spactor convert to-hf`` reads.
+``rtd_head.`` prefixes); :func:`read_weights` splits it by module: what ``spactor convert to-hf`` reads.
 
 Tensor parallelism: DeepSpeed writes one set of files per model-parallel (TP) rank
 (``*mp_rank_XX_*``), each holding that rank's shards. At save time the engine records, per
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from spactor_mega.checkpoint.megatron import CheckpointError, read_record
+from spactor_mega.checkpoint.store import CheckpointError, read_record, recorded_engine
+from spactor_mega.parallel.cpu_compat import import_deepspeed
 from spactor_mega.parallel.tensor_shards import merge_tp_shards, tp_attributes
 
 ENGINE_TAGS = ("discriminator", "generator_rtd")
@@ -44,9 +45,7 @@ def write_tp_layout(folder: Path, module: torch.nn.Module, tp: int) -> None:
 def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 tensors of every module the checkpoint holds (runs in one process, no GPU)."""
     path = Path(path)
-    record = read_record(path)
-    config = record.get("config", {})
-    engine = config.get("train", {}).get("engine", "megatron")
+    engine = recorded_engine(read_record(path))
     if engine != "deepspeed":
         raise CheckpointError(f"{path}: written by train.engine={engine}, not a DeepSpeed checkpoint")
     state: dict[str, torch.Tensor] = {}
@@ -56,6 +55,17 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not state:
         raise CheckpointError(f"{path}: no DeepSpeed engine checkpoint ({', '.join(ENGINE_TAGS)}) in it")
     return state
+
+
+def read_weights(path: Path, record: dict, modules: tuple[str, ...]) -> dict[str, dict]:
+    """The DeepSpeed engine's checkpoint reader (its ``read_weights`` in :data:`spactor_mega.plan.engines.ENGINES`):
+    ``{module: {name: full fp32 tensor}}`` for ``modules`` (of discriminator, generator, rtd_head)."""
+    full = consolidated_state_dict(path)
+    out = {}
+    for module in modules:
+        prefix = f"{module}."
+        out[module] = {k[len(prefix):]: full.pop(k) for k in [k for k in full if k.startswith(prefix)]}
+    return out
 
 
 def _engine_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -79,10 +89,11 @@ def _tp_rank_state(folder: Path, rank: int) -> dict[str, torch.Tensor]:
     """One TP rank's full-over-DP fp32 tensors (its TP shards)."""
     files = f"*mp_rank_{rank:02d}_*_states.pt"
     if any(folder.glob(f"*mp_rank_{rank:02d}_optim_states.pt")):
-        from spactor_mega.training.engines.deepspeed import import_deepspeed
-
+        # DeepSpeed is imported here, not at module top: import_deepspeed must pick its accelerator first.
         import_deepspeed()
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         # ZeRO 1-3 (and bf16): the fp32 master partitions of every DP rank, reassembled. zero_to_fp32
         # reads every rank's files in a folder as one model-parallel rank, so it gets this rank's alone.

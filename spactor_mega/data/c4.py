@@ -330,7 +330,7 @@ def _import_datasets():
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import datasets
+        import datasets  # optional and slow to import: only these inputs need it
     except ImportError:
         raise InputError("reading parquet, arrow or `save_to_disk` inputs needs `pip install datasets`") from None
     datasets.disable_progress_bars()
@@ -339,6 +339,7 @@ def _import_datasets():
 
 
 def _file_columns(path: Path) -> list[str]:
+    # pyarrow comes with the optional `datasets` (called after _import_datasets checked it)
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -14,9 +14,6 @@ both stages, MLM positions only when the step is hybrid (stage 1).
 
 from __future__ import annotations
 
-from spactor_mega.errors import UserError
-
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -28,8 +25,12 @@ import torch
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # Megatron warns about missing apex/TE on import
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        BlendedMegatronDatasetConfig,
+    )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.datasets.megatron_dataset import MegatronDataset
     from megatron.core.datasets.utils import Split
@@ -40,6 +41,8 @@ from spactor_mega.data.span_corruption import (
     mlm_positions,
     sample_keys,
 )
+from spactor_mega.data.special_tokens import PAD_ID, special_mask
+from spactor_mega.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +156,9 @@ class SpactorBatchBuilder:
 
     Batch fields (torch, batch-first): ``enc_tokens`` [B, S_enc] int64, ``enc_mask`` bool,
     ``dec_input`` / ``labels`` [B, S_dec] int64, ``dec_loss_mask`` float32; hybrid steps add
-    ``mlm_positions`` / ``mlm_targets`` [B, M] int64 and ``mlm_weights`` [B, M] float32.
+    ``mlm_positions`` / ``mlm_targets`` [B, M] int64, ``mlm_weights`` [B, M] float32 and
+    ``sample_keys`` [B] int64 (each sample's random key, bits of the uint64: G's sampling noise
+    is keyed by it, so a sample's replacements do not depend on the batch layout).
     """
 
     corruption: SpanCorruption
@@ -164,27 +169,25 @@ class SpactorBatchBuilder:
     def mlm_capacity(self) -> int:
         return mlm_capacity(self.corruption.encoder_length, self.corruption.num_spans, self.mlm_fraction)
 
-    def special_mask(self, tokens: np.ndarray) -> np.ndarray:
-        return (tokens <= 1) | (tokens >= self.sp_size)  # pad 0, EOS 1, sentinels, mask
-
     def __call__(self, raw: np.ndarray, keys: np.ndarray, with_mlm: bool) -> dict[str, torch.Tensor]:
         inputs, targets = self.corruption(raw, keys)
-        dec_input = np.zeros_like(targets)
-        dec_input[:, 1:] = targets[:, :-1]  # shift right; 0 is pad and decoder start
+        dec_input = np.full_like(targets, PAD_ID)
+        dec_input[:, 1:] = targets[:, :-1]  # shift right; pad is also the decoder's start token
         batch = {
             "enc_tokens": torch.from_numpy(inputs),
-            "enc_mask": torch.from_numpy(inputs != 0),
+            "enc_mask": torch.from_numpy(inputs != PAD_ID),
             "dec_input": torch.from_numpy(dec_input),
             "labels": torch.from_numpy(targets),
-            "dec_loss_mask": torch.from_numpy((targets != 0).astype(np.float32)),
+            "dec_loss_mask": torch.from_numpy((targets != PAD_ID).astype(np.float32)),
         }
         if with_mlm:
             positions, weights = mlm_positions(
-                inputs, keys, self.mlm_fraction, self.special_mask(inputs), self.mlm_capacity
+                inputs, keys, self.mlm_fraction, special_mask(inputs, self.sp_size), self.mlm_capacity
             )
             batch["mlm_positions"] = torch.from_numpy(positions)
             batch["mlm_targets"] = torch.from_numpy(np.take_along_axis(inputs, positions, axis=1))
             batch["mlm_weights"] = torch.from_numpy(weights)
+            batch["sample_keys"] = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.uint64).view(np.int64))
         return batch
 
 

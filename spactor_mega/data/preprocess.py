@@ -1,7 +1,8 @@
 """C4 text -> one Megatron indexed dataset (``<prefix>.bin/.idx``), one document per JSON line.
 
 Pipeline: the main process reads raw lines (:func:`spactor_mega.data.c4.iter_lines`) into
-chunks of about ``chunk_bytes``; worker processes take chunks as they get free, parse and
+chunks of about ``chunk_bytes``; worker processes
+(:class:`~spactor_mega.data.worker_pool.WorkerPool`) take chunks as they get free, parse and
 validate the lines with :func:`~spactor_mega.data.c4.parse_line`'s rules and encode them with
 SentencePiece straight to numpy (EOS appended by SentencePiece), returning each
 chunk as one array in the output dtype; the main process writes the results in chunk order
@@ -19,15 +20,11 @@ workers are forked and inherit the tokenizer the main process has already loaded
 
 from __future__ import annotations
 
-import argparse
 import json
+import multiprocessing as mp
 import os
-import pickle
-import signal
 import sys
-import threading
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,17 +47,14 @@ from spactor_mega.data.c4 import (
     source_size,
 )
 from spactor_mega.data.indexed_writer import IndexedDatasetWriter, optimal_dtype
-from spactor_mega.data.tokenizer import T5SentencePieceTokenizer, TokenizerError
-from spactor_mega.errors import UserError
+from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
+from spactor_mega.data.worker_pool import WorkerPool
+from spactor_mega.errors import OutputExistsError
 
 # Text per work unit: ~30 ms of encoding. Small enough that a few MB keep two workers busy to
 # the end and that a queued chunk fits in a worker pipe (1 MB), large enough that the cost
 # per chunk (~1 ms of pickling and pipe copies) stays small.
 DEFAULT_CHUNK_BYTES = 512 << 10
-
-
-class OutputExistsError(UserError):
-    """The output dataset exists and ``force`` was not given."""
 
 
 @dataclass
@@ -92,15 +86,13 @@ class PreprocessResult:
 
 
 # ----------------------------------------------------------------------------------------
-# Workers
+# The work on one chunk, in a worker process
 # ----------------------------------------------------------------------------------------
 _WORKER: dict = {}
 _PRELOADED: dict = {}  # tokenizer path -> SentencePieceProcessor, inherited by forked workers
 
 
 def _init_worker(tokenizer_path: str, json_keys: tuple, append_eod: bool, dtype: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not run_preprocess's handler, if forked
     sp = _PRELOADED.get(tokenizer_path)
     if sp is None:  # spawned, not forked: load it
         sp = T5SentencePieceTokenizer(tokenizer_path).sp
@@ -191,195 +183,6 @@ def _work(task):
     return flat, lengths, parsed, skips
 
 
-def _worker_loop(tasks, lock, results, initargs, inherited=()) -> None:
-    """A worker process: ``(number, task)`` in, ``(number, ok, result or exception)`` out; b"" stops.
-
-    ``inherited``: the main process's pipe ends that a forked worker got a copy of; closed, so
-    that the task pipe ends (EOF: the worker exits) when the main process is gone.
-    """
-    for conn in inherited:
-        conn.close()
-    _init_worker(*initargs)
-    while True:
-        with lock:  # the task pipe is shared: one whole message per reader
-            try:
-                message = tasks.recv_bytes()
-            except EOFError:
-                return
-        if not message:
-            return
-        number, task = pickle.loads(message)
-        try:
-            out = (number, True, _work(task))
-        except BaseException as e:  # raised by the main process, in task order
-            out = (number, False, (e, traceback.format_exc()))
-        try:
-            data = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # an unpicklable exception: its text
-            data = pickle.dumps((number, False, (RuntimeError(repr(out[2][0])), out[2][1])))
-        results.send_bytes(data)
-
-
-class _WorkerTraceback(Exception):
-    """The traceback of an error in a worker process (the ``__cause__`` of the re-raised error)."""
-
-    def __str__(self) -> str:
-        return "\n" + self.args[0]
-
-
-_F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032  # Linux fcntl commands
-_PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size
-
-
-def _pipe_capacity(conn, grow: bool) -> int:
-    """Bytes the pipe behind ``conn`` holds (grown to 1 MB where Linux allows), 0 if unknown."""
-    if sys.platform != "linux":
-        return 0
-    import fcntl
-
-    try:
-        if grow:
-            try:
-                fcntl.fcntl(conn.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
-            except OSError:  # a lower pipe-max-size or pipe-user-pages limit: keep the default
-                pass
-        return fcntl.fcntl(conn.fileno(), _F_GETPIPE_SZ)
-    except OSError:
-        return 0
-
-
-class _WorkerPool:
-    """Worker processes running :func:`_work`; results are collected by task number.
-
-    Workers take tasks from one shared pipe as they get free (so the last chunks go to
-    whoever is idle) and answer on a pipe of their own. The main process has no threads
-    (``ProcessPoolExecutor``'s feeder and manager threads need the GIL that reading holds,
-    which left workers waiting several ms per chunk) and writes a task only when it cannot
-    wait on a worker that waits on it: when some worker has no task, or when the tasks
-    possibly still in the pipe, this one included, fit in it (1 MB on Linux). Each worker
-    then finds its next task already waiting, up to ``depth`` tasks per worker in flight.
-    """
-
-    def __init__(self, workers: int, ctx, initargs: tuple, depth: int = 2):
-        self.workers = workers
-        self.limit = depth * workers
-        self.procs, self.results = [], []
-        self.owner: dict = {}  # result connection or process sentinel -> worker index
-        self.unanswered: dict = {}  # task number -> message bytes, in submission order
-        self.done: dict = {}  # task number -> (ok, result or exception)
-        self.submitted = 0
-        task_r, self.tasks = ctx.Pipe(duplex=False)
-        self.room = _pipe_capacity(self.tasks, grow=True)
-        lock = ctx.Lock()
-        forked = ctx.get_start_method() == "fork"
-        try:
-            for i in range(workers):
-                result_r, result_w = ctx.Pipe(duplex=False)
-                _pipe_capacity(result_w, grow=True)
-                inherited = [self.tasks, *self.results, result_r] if forked else []
-                proc = ctx.Process(target=_worker_loop, args=(task_r, lock, result_w, initargs, inherited),
-                                   name=f"preprocess-{i}", daemon=True)
-                proc.start()
-                result_w.close()
-                self.procs.append(proc)
-                self.results.append(result_r)
-                self.owner[result_r] = self.owner[proc.sentinel] = i
-        except BaseException:
-            self.terminate()
-            raise
-        finally:
-            task_r.close()
-
-    def submit(self, task) -> int:
-        """Sends ``task`` (collecting results until there is room for it); returns its number."""
-        number = self.submitted
-        message = pickle.dumps((number, task), protocol=pickle.HIGHEST_PROTOCOL)
-        while not self._fits(len(message)):
-            self.collect(block=True)
-        try:
-            self.tasks.send_bytes(message)
-        except OSError as e:  # no reader left
-            raise RuntimeError("preprocessing workers exited") from e
-        self.unanswered[number] = len(message)
-        self.submitted += 1
-        return number
-
-    def _fits(self, size: int) -> bool:
-        """Whether writing a ``size``-byte task now can never wait on a worker that waits on us.
-
-        Workers read tasks in submission order, so the tasks being worked on are the oldest
-        unanswered ones, one per busy worker; the later ones may still sit in the pipe (less
-        a page, which a half-read message can hold on to).
-        """
-        if len(self.unanswered) < self.workers:  # a worker without a task reads whatever comes
-            return True
-        if len(self.unanswered) >= self.limit:
-            return False
-        waiting = list(self.unanswered.values())[self.workers :]
-        return sum(waiting) + 8 * len(waiting) + size + 8 <= self.room - 4096
-
-    def collect(self, block: bool) -> None:
-        """Receives finished results into ``done``; waits for one first when ``block``."""
-        from multiprocessing.connection import wait
-
-        for obj in wait(list(self.owner), timeout=None if block else 0):
-            i = self.owner[obj]
-            if obj is not self.results[i]:  # a process sentinel: workers exit only when told
-                raise self._died(i)
-            try:
-                data = obj.recv_bytes()
-            except EOFError:
-                raise self._died(i) from None
-            number, ok, value = pickle.loads(data)
-            del self.unanswered[number]
-            self.done[number] = (ok, value)
-
-    def _died(self, i: int) -> RuntimeError:
-        self.procs[i].join(1)
-        return RuntimeError(f"preprocessing worker {self.procs[i].name} died "
-                            f"(exit code {self.procs[i].exitcode})")
-
-    def result(self, number: int):
-        """The result of task ``number`` (waiting for it); a worker's exception is raised here."""
-        while number not in self.done:
-            self.collect(block=True)
-        ok, value = self.done.pop(number)
-        if not ok:
-            error, text = value
-            raise error from _WorkerTraceback(text)
-        return value
-
-    def close(self) -> None:
-        """Stops the (idle) workers and waits for them."""
-        try:
-            for _ in self.procs:
-                self.tasks.send_bytes(b"")
-        except OSError:
-            pass
-        for proc in self.procs:
-            proc.join()
-        self._close_pipes()
-
-    def terminate(self) -> None:
-        """Stops the workers now (errors, Ctrl-C): SIGTERM, then SIGKILL for a worker still alive.
-
-        A worker forked a moment earlier still has the main process's SIGTERM handler; a SIGTERM
-        landing in one of Python's at-fork hooks raises there, is swallowed as "unraisable", and
-        the worker would then wait for tasks forever (seen under pytest after torch was imported)."""
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        self._close_pipes()
-
-    def _close_pipes(self) -> None:
-        for conn in [self.tasks, *self.results]:
-            conn.close()
-
-
 # ----------------------------------------------------------------------------------------
 # Main process
 # ----------------------------------------------------------------------------------------
@@ -419,7 +222,9 @@ class _Progress:
         self.disk_total = disk_total
         self.t0 = time.perf_counter()
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import (
+                tqdm,  # only for a terminal: imported here to keep start-up light
+            )
 
             self.bar = tqdm(total=disk_total, unit="B", unit_scale=True, unit_divisor=1000,
                             desc="preprocess", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
@@ -490,14 +295,13 @@ def preprocess(
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = f"{prefix}.tmp-{os.getpid()}.bin", f"{prefix}.tmp-{os.getpid()}.idx"
 
-    import multiprocessing as mp
-
     # fork: workers start in milliseconds with the tokenizer already loaded; they are forked
     # first, before the output file and the progress bar (a thread) exist.
     ctx = mp.get_context("fork") if sys.platform == "linux" else mp.get_context()
     _PRELOADED[str(tokenizer_path)] = tok.sp
     try:
-        pool = _WorkerPool(workers, ctx, (str(tokenizer_path), keys, append_eod, np.dtype(dtype).name))
+        pool = WorkerPool(workers, ctx, _work, _init_worker,
+                          (str(tokenizer_path), keys, append_eod, np.dtype(dtype).name), name="preprocess")
     finally:
         _PRELOADED.pop(str(tokenizer_path), None)
     stats = ReadStats()
@@ -561,103 +365,3 @@ def preprocess(
         dtype=np.dtype(dtype).name,
         report=report,
     )
-
-
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
-DESCRIPTION = """\
-Tokenize C4-format text into one Megatron indexed dataset (<prefix>.bin/.idx) for SpacTor
-pretraining. Inputs are JSON Lines files (.json, .jsonl, .json.gz, .jsonl.gz: one document
-per line, its text under --json-keys), globs of them, or folders (of such shards, of
-.parquet/.arrow shards, or written by datasets' save_to_disk). Each document is encoded with
-the SentencePiece model of --tokenizer and ends with EOS (--no-append-eod leaves it out).
-Bad lines (bad JSON, a missing or non-string key, non-UTF-8 bytes, empty text) are skipped
-and reported with file:line at the end; a truncated .gz is an error. The output is the same
-for any --workers and appears only when complete; an existing one needs --force."""
-
-EPILOG = """\
-example:
-  python tools/preprocess.py --input 'data/demo_c4/c4-train.*.json.gz' \\
-      --output-prefix data/demo_c4_train --tokenizer tokenizer/spiece.model --workers 4"""
-
-
-def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the preprocessing flags (Megatron's names where they overlap) to ``parser``."""
-    if parser.description is None:
-        parser.description = DESCRIPTION
-    if parser.epilog is None:
-        parser.epilog = EPILOG
-    if parser.formatter_class is argparse.HelpFormatter:
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    group = parser.add_argument_group("input")
-    group.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                       help="files, globs (quote them; ** recurses) or folders")
-    group.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                       help="key(s) holding the text (default: text); several are joined "
-                            "with a newline into one document")
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
-                       metavar="PATH", help="SentencePiece .model file, or a folder with spiece.model")
-    group.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                       help="end each document with EOS (default: on; T5 chunks need the "
-                            "document boundary)")
-    group = parser.add_argument_group("output")
-    group.add_argument("--output-prefix", required=True, metavar="PREFIX",
-                       help="writes PREFIX.bin and PREFIX.idx (folders are created)")
-    group.add_argument("--force", action="store_true", help="overwrite an existing output")
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="tokenizer processes (default: 1); use about one per core")
-    group.add_argument("--no-progress", dest="progress", action="store_false",
-                       help="no progress bar (it is off anyway when stderr is not a terminal)")
-    return parser
-
-
-def run_preprocess(args: argparse.Namespace) -> int:
-    """Runs :func:`preprocess` for parsed arguments; prints a summary or a one-line error.
-
-    Returns the exit status: 0, 1 for an error, 130 when interrupted.
-    """
-    if args.workers < 1:
-        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
-        return 1
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        def on_sigterm(signum, frame):
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, on_sigterm)  # clean up temp files on kill too
-    try:
-        result = preprocess(
-            args.input, args.output_prefix, args.tokenizer, workers=args.workers,
-            json_keys=args.json_keys, append_eod=args.append_eod, force=args.force,
-            progress=args.progress,
-        )
-    except (UserError, TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; no output written", file=sys.stderr)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    print(result.summary(), file=sys.stderr)
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="preprocess", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_preprocess_arguments(parser)
-    return run_preprocess(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-# The `spactor` CLI's subcommand interface.
-add_arguments = add_preprocess_arguments
-run = run_preprocess

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EOS_ID = 1
-PAD_ID = 0
+from spactor_mega.data.special_tokens import EOS_ID
 
 # Independent random streams per sample.
 _STREAM_NOISE, _STREAM_NONNOISE, _STREAM_MLM = 1, 2, 3

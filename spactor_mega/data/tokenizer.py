@@ -14,17 +14,16 @@ Training a new model (:func:`train_sentencepiece`) uses the unigram algorithm wi
 
 from __future__ import annotations
 
-from spactor_mega.errors import UserError
-
 import json
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
 import sentencepiece as spm
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+from spactor_mega.data.special_tokens import EOS_ID, PAD_ID, UNK_ID
+from spactor_mega.errors import UserError
+
 DEFAULT_NUM_SENTINELS = 100
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 
@@ -114,11 +113,6 @@ class T5SentencePieceTokenizer:
         """``<extra_id_0>``; sentinel k is this minus k."""
         return self.sentinel_id(0)
 
-    def is_special(self, ids: np.ndarray) -> np.ndarray:
-        """True for ids that MLM must never mask: pad, EOS, sentinels, mask."""
-        ids = np.asarray(ids)
-        return (ids == PAD_ID) | (ids == EOS_ID) | (ids >= self.sp_size)
-
     # Encoding --------------------------------------------------------------------------
     def encode(self, text: str, add_eos: bool = False) -> list[int]:
         """Text to ids; ``<extra_id_k>`` in the text becomes its sentinel id as in HF."""
@@ -138,10 +132,6 @@ class T5SentencePieceTokenizer:
         if add_eos:
             ids.append(EOS_ID)
         return ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Plain text (no sentinel parsing) to ids, in SentencePiece's C++ loop."""
-        return self.sp.encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; sentinels as ``<extra_id_k>``, the mask as ``<mask>``, pad/EOS dropped."""

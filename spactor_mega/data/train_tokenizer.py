@@ -15,7 +15,7 @@ from typing import Iterator
 
 from spactor_mega.data.c4 import ReadStats, expand_inputs, iter_documents
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer, train_sentencepiece
-from spactor_mega.errors import UserError
+from spactor_mega.errors import OutputExistsError
 
 MODEL_FILE = "spiece.model"
 
@@ -37,7 +37,7 @@ def train_tokenizer(
     output_dir = Path(output_dir)
     target = output_dir / MODEL_FILE
     if target.exists() and not force:
-        raise UserError(f"{target}: exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{target}: exists; pass --force to overwrite it")
     stats = ReadStats()
     started = time.perf_counter()
     tmp_prefix = output_dir / ".spiece.tmp"

@@ -33,7 +33,11 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import divide, get_pg_rank, get_pg_size, make_tp_sharded_tensor_for_checkpoint
+from megatron.core.utils import (
+    divide,
+    get_pg_size,
+    make_tp_sharded_tensor_for_checkpoint,
+)
 
 from .norm import _param_device
 
@@ -66,8 +70,8 @@ def relative_position_bucket(
 class RelativePositionBias(MegatronModule):
     """One T5 relative-position bias table per stack, sharded over TP by heads.
 
-    ``weight``: ``[num_buckets, heads / tp]``; the full table is initialised on every rank from
-    the same generator state and sliced, so any TP size starts from the same values.
+    ``weight``: ``[num_buckets, heads / tp]``, allocated here and set by the model holding the
+    stack (:mod:`spactor_mega.model.init`: this rank's heads of the full table).
     """
 
     def __init__(
@@ -83,18 +87,10 @@ class RelativePositionBias(MegatronModule):
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.tp_group = tp_group
-        tp_size, tp_rank = get_pg_size(tp_group), get_pg_rank(tp_group)
-        heads = config.num_attention_heads
-        self.heads_per_partition = divide(heads, tp_size)
-        master = torch.empty(num_buckets, heads, dtype=torch.float32)
-        if config.perform_initialization:
-            config.init_method(master)
-        else:
-            master.zero_()
-        local = master[:, tp_rank * self.heads_per_partition : (tp_rank + 1) * self.heads_per_partition]
-        self.weight = torch.nn.Parameter(
-            local.to(dtype=config.params_dtype, device=_param_device(config)).contiguous()
-        )
+        self.heads_per_partition = divide(config.num_attention_heads, get_pg_size(tp_group))
+        self.weight = torch.nn.Parameter(torch.empty(
+            num_buckets, self.heads_per_partition, dtype=config.params_dtype, device=_param_device(config)
+        ))
         tensor_parallel.set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
         self._buckets: dict = {}
 

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from spactor_mega.data.special_tokens import EOS_ID, PAD_ID
+
 from .generator import vocab_parallel_argmax, vocab_range
 from .t5 import T5Discriminator
 
@@ -22,9 +24,9 @@ def greedy_decode(
     enc_mask: Optional[torch.Tensor] = None,
     max_new_tokens: int = 20,
     *,
-    start_id: int = 0,
-    eos_id: int = 1,
-    pad_id: int = 0,
+    start_id: int = PAD_ID,
+    eos_id: int = EOS_ID,
+    pad_id: int = PAD_ID,
     vocab_limit: Optional[int] = None,
 ) -> torch.Tensor:
     """``[b, 1 + n]`` token ids, ``n <= max_new_tokens``; stops when every row has emitted EOS.

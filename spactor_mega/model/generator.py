@@ -31,9 +31,10 @@ gradient of all rows into its shard of D's embedding (exact, as with TP = 1).
 (of stage 0), summing over TP and averaging over DP. G's FLOPs per TP rank are 1/TP of the
 total (layers: the rank's rows; head: its vocabulary shard) up to the rounding of an uneven share.
 
-Sampling (:func:`gumbel_max_sample`): ``argmax(logit / T + g)`` with Gumbel noise ``g`` drawn for
-the *full* padded vocabulary from a generator seeded by a key (seed, step, micro-batch, DP rank)
-and sliced to this rank's shard, so TP=1 and TP=k draw identical samples. Each rank takes its
+Sampling (:func:`gumbel_max_sample`): ``argmax(logit / T + g)`` with Gumbel noise ``g`` drawn, per
+sample, for the *full* padded vocabulary from a generator seeded by that sample's own key (the key
+its span corruption and MLM mask come from) and sliced to this rank's shard: a sample gets the
+same replacements whatever the TP size, DP size, micro-batch size or position in the batch. Each rank takes its
 local max, the max is all-reduced (MAX) over TP and the smallest global id reaching it wins (MIN):
 the same tie-break as ``torch.argmax``. Ids outside ``[0, sample_vocab_size)`` (padded rows, and
 for a T5 vocabulary the sentinels and the mask token, which sit above the SentencePiece ids) and
@@ -55,6 +56,7 @@ from megatron.core.transformer.module import MegatronModule
 from ..parallel.row_shards import gather_rows, row_slice, split_rows
 from ..parallel.state import ROW_SHARD_RNG, self_group
 from .heads import MLMHead
+from .init import initialize_generator, mark_tensor_parallel, tied_logits_scale
 from .spec import t5_encoder_layer_spec, t5_transformer_config
 from .t5 import T5Stack, padding_mask_or_none
 
@@ -81,10 +83,12 @@ class T5Generator(MegatronModule):
         num_layers: int,
         embedding: torch.nn.Module,
         *,
+        init_seed: int,
         params_dtype: torch.dtype = torch.float32,
         use_cpu_initialization: Optional[bool] = None,
         recompute_granularity: Optional[str] = None,
     ):
+        """Weights: ``model_cfg.init`` seeded by ``init_seed`` (part "generator", layers by index)."""
         if num_layers < 1:
             raise ValueError(f"the generator needs at least one layer, got {num_layers}")
         config = t5_transformer_config(
@@ -117,14 +121,16 @@ class T5Generator(MegatronModule):
             max_distance=model_cfg.relative_attention_max_distance,
             pg_collection=self.pg_collection,
         )
-        # Megatron's linears mark their weights TP-split even at TP size 1; G's are whole copies
+        # Marked as Megatron marks its linears (TP-split even at TP size 1); G's are whole copies
         # on every TP rank, so the optimizer's grad norm must count them once per TP group.
+        mark_tensor_parallel(self.encoder)
         for p in self.parameters():
             p.tensor_model_parallel = False
         self.dropout = torch.nn.Dropout(model_cfg.dropout)
-        self.mlm_head = MLMHead()
+        self.mlm_head = MLMHead(tied_logits_scale(model_cfg.init, model_cfg.d_model))
         # Shared with D; bypass nn.Module registration on purpose (see the module docstring).
         object.__setattr__(self, "_shared_embedding", embedding)
+        initialize_generator(self, model_cfg.init, init_seed)
 
     @property
     def shared_embedding(self) -> torch.nn.Module:
@@ -213,15 +219,6 @@ def _set_tp_replica(tree, tp_rank: int) -> None:
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 
-def sampling_seed(*key: int) -> int:
-    """A 63-bit seed from integers (seed, step, micro-batch, ...); stable across runs and hosts."""
-    h = 0x243F6A8885A308D3
-    for k in key:
-        h ^= (int(k) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 def vocab_range(local_vocab: int) -> tuple[int, int]:
     """This TP rank's [start, end) of the global vocabulary for a shard of ``local_vocab`` rows."""
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -265,25 +262,29 @@ def gumbel_max_sample(
     logits: torch.Tensor,
     *,
     temperature: float,
-    seed: int,
+    row_seeds: Sequence[int],
     sample_vocab_size: int,
     forbidden_ids: Sequence[int] = (),
 ) -> torch.Tensor:
-    """Samples ids from vocab-parallel ``logits`` ``[..., V/tp]`` -> ``[...]`` (int64, global ids).
+    """Samples ids from vocab-parallel ``logits`` ``[b, ..., V/tp]`` -> ``[b, ...]`` (int64, global ids).
 
-    Noise for (row, global id) is drawn for the full vocabulary (``V/tp * tp`` columns) from
-    ``torch.Generator(device).manual_seed(seed)`` and sliced, so the result does not depend on TP.
+    Row ``i``'s noise is drawn for the full vocabulary (``V/tp * tp`` columns) from
+    ``torch.Generator(device).manual_seed(row_seeds[i])`` and sliced, so a row's samples depend on
+    its seed and logits only: not on TP, nor on which other rows share the batch.
     """
+    if len(row_seeds) != logits.size(0):
+        raise ValueError(f"gumbel_max_sample: {len(row_seeds)} row seeds for {logits.size(0)} rows")
     local_vocab = logits.size(-1)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     start, end = vocab_range(local_vocab)
-    lead_shape = logits.shape[:-1]
-    rows = logits.reshape(-1, local_vocab)
+    per_row = logits[0].numel() // local_vocab
     gen = torch.Generator(device=logits.device)
-    gen.manual_seed(seed)
-    u = torch.rand(rows.size(0), local_vocab * tp, generator=gen, device=logits.device, dtype=torch.float32)
-    u = u[:, start:end]
-    gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: never chosen
-    scores = rows.float() / temperature + gumbel
+    noise = []
+    for seed in row_seeds:
+        gen.manual_seed(int(seed))
+        u = torch.rand(per_row, local_vocab * tp, generator=gen, device=logits.device, dtype=torch.float32)
+        noise.append(u[:, start:end])
+    gumbel = -torch.log(-torch.log(torch.stack(noise).view(logits.shape)))  # u = 0 gives -inf: never chosen
+    scores = logits.float() / temperature + gumbel
     scores += allowed_vocab_bias(start, local_vocab, sample_vocab_size, forbidden_ids, logits.device)
-    return vocab_parallel_argmax(scores, start).reshape(lead_shape)
+    return vocab_parallel_argmax(scores, start)

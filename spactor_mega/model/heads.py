@@ -8,9 +8,11 @@
   computes it on the same replicated encoder output, so its gradients agree without
   communication. In a pipeline it belongs to the last stage (with D's losses).
 - :class:`MLMHead` (generator side): the output projection tied to the shared, vocab-parallel
-  token embedding: ``logits = hidden @ E^T``, each TP rank producing its vocabulary shard. The
-  hidden state is replicated over TP, so its gradient is all-reduced over TP on the way back
-  (Megatron's ``copy_to_tensor_model_parallel_region``), as in a column-parallel linear.
+  token embedding: ``logits = (hidden * scale) @ E^T`` (``scale`` d_model^-1/2 under
+  ``model.init: t5``, whose embedding has std 1, as T5's tied heads; else 1), each TP rank
+  producing its vocabulary shard. The hidden state is replicated over TP, so its gradient is
+  all-reduced over TP on the way back (Megatron's ``copy_to_tensor_model_parallel_region``), as in
+  a column-parallel linear.
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .init import initialize_rtd_head
 from .norm import _param_device
 from .spec import gelu_new
 
 
 class RTDHead(MegatronModule):
-    """Replaced-token-detection head: ``[s, b, h]`` -> logits ``[s, b]`` (fp32)."""
+    """Replaced-token-detection head: ``[s, b, h]`` -> logits ``[s, b]`` (fp32). Weights:
+    ``init_scheme`` (``model.init``) seeded by ``init_seed``, the same on every TP rank."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, *, init_scheme: str, init_seed: int):
         super().__init__(config=config)
         d = config.hidden_size
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -36,14 +40,12 @@ class RTDHead(MegatronModule):
         # shared word embedding: the head has none).
         self.share_embeddings_and_output_weights = False
         self.pre_process = self.post_process = True
-        self.dense = torch.nn.Linear(d, d, bias=True, dtype=torch.float32)
-        self.out = torch.nn.Linear(d, 1, bias=True, dtype=torch.float32)
-        with torch.no_grad():
-            for lin in (self.dense, self.out):
-                if config.perform_initialization:
-                    config.init_method(lin.weight)  # default generator: same on every TP rank
-                lin.bias.zero_()
-        self.to(dtype=config.params_dtype, device=_param_device(config))
+        # skip_init: torch's own draw would be discarded (and advance the default generator).
+        self.dense = torch.nn.utils.skip_init(torch.nn.Linear, d, d, bias=True, dtype=config.params_dtype,
+                                              device=_param_device(config))
+        self.out = torch.nn.utils.skip_init(torch.nn.Linear, d, 1, bias=True, dtype=config.params_dtype,
+                                            device=_param_device(config))
+        initialize_rtd_head(self, init_scheme, init_seed)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = gelu_new(self.dense(hidden))
@@ -51,9 +53,16 @@ class RTDHead(MegatronModule):
 
 
 class MLMHead(torch.nn.Module):
-    """Tied, vocab-parallel MLM projection (no parameters of its own)."""
+    """Tied, vocab-parallel MLM projection (no parameters of its own); ``scale`` multiplies the
+    hidden state (:func:`spactor_mega.model.init.tied_logits_scale`)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
 
     def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         """``hidden`` ``[..., h]`` (replicated over TP) -> logits ``[..., V/tp]``."""
+        if self.scale != 1.0:
+            hidden = hidden * self.scale
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
         return F.linear(hidden, embedding_weight)

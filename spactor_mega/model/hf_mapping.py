@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from spactor_mega.data.special_tokens import EOS_ID, PAD_ID
+
 
 # The helpers below return views where they can (callers copy once, at the end).
 def _split_grouped(w: torch.Tensor, heads: int, parts: int) -> list[torch.Tensor]:
@@ -170,9 +172,9 @@ def hf_t5_config(model_cfg, vocab_size: int, **overrides):
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
         is_encoder_decoder=True,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
+        decoder_start_token_id=PAD_ID,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
     )
     kwargs.update(overrides)
     return T5Config(**kwargs)

@@ -8,9 +8,11 @@ plain torch on tensors that are replicated over TP, so every TP rank computes th
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 
 
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -24,11 +26,36 @@ def vocab_parallel_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
 
 
-def sc_loss(lm_logits_sbv: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Span-corruption loss: mean CE over target tokens. Logits ``[s_dec, b, V/tp]`` (Megatron
+def vocab_parallel_log_z(logits: torch.Tensor) -> torch.Tensor:
+    """``log sum_v exp(logits)`` over a vocab-parallel last dim, differentiable: ``[..., V/tp]`` ->
+    ``[...]``. Megatron offers no differentiable vocab-parallel logsumexp (its cross entropy keeps
+    log Z internal), so it is built from its TP mapping: the sum of exponentials is all-reduced
+    with ``reduce_from_tensor_model_parallel_region`` (identity backward: each rank's shard gets
+    the gradient of the global sum)."""
+    shift = logits.detach().float().amax(dim=-1)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_tensor_model_parallel_group())
+    sum_exp = (logits.float() - shift.unsqueeze(-1)).exp().sum(dim=-1)
+    return shift + tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp).log()
+
+
+def sc_loss(
+    lm_logits_sbv: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, z_loss: float = 0.0
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Span-corruption loss: mean CE over target tokens, and (``z_loss`` > 0) T5X's auxiliary
+    ``z_loss * mean(log Z^2)`` over the same tokens (None otherwise), which keeps the softmax
+    normaliser near 1 (T5X's default coefficient is 1e-4). Logits ``[s_dec, b, V/tp]`` (Megatron
     layout), labels / mask batch-first ``[b, s_dec]``."""
+    mask = loss_mask.transpose(0, 1)
+    z_term = None
+    if z_loss > 0:
+        z_term = z_loss * masked_mean(vocab_parallel_log_z(lm_logits_sbv) ** 2, mask)
+        # Megatron's CE overwrites its input, which log Z's backward still needs: give it a copy
+        # (one more logits-sized buffer, only when the z-loss is on).
+        lm_logits_sbv = lm_logits_sbv.clone()
     ce = vocab_parallel_ce(lm_logits_sbv, labels.transpose(0, 1).contiguous())  # [s, b]
-    return masked_mean(ce, loss_mask.transpose(0, 1))
+    return masked_mean(ce, mask), z_term
 
 
 def rtd_loss(rtd_logits: torch.Tensor, is_replaced: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:

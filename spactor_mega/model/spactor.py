@@ -1,18 +1,21 @@
-"""The SpacTor step: builds the three modules and computes (loss, metrics) for one micro-batch.
+"""The SpacTor objective: (loss, metrics) of one micro-batch, in either phase of the curriculum.
 
-    from spactor_mega.model.spactor import build_spactor_modules, SpactorObjective
+    from spactor_mega.curriculum import Phase
+    from spactor_mega.model.spactor import SpactorObjective
+    from spactor_mega.model.stages import build_spactor_modules
+
     d, g, rtd = build_spactor_modules(cfg, vocab_size)            # g, rtd None when tau == 0
     objective = SpactorObjective.from_config(cfg, mask_id=tok.mask_id, sample_vocab_size=tok.sp_size)
-    loss, metrics = objective(batch, d, g, rtd, stage="hybrid", step=step, micro_batch=i)
+    loss, metrics = objective(batch, d, g, rtd, phase=Phase.HYBRID)
     loss.backward()        # or Megatron's schedule: return loss from the forward_step_func
 
-``stage="hybrid"`` (step < tau): G is fed the encoder input with ``mask_id`` at the MLM positions,
+``Phase.HYBRID`` (step < tau): G is fed the encoder input with ``mask_id`` at the MLM positions,
 its MLM loss is taken there (vocab-parallel CE, weighted mean), replacements are Gumbel-max sampled
-(no grad), D reads the encoder input with the samples at those positions, the RTD head labels
-every real encoder token replaced-or-not (BCE, mean over real tokens), and the decoder's SC loss
-is the mean CE over target tokens:
-``total = mlm_weight * L_mlm + rtd_weight * L_rtd + L_sc``.
-``stage="sc"``: only D runs; ``total = L_sc``. G, masking and the RTD head are not touched.
+(no grad; the noise keyed by each sample's own key), D reads the encoder input with the samples at
+those positions, the RTD head labels every real encoder token replaced-or-not (BCE, mean over
+real tokens), and the decoder's SC loss is the mean CE over target tokens:
+``total = mlm_weight * L_mlm + rtd_weight * L_rtd + L_sc`` (+ the z-loss when on).
+``Phase.SC_ONLY``: only D runs; ``total = L_sc``. G, masking and the RTD head are not touched.
 
 Megatron DDP: wrap D, G and the RTD head separately (``DistributedDataParallel(config, ddp_config,
 module)``; G in :class:`~spactor_mega.model.generator.GeneratorDDP`, which reduces over TP x DP
@@ -21,23 +24,20 @@ because each TP rank runs G on its own rows), one ``get_megatron_optimizer`` per
 and optimizer. G borrows D's embedding without registering it, so the embedding's gradient (from
 D and G) accumulates in D's DDP buffer only.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from megatron.core import parallel_state
 
-from spactor_mega.config import generator_num_layers
+from spactor_mega.curriculum import Phase
 
-from .generator import T5Generator, gumbel_max_sample, sampling_seed, vocab_parallel_argmax
+from .generator import T5Generator, gumbel_max_sample, vocab_parallel_argmax
 from .heads import RTDHead
 from .losses import masked_mean, rtd_loss, rtd_stats, sc_loss, vocab_parallel_ce
-from .t5 import T5Discriminator, seeded_init
-
-HYBRID, SC_ONLY = "hybrid", "sc"
+from .seeding import sampling_seed
+from .t5 import T5Discriminator
 
 
 def unwrap(module):
@@ -46,76 +46,6 @@ def unwrap(module):
     while module is not None and hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
         module = module.module
     return module
-
-
-def build_spactor_modules(
-    cfg,
-    vocab_size: int,
-    *,
-    with_generator: Optional[bool] = None,
-    params_dtype: torch.dtype = torch.float32,
-    use_cpu_initialization: Optional[bool] = None,
-    recompute_granularity: Optional[str] = None,
-    stage_split: Optional[Sequence] = None,
-):
-    """(D, G or None, RTD head or None) for ``cfg`` (a :class:`spactor_mega.config.Config`).
-
-    ``with_generator`` defaults to ``cfg.spactor.tau > 0``. With PP > 1 this rank's pipeline
-    stage (:func:`spactor_mega.parallel.pipeline.build_stage_chunks`: G on stage 0, the RTD head
-    on the last stage, None elsewhere) of ``stage_split`` (default: the config's layout); with
-    virtual stages (V > 1) D is this rank's list of V chunks.
-    Call after ``initialize_parallel``; the weights depend on ``cfg.train.seed`` only, not on
-    the layout (see :func:`build_modules`).
-    """
-    if with_generator is None:
-        with_generator = cfg.spactor.tau > 0
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        from spactor_mega.parallel.pipeline import build_stage_chunks
-
-        chunks, g, rtd = build_stage_chunks(
-            cfg, vocab_size, stage_split, with_generator=with_generator, params_dtype=params_dtype,
-            use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
-        )
-        return (chunks[0] if len(chunks) == 1 else chunks), g, rtd
-    return build_modules(
-        cfg, vocab_size, with_generator=with_generator, params_dtype=params_dtype,
-        use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
-    )
-
-
-def build_modules(
-    cfg,
-    vocab_size: int,
-    *,
-    with_generator: bool,
-    encoder_layers: Optional[tuple[int, int]] = None,
-    decoder_layers: Optional[tuple[int, int]] = None,
-    first_stage: bool = True,
-    last_stage: bool = True,
-    params_dtype: torch.dtype = torch.float32,
-    use_cpu_initialization: Optional[bool] = None,
-    recompute_granularity: Optional[str] = None,
-):
-    """D (the given global layer ranges; all by default), G on the first stage and the RTD
-    head on the last (when ``with_generator``). Every part is drawn under
-    :func:`~spactor_mega.model.t5.seeded_init` with ``cfg.train.seed`` (D's layers by global
-    index), so any TP/PP layout starts from the one-stage model's weights."""
-    common = dict(
-        params_dtype=params_dtype,
-        use_cpu_initialization=use_cpu_initialization,
-        recompute_granularity=recompute_granularity,
-    )
-    seed = cfg.train.seed
-    d = T5Discriminator(cfg.model, vocab_size, pre_process=first_stage, post_process=last_stage,
-                        encoder_layers=encoder_layers, decoder_layers=decoder_layers, init_seed=seed, **common)
-    g = rtd = None
-    if with_generator and first_stage:
-        with seeded_init(seed, "generator"):
-            g = T5Generator(cfg.model, cfg.generator, generator_num_layers(cfg), d.embedding, **common)
-    if with_generator and last_stage:
-        with seeded_init(seed, "rtd_head"):
-            rtd = RTDHead(d.encoder_config)
-    return d, g, rtd
 
 
 @dataclass
@@ -129,6 +59,7 @@ class SpactorObjective:
     rtd_weight: float = 10.0
     temperature: float = 1.0
     seed: int = 1234
+    z_loss: float = 0.0  # T5X's auxiliary z-loss on D's LM logits (0: off; T5X uses 1e-4)
 
     @classmethod
     def from_config(cls, cfg, *, mask_id: int, sample_vocab_size: int, forbidden_ids=(0, 1)):
@@ -140,6 +71,7 @@ class SpactorObjective:
             rtd_weight=cfg.spactor.rtd_weight,
             temperature=cfg.generator.temperature,
             seed=cfg.train.seed,
+            z_loss=cfg.spactor.z_loss,
         )
 
     def __call__(
@@ -149,31 +81,27 @@ class SpactorObjective:
         generator: Optional[T5Generator] = None,
         rtd_head: Optional[RTDHead] = None,
         *,
-        stage: str = HYBRID,
-        step: int = 0,
-        micro_batch: int = 0,
+        phase: Phase = Phase.HYBRID,
     ):
         """Returns ``(total_loss, metrics)``; metrics are Python floats (one host sync).
         Modules may be given wrapped in Megatron DDP / Float16Module."""
         discriminator, generator, rtd_head = unwrap(discriminator), unwrap(generator), unwrap(rtd_head)
-        if stage == SC_ONLY:
+        if phase is Phase.SC_ONLY:
             return self.sc_step(batch, discriminator)
-        if stage != HYBRID:
-            raise ValueError(f"stage must be {HYBRID!r} or {SC_ONLY!r}, got {stage!r}")
+        if phase is not Phase.HYBRID:
+            raise ValueError(f"phase must be a Phase, got {phase!r}")
         if generator is None or rtd_head is None:
-            raise ValueError("the hybrid stage needs the generator and the RTD head")
-        return self.hybrid_step(batch, discriminator, generator, rtd_head, step, micro_batch)
+            raise ValueError("the hybrid phase needs the generator and the RTD head")
+        return self.hybrid_step(batch, discriminator, generator, rtd_head)
 
     # ---- stages -----------------------------------------------------------------------------
     def sc_step(self, batch: dict, d: T5Discriminator):
         enc_mask = batch["enc_mask"]
         encoder_hidden = d.encode(batch["enc_tokens"], enc_mask)
         decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, enc_mask)
-        loss = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"])
-        value = loss.detach().float().item()
-        return loss, {"loss": value, "sc_loss": value}
+        return self.discriminator_losses(batch, d, None, encoder_hidden, decoder_hidden, None)
 
-    def generator_pass(self, batch: dict, d, g, step: int, micro_batch: int) -> dict:
+    def generator_pass(self, batch: dict, d, g) -> dict:
         """G's half of the hybrid step: MLM logits on the masked encoder input, Gumbel-max
         replacements, D's input. Returns ``mlm_loss`` (with graph), ``d_input``, ``is_replaced``,
         ``mlm_accuracy`` (0-d tensor) and ``sampled``. (A pipeline runs this on stage 0 only.)"""
@@ -190,13 +118,10 @@ class SpactorObjective:
         g_logits = g(torch.where(masked, torch.full_like(enc, self.mask_id), enc), enc_mask, positions)
 
         with torch.no_grad():
-            seed = sampling_seed(
-                self.seed, step, micro_batch, parallel_state.get_data_parallel_rank(with_context_parallel=True)
-            )
             sampled = gumbel_max_sample(
                 g_logits.detach(),
                 temperature=self.temperature,
-                seed=seed,
+                row_seeds=[sampling_seed(self.seed, key) for key in batch["sample_keys"].tolist()],
                 sample_vocab_size=self.sample_vocab_size,
                 forbidden_ids=self.forbidden_ids,
             )  # [b, m]
@@ -215,17 +140,22 @@ class SpactorObjective:
         the output of :meth:`generator_pass` (or its broadcast: ``is_replaced``, ``mlm_loss``,
         ``mlm_accuracy``); a ``mlm_loss`` with a graph is part of the returned loss, a detached
         one (a pipeline, where G's backward already ran on stage 0) only of the reported total."""
-        l_sc = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"])
+        l_sc, l_z = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"], self.z_loss)
+        if l_z is not None:
+            l_sc_total = l_sc + l_z
+            z_metric = {"z_loss": l_z.detach().float().item()}
+        else:
+            l_sc_total, z_metric = l_sc, {}
         if gen is None:
-            value = l_sc.detach().float().item()
-            return l_sc, {"loss": value, "sc_loss": value}
+            return l_sc_total, {"loss": l_sc_total.detach().float().item(), "sc_loss": l_sc.detach().float().item(),
+                                **z_metric}
         enc_mask = batch["enc_mask"].bool()
         is_replaced = gen["is_replaced"]
         rtd_logits = rtd_head(encoder_hidden).transpose(0, 1)  # [b, s]
         l_rtd = rtd_loss(rtd_logits, is_replaced, enc_mask)
         mlm_loss = gen["mlm_loss"]
-        total = self.mlm_weight * mlm_loss + self.rtd_weight * l_rtd + l_sc
-        loss = total if mlm_loss.requires_grad else self.rtd_weight * l_rtd + l_sc
+        total = self.mlm_weight * mlm_loss + self.rtd_weight * l_rtd + l_sc_total
+        loss = total if mlm_loss.requires_grad else self.rtd_weight * l_rtd + l_sc_total
         with torch.no_grad():
             values = torch.cat(
                 [
@@ -239,10 +169,10 @@ class SpactorObjective:
             "rtd_accuracy", "rtd_precision", "rtd_recall", "replaced_fraction",
             "mlm_accuracy",
         )
-        return loss, dict(zip(names, values))
+        return loss, {**dict(zip(names, values)), **z_metric}
 
-    def hybrid_step(self, batch: dict, d, g, rtd_head, step: int, micro_batch: int):
-        gen = self.generator_pass(batch, d, g, step, micro_batch)
+    def hybrid_step(self, batch: dict, d, g, rtd_head):
+        gen = self.generator_pass(batch, d, g)
         encoder_hidden = d.encode(gen["d_input"], batch["enc_mask"].bool())
         decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, batch["enc_mask"].bool())
         total, metrics = self.discriminator_losses(batch, d, rtd_head, encoder_hidden, decoder_hidden, gen)

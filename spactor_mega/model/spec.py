@@ -36,7 +36,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
 
 from .attention import T5CoreAttention
 from .norm import T5RMSNorm
@@ -131,8 +134,10 @@ def t5_transformer_config(
 
     ``pipeline_model_parallel_size`` stays 1 here on purpose: Megatron's layer builders would
     split and renumber the layers by it; our stacks choose their stage's layers themselves.
-    ``use_cpu_initialization`` (default: True without CUDA) builds each weight's full master
-    copy from the default generator and slices it, so every TP size starts from the same values.
+    ``perform_initialization`` is off: Megatron's layers allocate their weights and draw nothing;
+    the model sets every weight afterwards (:mod:`spactor_mega.model.init`), the same for any TP
+    size. ``use_cpu_initialization`` (default: True without CUDA) only chooses where the weights
+    are allocated (CPU, or the current GPU).
     """
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
@@ -167,7 +172,7 @@ def t5_transformer_config(
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=True,
+        perform_initialization=False,
         recompute_granularity=recompute_granularity,
     )
     if recompute_granularity == "full":

@@ -2,12 +2,15 @@
 
 Conventions as delivered by the data pipeline: pad 0, EOS 1, ``<extra_id_k>`` = ``sp_size + 99 - k``,
 ``mask_id`` = ``sp_size + 100``; ``dec_input`` is ``labels`` shifted right with 0; MLM positions
-are sorted, avoid sentinels and EOS, and padded slots are position 0 / target 0 / weight 0.
+are sorted, avoid sentinels and EOS, and padded slots are position 0 / target 0 / weight 0;
+``sample_keys`` are ``seed * 1000 + row`` (distinct for distinct seeds and rows).
 """
 
 from __future__ import annotations
 
 import torch
+
+from spactor_mega.data.special_tokens import EOS_ID, PAD_ID, special_mask
 
 
 def synthetic_batch(
@@ -29,19 +32,19 @@ def synthetic_batch(
     for i in range(b):
         n = enc_len if i < b - pad_rows else max(enc_len // 2, mlm_slots + 3)
         lengths.append(n)
-        enc[i, n:] = 0
+        enc[i, n:] = PAD_ID
         enc_mask[i, n:] = False
-        enc[i, n - 1] = 1  # EOS
+        enc[i, n - 1] = EOS_ID
         # two sentinels at random positions (never masked)
         for k, p in enumerate(torch.randperm(n - 1, generator=gen)[:2].tolist()):
             enc[i, p] = sp_size + 99 - k
     labels = torch.randint(3, sp_size, (b, dec_len), generator=gen)
     labels[:, 0] = sp_size + 99
-    labels[:, -1] = 1
+    labels[:, -1] = EOS_ID
     dec_loss_mask = torch.ones(b, dec_len, dtype=torch.float32)
     if b > 1:
-        labels[-1, dec_len - 2 :] = 0  # a shorter target in the last row
-        labels[-1, dec_len - 3] = 1
+        labels[-1, dec_len - 2 :] = PAD_ID  # a shorter target in the last row
+        labels[-1, dec_len - 3] = EOS_ID
         dec_loss_mask[-1, dec_len - 2 :] = 0
     dec_input = torch.cat([torch.zeros(b, 1, dtype=torch.long), labels[:, :-1]], dim=1)
     batch = dict(enc_tokens=enc, enc_mask=enc_mask, dec_input=dec_input, labels=labels, dec_loss_mask=dec_loss_mask)
@@ -50,7 +53,7 @@ def synthetic_batch(
     positions = torch.zeros(b, mlm_slots, dtype=torch.long)
     weights = torch.zeros(b, mlm_slots, dtype=torch.float32)
     for i in range(b):
-        ok = ((enc[i] >= 3) & (enc[i] < sp_size)).nonzero().flatten()
+        ok = (~special_mask(enc[i], sp_size)).nonzero().flatten()
         n = mlm_slots if i % 2 == 0 else max(1, mlm_slots - 2)  # some rows with padded slots
         pick = ok[torch.randperm(len(ok), generator=gen)[:n]].sort().values
         positions[i, : len(pick)] = pick
@@ -58,6 +61,7 @@ def synthetic_batch(
     batch["mlm_positions"] = positions
     batch["mlm_targets"] = torch.where(weights > 0, enc.gather(1, positions), torch.zeros_like(positions))
     batch["mlm_weights"] = weights
+    batch["sample_keys"] = seed * 1000 + torch.arange(b, dtype=torch.long)
     return batch
 
 

@@ -15,7 +15,7 @@ Layout (parameter names are what :mod:`spactor_mega.model.hf_mapping` maps):
 
 Tensors are batch-first at this module's edges and sequence-first ``[s, b, h]`` inside.
 
-Pipeline stages ([3/5], see :mod:`spactor_mega.parallel.pipeline`): ``encoder_layers`` /
+Pipeline stages (built by :mod:`spactor_mega.model.stages`, run by :mod:`spactor_mega.training.pipeline_step`): ``encoder_layers`` /
 ``decoder_layers`` (global ``[start, end)`` ranges) select the layers a stage holds;
 ``pre_process`` (embedding here) is stage 0, ``post_process`` (LM head) the last stage. Stage
 modules keep *global* parameter names in checkpoints (layer ``k`` of the encoder is
@@ -30,8 +30,6 @@ also drops out inside the FFN (after ``gelu(wi_0 x) * wi_1 x``); Megatron's MLP 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -41,11 +39,14 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .attention import RelativePositionBias, additive_padding_mask
+from .init import initialize_discriminator, mark_tensor_parallel
 from .norm import T5RMSNorm
 from .spec import t5_decoder_layer_spec, t5_encoder_layer_spec, t5_transformer_config
 
@@ -83,37 +84,6 @@ def padding_mask_or_none(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]
     return None if bool(mask.all()) else mask
 
 
-# Seeded initialisation: each part draws its weights from torch's default generator seeded by
-# (seed, part, index): a layer by its global index, so a pipeline stage builds exactly the
-# weights the one-stage model has, and no rank builds layers it does not hold. With CPU
-# initialisation Megatron draws each full master weight and keeps this rank's TP shard, so the
-# weights are also the same for any TP size.
-INIT_PARTS = {"embedding": 1, "encoder": 2, "decoder": 3, "lm_head": 4, "generator": 5, "rtd_head": 6}
-BIAS_INDEX = -1  # a stack's relative-position bias table, beside its layers 0..n-1
-
-
-@contextlib.contextmanager
-def seeded_init(seed: Optional[int], part: str, index: int = 0):
-    """Builds under the default generator seeded for ``part`` (layer ``index``), restoring it
-    afterwards. ``seed`` None: draws from the generator as it stands."""
-    if seed is None:
-        yield
-        return
-    from .generator import sampling_seed  # (generator imports this module)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sampling_seed(seed, INIT_PARTS[part], index))
-        yield
-
-
-class _SeededLayer(TransformerLayer):
-    """A ``TransformerLayer`` built under :func:`seeded_init` for its global layer index."""
-
-    def __init__(self, *args, init_seed: int, init_part: str, layer_offset: int, layer_number: int = 1, **kwargs):
-        with seeded_init(init_seed, init_part, layer_offset + layer_number - 1):
-            super().__init__(*args, layer_number=layer_number, **kwargs)
-
-
 class T5Stack(TransformerBlock):
     """A Megatron ``TransformerBlock`` of T5 layers + final RMSNorm + the stack's relative bias."""
 
@@ -130,16 +100,11 @@ class T5Stack(TransformerBlock):
         post_process: bool = True,
         pg_collection=None,
         layer_offset: int = 0,
-        init_seed: Optional[int] = None,
-        init_part: str = "encoder",
     ):
         """``num_layers`` is the number of layers *held* (a pipeline stage's share), the first of
         them global layer ``layer_offset``; ``config.num_layers`` stays the stack's total.
-        ``post_process``: this part holds the stack's last layer (gets the final norm).
-        ``init_seed``: layers and bias table drawn under :func:`seeded_init` for ``init_part``."""
-        if init_seed is not None:
-            layer_spec = dataclasses.replace(layer_spec, module=_SeededLayer, params={
-                **layer_spec.params, "init_seed": init_seed, "init_part": init_part, "layer_offset": layer_offset})
+        ``post_process``: this part holds the stack's last layer (gets the final norm). The
+        weights are set by the model holding the stack (:mod:`spactor_mega.model.init`)."""
         spec = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=T5RMSNorm)
         super().__init__(
             config=config,
@@ -149,10 +114,9 @@ class T5Stack(TransformerBlock):
             post_process=post_process,
             pg_collection=pg_collection,
         )
-        with seeded_init(init_seed, init_part, BIAS_INDEX):
-            self.relative_attention_bias = RelativePositionBias(
-                config, bidirectional, num_buckets, max_distance, tp_group=self.tp_group
-            )
+        self.relative_attention_bias = RelativePositionBias(
+            config, bidirectional, num_buckets, max_distance, tp_group=self.tp_group
+        )
         self.layer_offset = layer_offset
         for layer in self.layers:  # global numbering, as Megatron's own pipeline split does
             layer.layer_number += layer_offset
@@ -220,13 +184,13 @@ class T5Discriminator(MegatronModule):
         recompute_granularity: Optional[str] = None,
         encoder_layers: Optional[tuple[int, int]] = None,
         decoder_layers: Optional[tuple[int, int]] = None,
-        init_seed: Optional[int] = None,
+        init_seed: int = 0,
     ):
         """``encoder_layers`` / ``decoder_layers``: the global ``[start, end)`` layers of each
         stack this (pipeline stage) module holds; None = all of that stack if ``add_encoder`` /
-        ``add_decoder``. An empty range means the stack is absent here. ``init_seed``: every
-        part drawn under :func:`seeded_init` (the same weights for any TP/PP layout); None:
-        drawn in build order from the default generator."""
+        ``add_decoder``. An empty range means the stack is absent here. Weights: ``model_cfg.init``
+        seeded by ``init_seed`` (:func:`~spactor_mega.model.init.initialize_discriminator`: the
+        same for any TP/PP layout and device)."""
         n_enc, n_dec = model_cfg.num_encoder_layers, model_cfg.num_decoder_layers
         if encoder_layers is None:
             encoder_layers = (0, n_enc) if add_encoder else (0, 0)
@@ -273,13 +237,12 @@ class T5Discriminator(MegatronModule):
             max_distance=model_cfg.relative_attention_max_distance,
         )
         if pre_process:
-            with seeded_init(init_seed, "embedding"):
-                self.embedding = tensor_parallel.VocabParallelEmbedding(
-                    num_embeddings=vocab_size,
-                    embedding_dim=model_cfg.d_model,
-                    init_method=encoder_config.init_method,
-                    config=encoder_config,
-                )
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                num_embeddings=vocab_size,
+                embedding_dim=model_cfg.d_model,
+                init_method=encoder_config.init_method,
+                config=encoder_config,
+            )
         self.dropout = torch.nn.Dropout(model_cfg.dropout)
         if add_encoder:
             self.encoder = T5Stack(
@@ -290,8 +253,6 @@ class T5Discriminator(MegatronModule):
                 pre_process=True,  # hidden states are always passed explicitly (see stage_forward)
                 post_process=self.ends_encoder,
                 layer_offset=encoder_layers[0],
-                init_seed=init_seed,
-                init_part="encoder",
                 **buckets,
             )
         if add_decoder:
@@ -305,21 +266,20 @@ class T5Discriminator(MegatronModule):
                 pre_process=True,
                 post_process=decoder_layers[1] == n_dec,
                 layer_offset=decoder_layers[0],
-                init_seed=init_seed,
-                init_part="decoder",
                 **buckets,
             )
         if post_process:
-            with seeded_init(init_seed, "lm_head"):
-                self.lm_head = tensor_parallel.ColumnParallelLinear(
-                    model_cfg.d_model,
-                    vocab_size,
-                    config=decoder_config,
-                    init_method=decoder_config.init_method,
-                    bias=False,
-                    gather_output=False,
-                    skip_bias_add=False,
-                )
+            self.lm_head = tensor_parallel.ColumnParallelLinear(
+                model_cfg.d_model,
+                vocab_size,
+                config=decoder_config,
+                init_method=decoder_config.init_method,
+                bias=False,
+                gather_output=False,
+                skip_bias_add=False,
+            )
+        mark_tensor_parallel(self)
+        initialize_discriminator(self, model_cfg.init, init_seed)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by Megatron's schedules on every stage before forward. With one stage it is

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 import types
 from typing import Any
@@ -255,3 +256,14 @@ def apply_cpu_compat() -> bool:
 def patched_modules() -> list[str]:
     """Names of the Megatron modules patched so far (for logging and tests)."""
     return sorted(_PATCHED)
+
+
+def import_deepspeed():
+    """``deepspeed``, with its CPU accelerator when CUDA is absent. DeepSpeed picks its accelerator
+    once, at import, from ``DS_ACCELERATOR``: so every module imports it through here, late (not at
+    module top), and CPU runs never probe for CUDA."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed

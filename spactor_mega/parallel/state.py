@@ -6,9 +6,8 @@ trainer must do around them: ``torch.distributed`` init from the torchrun enviro
 one-process group when there is none), gloo on CPU / nccl on GPU, the CPU compatibility layer,
 and seeding of Python, NumPy and torch's default generator.
 
-Seeding convention: the default torch generator gets ``seed`` on *every* rank, so weights
-initialised on the CPU (``use_cpu_initialization=True``, which Megatron's layers do by building
-the full master weight and slicing it) are identical for any TP/DP layout. Megatron's tracker
+Seeding convention: the default torch generator gets ``seed`` on *every* rank (weights do not
+depend on it: :mod:`spactor_mega.model.init` draws each from its own keyed generator). Megatron's tracker
 gets the usual ``seed + 2718 + tp_rank`` model-parallel state for dropout inside TP regions, and
 one more per-TP-rank state, :data:`ROW_SHARD_RNG`, for layers that run different rows on each TP
 rank (G's): their dropout must not advance the default generator by different amounts on

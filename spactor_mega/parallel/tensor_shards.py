@@ -12,7 +12,6 @@ conversion and small exports; large checkpoints go through ``dist_checkpointing`
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from spactor_mega.config import add_config_arguments, config_from_args, validate
+from spactor_mega.config import add_config_arguments, config_from_args
+from spactor_mega.plan.dry_run import describe
+from spactor_mega.plan.validate import validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.dry_run:
-        from spactor_mega.training.dry_run import describe
-
         world = args.world_size or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
         print(describe(validate(cfg, world), world_size=world))
         return 0
-    # Reject a layout that cannot work before any process group exists.
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    # The training stack (Megatron, DeepSpeed) is imported only to train: --help and --dry-run
+    # stay instant. train() validates the config before any process group exists.
     from spactor_mega.parallel.state import destroy_parallel
     from spactor_mega.training.loop import train
 

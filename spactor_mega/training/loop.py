@@ -1,23 +1,51 @@
-"""The training loop: data -> (stage-aware) batches -> engine step -> logs and checkpoints.
+"""The training loop: data -> (phase-aware) batches -> engine step -> logs and checkpoints.
 
 Readable top to bottom, in the manner of nanoT5: everything engine-specific (DDP,
-optimizers, schedules, sharded state) lives behind the engine; everything data-specific
-behind the dataset and the batch builder. The step index decides the stage; from tau on
-the generator and its optimizer are released and batches stop carrying MLM fields.
+optimizers, schedules, sharded state) lives behind the engine (:class:`Engine`); everything
+data-specific behind the dataset and the batch builder. The step index decides the phase; from
+tau on the generator and its optimizer are released and batches stop carrying MLM fields.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state as ps
 
-from spactor_mega.config import Config, generator_num_layers, uses_bf16, validate
-from spactor_mega.training.schedule import Stage, format_flops, sample_flops, stage_at
+from spactor_mega.checkpoint.megatron import load_model_weights
+from spactor_mega.checkpoint.store import (
+    check_resumable,
+    find_checkpoint,
+    make_record,
+    read_record,
+)
+from spactor_mega.config import Config
+from spactor_mega.curriculum import Phase, phase_at
+from spactor_mega.data.dataset import (
+    PretrainingSampler,
+    SpactorBatchBuilder,
+    build_datasets,
+    collate_raw,
+)
+from spactor_mega.data.prepare import ensure_data
+from spactor_mega.data.span_corruption import SpanCorruption
+from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
+from spactor_mega.model.spactor import SpactorObjective
+from spactor_mega.model.stages import as_chunks, build_spactor_modules
+from spactor_mega.model.t5 import model_vocab_size
+from spactor_mega.parallel.state import initialize_parallel
+from spactor_mega.plan.derived import generator_num_layers, uses_bf16
+from spactor_mega.plan.flops import format_flops, sample_flops
+from spactor_mega.plan.layout import config_layout
+from spactor_mega.plan.validate import validate
+from spactor_mega.training.engines import Engine, build_engine
+from spactor_mega.training.metrics import RunLogger
 
 
 @dataclass
@@ -30,28 +58,13 @@ class RunResult:
 
 
 def train(cfg: Config) -> RunResult:
-    from megatron.core import parallel_state as ps
-
-    from spactor_mega.checkpoint.megatron import (
-        check_resumable, find_checkpoint, load_model_weights, make_record, read_record,
-    )
-    from spactor_mega.data.dataset import PretrainingSampler, SpactorBatchBuilder, build_datasets, collate_raw
-    from spactor_mega.data.prepare import ensure_data
-    from spactor_mega.data.span_corruption import SpanCorruption
-    from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
-    from spactor_mega.model.spactor import build_spactor_modules
-    from spactor_mega.model.t5 import model_vocab_size
-    from spactor_mega.parallel.layout import config_layout
-    from spactor_mega.parallel.pipeline import as_chunks
-    from spactor_mega.parallel.state import initialize_parallel
-    from spactor_mega.training.engines import build_engine
-    from spactor_mega.training.metrics import RunLogger
-
+    """Trains ``cfg`` on this process's rank of the launch (torchrun's environment; one process
+    without it). The config is validated here, once, before any process group exists."""
     p, t = cfg.parallel, cfg.train
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed,
                         vp=p.virtual_pipeline_model_parallel_size)
     world = torch.distributed.get_world_size()
-    validate(cfg, world)
     rank = torch.distributed.get_rank()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
@@ -79,17 +92,7 @@ def train(cfg: Config) -> RunResult:
         check_resumable(checkpoint, record, cfg, vocab, layout.describe())
     step, consumed = int(record["step"]), int(record["consumed_samples"])
     bf16 = uses_bf16(cfg)
-    d, g, rtd = build_spactor_modules(
-        cfg, vocab, with_generator=stage_at(step, cfg.spactor.tau) is Stage.HYBRID,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, stage_split=layout.stage_split(),
-    )
-    weights_only = checkpoint is not None and record.get("weights_only", False)
-    if weights_only:  # an imported model: D's weights; G, the RTD head and optimizers start afresh
-        for chunk in as_chunks(d):  # virtual stages: one load per chunk
-            load_model_weights(checkpoint, chunk)
-    engine = build_engine(cfg, d, g, rtd, _loss_fn(cfg, tokenizer), bf16)
-    if checkpoint is not None and not weights_only:
-        engine.load(checkpoint)
+    engine = _build_engine(cfg, vocab, layout, tokenizer, bf16, step, checkpoint, record)
 
     flops = sample_flops(cfg, corruption.encoder_length, corruption.decoder_length, vocab, builder.mlm_capacity)
     log = RunLogger(cfg.logging.tensorboard_dir, t.steps, step, enabled=rank == 0, progress=cfg.logging.progress)
@@ -119,17 +122,22 @@ def train(cfg: Config) -> RunResult:
                            tokenizer.model_file)
 
     eval_multiple = p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size > 1 else 1
+
+    def run_eval(at_step: int) -> None:
+        """Validates the weights that enter step ``at_step``: the hybrid terms too while it is hybrid."""
+        evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, phase_at(at_step, cfg.spactor.tau),
+                              eval_multiple)
+        result.evals.append({"step": at_step, **evaluation})
+        log.scalars(at_step, evaluation, prefix="valid")
+        log.line(_format_eval(at_step, evaluation))
+
     if step == 0 and t.eval_interval > 0 and valid_set is not None:
-        hybrid = stage_at(0, cfg.spactor.tau) is Stage.HYBRID
-        evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, hybrid, 0, eval_multiple)
-        result.evals.append({"step": 0, **evaluation})
-        log.scalars(0, evaluation, prefix="valid")
-        log.line(_format_eval(0, evaluation))
+        run_eval(0)
 
     last_time = time.perf_counter()
     while step < t.steps:
-        stage = stage_at(step, cfg.spactor.tau)
-        hybrid = stage is Stage.HYBRID
+        phase = phase_at(step, cfg.spactor.tau)
+        hybrid = phase is Phase.HYBRID
         if not hybrid and engine.has_generator:
             engine.release_generator()
             counts = engine.parameter_counts()
@@ -137,7 +145,7 @@ def train(cfg: Config) -> RunResult:
                      f"(G params {counts['generator']}, G optimizer state {counts['generator_optimizer_state']})")
         raws = [next(loader) for _ in range(accumulation)]
         micro_batches = [builder(r["raw"], r["key"], with_mlm=hybrid) for r in raws]
-        metrics = engine.train_step(micro_batches, hybrid=hybrid, step=step)
+        metrics = engine.train_step(micro_batches, phase)
         step += 1
 
         now = time.perf_counter()
@@ -145,7 +153,7 @@ def train(cfg: Config) -> RunResult:
         sample_cost = flops.hybrid if hybrid else flops.sc_only
         counts = engine.parameter_counts()
         metrics.update(
-            stage=float(stage.value), step_time_s=seconds,
+            phase=float(phase.value), step_time_s=seconds,
             generator_params=float(counts["generator"]),
             generator_optimizer_state=float(counts["generator_optimizer_state"]),
             tokens_per_s=t.global_batch_size * corruption.encoder_length / seconds,
@@ -154,14 +162,11 @@ def train(cfg: Config) -> RunResult:
         )
         result.history.append({"step": step, **metrics})
         log.scalars(step, metrics)
-        log.advance(stage.name, metrics["loss"])
+        log.advance(phase.name, metrics["loss"])
         if step % cfg.logging.log_interval == 0 or step == t.steps:
-            log.line(_format(step, stage, metrics))
+            log.line(_format(step, phase, metrics))
         if t.eval_interval > 0 and (step % t.eval_interval == 0 or step == t.steps) and valid_set is not None:
-            evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, hybrid, step, eval_multiple)
-            result.evals.append({"step": step, **evaluation})
-            log.scalars(step, evaluation, prefix="valid")
-            log.line(_format_eval(step, evaluation))
+            run_eval(step)
         exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.steps
         if (t.save_interval > 0 and step % t.save_interval == 0) or step == t.steps or exiting:
             result.checkpoint = save(step)
@@ -177,44 +182,61 @@ def train(cfg: Config) -> RunResult:
     return result
 
 
-def evaluate(engine, valid_set, builder, t, dp_rank: int, dp_size: int, hybrid: bool, step: int,
-             multiple: int = 1) -> dict[str, float]:
-    """Validation losses on the first ``eval_batches`` micro-batches of the held-out split, cut to a
-    multiple of ``multiple`` (Megatron's interleaved schedule needs a multiple of PP)."""
-    from spactor_mega.data.dataset import PretrainingSampler, collate_raw
+# What validation reports from the hybrid objective, under names of their own: the SC loss of D
+# reading G-replaced inputs is not the curve a run is judged by (that is the clean ``sc_loss``).
+HYBRID_EVAL_NAMES = {
+    "loss": "hybrid_loss", "sc_loss": "sc_loss_replaced", "rtd_loss": "rtd_loss", "mlm_loss": "mlm_loss",
+    "rtd_accuracy": "rtd_accuracy", "rtd_recall": "rtd_recall", "mlm_accuracy": "mlm_accuracy",
+}
 
+
+def evaluate(engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int, phase: Phase,
+             multiple: int = 1) -> dict[str, float]:
+    """Validation on the first ``eval_batches`` micro-batches of the held-out split, cut to a
+    multiple of ``multiple`` (Megatron's interleaved schedule needs a multiple of PP).
+
+    ``sc_loss`` is always D's SC loss on the clean (not replaced) inputs, so it is comparable
+    before and after tau and with plain T5; in the hybrid phase the hybrid objective's terms follow
+    under :data:`HYBRID_EVAL_NAMES` (on the same samples, with their MLM masks and G's replacements)."""
     sampler = PretrainingSampler(min(len(valid_set), t.eval_batches * t.micro_batch_size * dp_size), 0,
                                  t.micro_batch_size, dp_rank, dp_size)
-    micro_batches = []
-    for indices in sampler:
-        raw = collate_raw([valid_set[i] for i in indices])
-        micro_batches.append(builder(raw["raw"], raw["key"], with_mlm=hybrid))
-    micro_batches = micro_batches[: len(micro_batches) // multiple * multiple]
-    if not micro_batches:
+    raws = [collate_raw([valid_set[i] for i in indices]) for indices in sampler]
+    raws = raws[: len(raws) // multiple * multiple]
+    if not raws:
         return {}
-    metrics = engine.eval_step(micro_batches, hybrid=hybrid, step=step)
-    return {k: v for k, v in metrics.items() if k.startswith("loss") or k.endswith("loss") or k.startswith("sc")}
+    clean = engine.eval_step([builder(r["raw"], r["key"], with_mlm=False) for r in raws], Phase.SC_ONLY)
+    result = {k: clean[k] for k in ("sc_loss", "z_loss") if k in clean}
+    if phase is Phase.HYBRID:
+        replaced = engine.eval_step([builder(r["raw"], r["key"], with_mlm=True) for r in raws], Phase.HYBRID)
+        result.update({name: replaced[k] for k, name in HYBRID_EVAL_NAMES.items() if k in replaced})
+    return result
 
 
-def _loss_fn(cfg: Config, tokenizer):
-    from spactor_mega.model.spactor import HYBRID, SC_ONLY, SpactorObjective
-
+def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: int, checkpoint, record) -> Engine:
+    """This rank's modules inside the engine, restored from ``checkpoint``. The modules are
+    referenced by the engine only (not by the loop), so releasing G at tau frees it."""
+    d, g, rtd = build_spactor_modules(
+        cfg, vocab, with_generator=phase_at(step, cfg.spactor.tau) is Phase.HYBRID,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, stage_split=layout.stage_split(),
+    )
+    weights_only = checkpoint is not None and record.get("weights_only", False)
+    if weights_only:  # an imported model: D's weights; G, the RTD head and optimizers start afresh
+        for chunk in as_chunks(d):  # virtual stages: one load per chunk
+            load_model_weights(checkpoint, chunk)
     # Sentinels, the mask token and padded rows (ids >= sp_size) are never sampled; nor pad/EOS.
     objective = SpactorObjective.from_config(cfg, mask_id=tokenizer.mask_id, sample_vocab_size=tokenizer.sp_size)
-
-    def loss(batch, d, g, rtd, hybrid: bool, step: int, micro_batch: int):
-        return objective(batch, d, g, rtd, stage=HYBRID if hybrid else SC_ONLY, step=step, micro_batch=micro_batch)
-
-    loss.objective = objective  # the pipeline (PP > 1) calls its stage pieces
-    return loss
+    engine = build_engine(cfg, d, g, rtd, objective, bf16)
+    if checkpoint is not None and not weights_only:
+        engine.load(checkpoint)
+    return engine
 
 
 def _format_eval(step: int, evaluation: dict[str, float]) -> str:
     return f"[valid] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in evaluation.items())
 
 
-def _format(step: int, stage: Stage, m: dict) -> str:
+def _format(step: int, phase: Phase, m: dict) -> str:
     keys = ["loss", "sc_loss", "rtd_loss", "mlm_loss", "rtd_accuracy", "mlm_accuracy", "replaced_fraction",
             "lr", "grad_norm", "tokens_per_s"]
     parts = [f"{k}={m[k]:.4g}" for k in keys if k in m and not math.isnan(m[k])]
-    return f"[train] step {step} {stage.name}: " + " ".join(parts)
+    return f"[train] step {step} {phase.name}: " + " ".join(parts)

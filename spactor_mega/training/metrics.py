@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+import torch
+
 
 class RunLogger:
     """TensorBoard scalars plus a tqdm bar showing loss, stage and ETA; silent off rank 0."""
@@ -51,3 +53,21 @@ class RunLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def average_metrics(outputs: list) -> dict:
+    """The per-micro-batch metric dicts a schedule returns, averaged (floats)."""
+    if not outputs:
+        return {}
+    return {k: float(sum(float(o[k]) for o in outputs) / len(outputs)) for k in outputs[0]}
+
+
+def metrics_reducer(metrics: dict):
+    """The loss function a Megatron ``forward_step_func`` returns beside its loss: it hands the
+    schedule the step's metrics as tensors (the schedule divides the loss by the micro-batch count
+    in place and collects what this returns per micro-batch, for :func:`average_metrics`)."""
+
+    def reduce(output_tensor):
+        return output_tensor, {k: torch.as_tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+
+    return reduce

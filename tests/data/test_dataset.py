@@ -103,7 +103,7 @@ def test_stage_two_batches_carry_no_mlm_fields_and_match_stage_one(corpus):
     train, _ = build(prefix)
     hybrid = batch_for(train, [1, 2], with_mlm=True)
     sc_only = batch_for(train, [1, 2], with_mlm=False)
-    assert set(hybrid) - set(sc_only) == {"mlm_positions", "mlm_targets", "mlm_weights"}
+    assert set(hybrid) - set(sc_only) == {"mlm_positions", "mlm_targets", "mlm_weights", "sample_keys"}
     for key in sc_only:
         assert torch.equal(sc_only[key], hybrid[key])
     np.testing.assert_array_equal(

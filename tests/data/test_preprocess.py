@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from spactor_mega.data import preprocess as pp
+from spactor_mega.data import worker_pool
 from spactor_mega.data.c4 import (
     BAD_JSON,
     BLANK_LINE,
@@ -29,8 +29,10 @@ from spactor_mega.data.c4 import (
     missing_key,
     not_a_string,
 )
-from spactor_mega.data.preprocess import OutputExistsError, main, preprocess
+from spactor_mega.data.preprocess import preprocess
+from spactor_mega.data.preprocess_cli import main
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
+from spactor_mega.errors import OutputExistsError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,7 +198,7 @@ def test_small_pipes_do_not_deadlock(tmp_path, tiny_spm, tiny_corpus_texts, monk
 
     path = write_lines(tmp_path / "a.jsonl", [c4_record(t, i) for i, t in enumerate(tiny_corpus_texts * 10)])
     run([str(path)], tmp_path / "ref", tiny_spm)
-    monkeypatch.setattr(pp, "_PIPE_BYTES", pipe_bytes)
+    monkeypatch.setattr(worker_pool, "_PIPE_BYTES", pipe_bytes)
 
     def hung(signum, frame):
         raise TimeoutError("preprocess hung")
@@ -424,7 +426,9 @@ def test_worker_death_is_an_error_and_leaves_no_output(tmp_path, tiny_spm, tiny_
 def test_workers_exit_when_the_main_process_is_killed(tiny_spm):
     probe = (
         "import multiprocessing as mp, os; from spactor_mega.data import preprocess as pp; "
-        f"pool = pp._WorkerPool(2, mp.get_context('fork'), ({str(tiny_spm)!r}, ('text',), True, 'uint16')); "
+        "from spactor_mega.data.worker_pool import WorkerPool; "
+        f"pool = WorkerPool(2, mp.get_context('fork'), pp._work, pp._init_worker, "
+        f"({str(tiny_spm)!r}, ('text',), True, 'uint16')); "
         "print(*[p.pid for p in pool.procs], flush=True); os._exit(0)"  # no clean-up at all
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -495,7 +499,7 @@ def test_script_help_and_light_imports():
                  "--tokenizer", "--force", "--no-progress", "example:"):
         assert flag in proc.stdout
     # no torch / megatron / datasets before there is work to do
-    probe = ("import sys; import spactor_mega.data.preprocess; "
+    probe = ("import sys; import spactor_mega.data.preprocess_cli; "
              "print(sorted(m for m in ('torch', 'megatron', 'datasets', 'tqdm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from spactor_mega.curriculum import Phase
+
 from spactor_mega.parallel.state import single_process_parallel
 
 VOCAB, SP_SIZE, MASK_ID = 256, 150, 250
@@ -15,7 +17,7 @@ def parallel():
 
 
 def _build(tau=10.0, depth_fraction=0.5, **gen):
-    from spactor_mega.model.spactor import build_spactor_modules
+    from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.model.synthetic import tiny_config
 
     cfg = tiny_config(tau=tau, depth_fraction=depth_fraction)
@@ -32,7 +34,7 @@ def _objective(**kw):
 
 @pytest.mark.parametrize("fraction", [0.5, 0.25, 1.0])
 def test_generator_size_follows_depth_fraction(parallel, fraction):
-    from spactor_mega.config import generator_num_layers
+    from spactor_mega.plan.derived import generator_num_layers
 
     cfg, (d, g, rtd) = _build(depth_fraction=fraction, d_ff=48, num_heads=4)
     cfg.model.num_encoder_layers = 4  # the rule itself, on a deeper D
@@ -54,17 +56,25 @@ def test_generator_size_follows_depth_fraction(parallel, fraction):
 def test_gumbel_sampling_respects_forbidden_ids_and_seed(parallel):
     from spactor_mega.model.generator import gumbel_max_sample
 
-    flat = torch.zeros(4000, VOCAB)
-    s = gumbel_max_sample(flat, temperature=1.0, seed=3, sample_vocab_size=SP_SIZE, forbidden_ids=(0, 1))
+    def seeds(base, rows=40):
+        return [base * 1000 + i for i in range(rows)]
+
+    flat = torch.zeros(40, 100, VOCAB)  # 40 samples x 100 MLM slots
+    s = gumbel_max_sample(flat, temperature=1.0, row_seeds=seeds(3), sample_vocab_size=SP_SIZE, forbidden_ids=(0, 1))
+    assert s.shape == (40, 100)
     assert s.min() >= 2 and s.max() < SP_SIZE
     assert len(torch.unique(s)) > 100  # spread over the allowed ids
-    again = gumbel_max_sample(flat, temperature=1.0, seed=3, sample_vocab_size=SP_SIZE, forbidden_ids=(0, 1))
-    other = gumbel_max_sample(flat, temperature=1.0, seed=4, sample_vocab_size=SP_SIZE, forbidden_ids=(0, 1))
+    again = gumbel_max_sample(flat, temperature=1.0, row_seeds=seeds(3), sample_vocab_size=SP_SIZE, forbidden_ids=(0, 1))
+    other = gumbel_max_sample(flat, temperature=1.0, row_seeds=seeds(4), sample_vocab_size=SP_SIZE, forbidden_ids=(0, 1))
     assert torch.equal(s, again) and not torch.equal(s, other)
+    # a row's samples depend on its own seed only, not on the rows batched with it
+    alone = gumbel_max_sample(flat[7:9], temperature=1.0, row_seeds=seeds(3)[7:9], sample_vocab_size=SP_SIZE,
+                              forbidden_ids=(0, 1))
+    assert torch.equal(alone, s[7:9])
     peaked = torch.zeros(64, VOCAB)
     peaked[:, 77] = 50.0
     peaked[:, 200] = 100.0  # above sample_vocab_size: must lose to 77
-    out = gumbel_max_sample(peaked, temperature=1.0, seed=1, sample_vocab_size=SP_SIZE)
+    out = gumbel_max_sample(peaked, temperature=1.0, row_seeds=seeds(1, 64), sample_vocab_size=SP_SIZE)
     assert torch.all(out == 77)
 
 
@@ -76,7 +86,7 @@ def test_sc_stage_skips_generator_and_equals_plain_sc_loss(parallel):
     calls = []
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (g, rtd, g.encoder)]
     batch = synthetic_batch(3, 24, 8, sp_size=SP_SIZE, seed=4, pad_rows=1)
-    loss, metrics = _objective()(batch, d, g, rtd, stage="sc")
+    loss, metrics = _objective()(batch, d, g, rtd, phase=Phase.SC_ONLY)
     for h in hooks:
         h.remove()
     assert calls == []
@@ -87,7 +97,7 @@ def test_sc_stage_skips_generator_and_equals_plain_sc_loss(parallel):
     assert metrics == {"loss": pytest.approx(plain.item()), "sc_loss": pytest.approx(plain.item())}
     # sc-only needs no MLM fields and no generator at all
     no_mlm = synthetic_batch(3, 24, 8, sp_size=SP_SIZE, seed=4, pad_rows=1, with_mlm=False)
-    loss2, _ = _objective()(no_mlm, d, stage="sc")
+    loss2, _ = _objective()(no_mlm, d, phase=Phase.SC_ONLY)
     assert torch.equal(loss2.detach(), loss.detach())
 
 
@@ -103,7 +113,7 @@ def test_hybrid_step_losses_masking_and_gradients(parallel):
 
     handle = d.embedding.register_forward_hook(record)
     obj = _objective(mlm_weight=0.7, rtd_weight=3.0, temperature=1.5)
-    loss, m = obj(batch, d, g, rtd, stage="hybrid", step=5, micro_batch=1)
+    loss, m = obj(batch, d, g, rtd, phase=Phase.HYBRID)
     loss.backward()
     handle.remove()
     assert len(lookups) == 3
@@ -152,7 +162,7 @@ def test_generator_mlm_gradient_reaches_shared_embedding(parallel):
 @pytest.mark.parametrize("granularity", ["full", "selective"])
 def test_activation_recompute_gives_identical_gradients(parallel, granularity):
     """Megatron's recompute must carry the position-bias gradient (it rides in attention_mask)."""
-    from spactor_mega.model.spactor import build_spactor_modules
+    from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.model.synthetic import synthetic_batch, tiny_config
     from spactor_mega.parallel.tensor_shards import gather_full_state_dict
 
@@ -161,7 +171,7 @@ def test_activation_recompute_gives_identical_gradients(parallel, granularity):
     for rg in (None, granularity):
         torch.manual_seed(5)
         d, g, rtd = build_spactor_modules(tiny_config(), VOCAB, recompute_granularity=rg)
-        loss, _ = _objective()(batch, d, g, rtd, stage="hybrid", step=1)
+        loss, _ = _objective()(batch, d, g, rtd, phase=Phase.HYBRID)
         loss.backward()
         out[rg] = (loss.detach(), gather_full_state_dict(d, grads=True), gather_full_state_dict(g, grads=True, group=g.tp_group))
     ref, new = out[None], out[granularity]

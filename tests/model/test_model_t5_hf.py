@@ -59,7 +59,7 @@ def test_sc_loss_matches_hf_loss(d_and_hf):
     b = synthetic_batch(2, 24, 8, sp_size=150, seed=2)
     with torch.no_grad():
         enc = d.encode(b["enc_tokens"], b["enc_mask"])
-        ours = sc_loss(d.lm_logits(d.decode(b["dec_input"], enc, b["enc_mask"])), b["labels"], b["dec_loss_mask"])
+        ours, _ = sc_loss(d.lm_logits(d.decode(b["dec_input"], enc, b["enc_mask"])), b["labels"], b["dec_loss_mask"])
         labels = b["labels"].masked_fill(b["dec_loss_mask"] == 0, -100)
         ref = hf(input_ids=b["enc_tokens"], attention_mask=b["enc_mask"].long(), labels=labels).loss
     assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item())

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from spactor_mega.curriculum import Phase
+
 from spactor_mega.parallel.testing import DistributedWorkerError, run_distributed
 
 
@@ -29,7 +31,8 @@ def _worker(rank, world_size, ckpt_dir):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from spactor_mega.model.generator import GeneratorDDP
-    from spactor_mega.model.spactor import SpactorObjective, build_spactor_modules
+    from spactor_mega.model.spactor import SpactorObjective
+    from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.model.synthetic import synthetic_batch, tiny_config
     from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
     from spactor_mega.parallel.tensor_shards import gather_full_state_dict
@@ -53,7 +56,7 @@ def _worker(rank, world_size, ckpt_dir):
             m.zero_grad_buffer()
         opt_d.zero_grad()
         opt_aux.zero_grad()
-        loss, metrics = objective(batch, dd, dg, dr, stage="hybrid", step=step)  # wrapped modules
+        loss, metrics = objective(batch, dd, dg, dr, phase=Phase.HYBRID)  # wrapped modules
         loss.backward()
         for m in (dd, dg, dr):
             m.finish_grad_sync()
@@ -69,7 +72,7 @@ def _worker(rank, world_size, ckpt_dir):
     data = iter([synthetic_batch(3, 24, 8, sp_size=150, seed=s, with_mlm=False) for s in (10, 11)])
 
     def forward_step(data_iterator, model):
-        loss, _ = objective(next(data_iterator), d, stage="sc")
+        loss, _ = objective(next(data_iterator), d, phase=Phase.SC_ONLY)
         return loss, lambda output: (output, {"loss": output.detach().clone()})
 
     dd.zero_grad_buffer()

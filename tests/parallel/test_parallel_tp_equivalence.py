@@ -3,6 +3,8 @@ in both stages (hybrid and SC-only); G runs each row on one TP rank only (FLOPs 
 
 import torch
 
+from spactor_mega.curriculum import Phase
+
 from spactor_mega.parallel.testing import run_distributed
 
 G_FLOPS_BATCHES = (4, 3, 1)  # even split over TP=2, uneven, and a rank with no rows
@@ -16,7 +18,7 @@ def _generator_flops(objective, d, g, batch_size: int) -> int:
 
     batch = synthetic_batch(batch_size, 24, 8, mlm_slots=6, sp_size=150, seed=9, pad_rows=1)
     with FlopCounterMode(display=False) as counter:
-        objective.generator_pass(batch, d, g, step=0, micro_batch=0)["mlm_loss"].backward()
+        objective.generator_pass(batch, d, g)["mlm_loss"].backward()
     return counter.get_total_flops()
 
 
@@ -24,19 +26,22 @@ def _run_layout(tp: int) -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from spactor_mega.model.generator import GeneratorDDP
-    from spactor_mega.model.spactor import SpactorObjective, build_spactor_modules
+    from spactor_mega.model.spactor import SpactorObjective
+    from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.model.synthetic import synthetic_batch, tiny_config
     from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.parallel.tensor_shards import gather_full_state_dict
 
     initialize_parallel(tp=tp, seed=11)
     d, g, rtd = build_spactor_modules(tiny_config(), 256)
-    objective = SpactorObjective(mask_id=250, sample_vocab_size=150, temperature=2.0, mlm_weight=1.0, rtd_weight=10.0)
+    # z-loss on (large enough to show in the gradients): its vocab-parallel log Z is checked too
+    objective = SpactorObjective(mask_id=250, sample_vocab_size=150, temperature=2.0, mlm_weight=1.0, rtd_weight=10.0,
+                                 z_loss=1e-2)
     batch = synthetic_batch(3, 24, 8, mlm_slots=6, sp_size=150, seed=5, pad_rows=1)  # 3 rows: uneven over TP=2
     res = {"weights": gather_full_state_dict(d), "g_weights": gather_full_state_dict(g, group=g.tp_group)}
     # G's gradients are the sum of its TP ranks' row gradients: reduced by the engine's DDP.
     g_ddp = GeneratorDDP(g, DistributedDataParallelConfig(grad_reduce_in_fp32=True))
-    loss, metrics = objective(batch, d, g_ddp, rtd, stage="hybrid", step=7, micro_batch=2)
+    loss, metrics = objective(batch, d, g_ddp, rtd, phase=Phase.HYBRID)
     loss.backward()
     g_ddp.finish_grad_sync()
     res["hybrid"] = metrics
@@ -46,7 +51,7 @@ def _run_layout(tp: int) -> dict:
     res["grad_rtd"] = gather_full_state_dict(rtd, grads=True, group=g.tp_group)
     for m in (d, rtd):
         m.zero_grad(set_to_none=True)
-    loss, metrics = objective(batch, d, None, None, stage="sc")
+    loss, metrics = objective(batch, d, None, None, phase=Phase.SC_ONLY)
     loss.backward()
     res["sc"] = metrics
     res["grad_d_sc"] = gather_full_state_dict(d, grads=True)
@@ -57,12 +62,13 @@ def _run_layout(tp: int) -> dict:
 def _default_rng_in_step_after_generator() -> bool:
     """With dropout, G on uneven rows (3 over TP=2) leaves the default generator (which drops
     TP-replicated activations) the same on both TP ranks."""
-    from spactor_mega.model.spactor import SpactorObjective, build_spactor_modules
+    from spactor_mega.model.spactor import SpactorObjective
+    from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.model.synthetic import synthetic_batch, tiny_config
 
     d, g, _ = build_spactor_modules(tiny_config(dropout=0.1), 256)
     batch = synthetic_batch(3, 24, 8, mlm_slots=6, sp_size=150, seed=5, pad_rows=1)
-    SpactorObjective(mask_id=250, sample_vocab_size=150).generator_pass(batch, d, g, 0, 0)["mlm_loss"].backward()
+    SpactorObjective(mask_id=250, sample_vocab_size=150).generator_pass(batch, d, g)["mlm_loss"].backward()
     states = [None, None]
     torch.distributed.all_gather_object(states, torch.get_rng_state())
     return torch.equal(states[0], states[1])
@@ -101,6 +107,7 @@ def test_tp2_matches_tp1_in_both_stages():
         for k, v in tp1[stage].items():
             assert abs(v - tp2[stage][k]) <= 1e-5 * max(abs(v), 1e-6), (stage, k, v, tp2[stage][k])
     assert tp1["hybrid"]["replaced_fraction"] > 0  # the RTD task is not trivial
+    assert tp1["sc"]["z_loss"] > 0 and tp1["hybrid"]["z_loss"] > 0
     _assert_close_dicts(tp1["grad_d"], tp2["grad_d"], "hybrid D grads")
     _assert_close_dicts(tp1["grad_g"], tp2["grad_g"], "hybrid G grads")
     _assert_close_dicts(tp1["grad_rtd"], tp2["grad_rtd"], "hybrid RTD head grads")

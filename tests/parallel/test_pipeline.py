@@ -6,7 +6,10 @@ micro-batches and sampling key (gradients before the DP all-reduce, which Megatr
 import pytest
 import torch
 
+from spactor_mega.curriculum import Phase
 from spactor_mega.parallel.testing import run_distributed
+
+PHASES = {"hybrid": Phase.HYBRID, "sc": Phase.SC_ONLY}
 
 def _cfg():
     from spactor_mega.model.synthetic import tiny_config
@@ -59,13 +62,18 @@ def _run(tp, pp, vp, split, reference, n_micro):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from spactor_mega.parallel.pipeline import build_stage_chunks, pipeline_step
+    from spactor_mega.model.stages import build_stage_chunks
+
+    from spactor_mega.training.pipeline_step import pipeline_step
     from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.parallel.tensor_shards import gather_full_state_dict
 
     initialize_parallel(tp=tp, pp=pp, vp=vp, seed=11)
-    chunks, g, rtd = build_stage_chunks(_cfg(), 256, split)
-    # Seeded per layer: this stage's parts start from exactly the PP=1 weights (by global name).
+    # Megatron's GPU init path (on CPU redirected by cpu_compat), where its layers would draw under
+    # the per-TP-rank RNG tracker; ours draw each full tensor from (seed, part, global layer, name)
+    # and keep this rank's shard, so every stage and TP rank has exactly the TP=1 x PP=1 weights
+    # (the reference is built on the CPU path).
+    chunks, g, rtd = build_stage_chunks(_cfg(), 256, split, use_cpu_initialization=False)
     built = {f"d.{d.global_parameter_name(k)}": v for d in chunks for k, v in gather_full_state_dict(d).items()}
     for name, module in (("g", g), ("rtd", rtd)):
         if module is not None:
@@ -78,7 +86,7 @@ def _run(tp, pp, vp, split, reference, n_micro):
         for m in (*chunks, g, rtd):
             if m is not None:
                 m.zero_grad(set_to_none=True)
-        metrics = pipeline_step(_objective(), _batches(n_micro), chunks, g, rtd, hybrid=stage == "hybrid", step=3)
+        metrics = pipeline_step(_objective(), _batches(n_micro), chunks, g, rtd, phase=PHASES[stage])
         grads = {}
         for d in chunks:  # a bias table held by two chunks has the same (summed) grad in both
             grads.update({f"d.{k}": v for k, v in _grads(d, d.global_parameter_name).items()})
@@ -95,8 +103,8 @@ def _run(tp, pp, vp, split, reference, n_micro):
 def _reference(n_micro):
     """PP=1 (and TP=1): weights, and the objective's per-micro-batch loss path as the truth
     (world rank r is DP rank r here: the truth for DP rank r of the other layouts)."""
-    from spactor_mega.model.spactor import build_spactor_modules
-    from spactor_mega.parallel.pipeline import pipeline_step
+    from spactor_mega.model.stages import build_spactor_modules
+    from spactor_mega.training.pipeline_step import pipeline_step
     from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.parallel.tensor_shards import gather_full_state_dict
 
@@ -110,7 +118,7 @@ def _reference(n_micro):
             m.zero_grad(set_to_none=True)
         metrics = []
         for i, batch in enumerate(_batches(n_micro)):  # plain autograd, no schedule
-            loss, m = objective(batch, d, g, rtd, stage=stage, step=3, micro_batch=i)
+            loss, m = objective(batch, d, g, rtd, phase=PHASES[stage])
             (loss / n_micro).backward()
             metrics.append(m)
         avg = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
@@ -122,7 +130,7 @@ def _reference(n_micro):
         # the PP=1 schedule path agrees too
         for m in (d, g, rtd):
             m.zero_grad(set_to_none=True)
-        ref[stage]["schedule_metrics"] = pipeline_step(objective, _batches(n_micro), d, g, rtd, hybrid=stage == "hybrid", step=3)
+        ref[stage]["schedule_metrics"] = pipeline_step(objective, _batches(n_micro), d, g, rtd, phase=PHASES[stage])
     return ref
 
 

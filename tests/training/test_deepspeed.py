@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from spactor_mega.config import ConfigError, validate
+from spactor_mega.config import ConfigError
+
+from spactor_mega.plan.validate import validate
 from spactor_mega.parallel.testing import run_distributed
 from tests.training.test_training import tiny_config
 
@@ -68,10 +70,9 @@ def _live_and_consolidated(engine, checkpoint: str):
 
 def _exported_hf_logits(checkpoint: str, batch: dict):
     """Logits of ``spactor convert to-hf``'s export of the DeepSpeed checkpoint, loaded by transformers."""
-    import torch
     from transformers import T5ForConditionalGeneration
 
-    from spactor_mega.checkpoint.hf_export import export_to_hf
+    from spactor_mega.convert.hf_export import export_to_hf
 
     folder = export_to_hf(checkpoint, Path(checkpoint).parent / "hf")
     model = T5ForConditionalGeneration.from_pretrained(str(folder)).eval()
@@ -143,7 +144,7 @@ def trained_tp2(tmp_path_factory):
 @pytest.mark.parametrize("name", list(ZERO_VARIANTS))
 def test_zero_stages_follow_the_megatron_losses_across_tau(trained, name):
     reference, history = trained["megatron"], trained[name]
-    assert [h["stage"] for h in history] == [1.0] * TAU + [2.0] * (STEPS - TAU)
+    assert [h["phase"] for h in history] == [1.0] * TAU + [2.0] * (STEPS - TAU)
     for a, b in zip(reference, history):
         for key in ("loss", "sc_loss", "rtd_loss", "mlm_loss", "lr"):
             if key in a:
@@ -164,7 +165,7 @@ def test_tensor_parallel_zero_stages_follow_the_megatron_losses_and_grad_norms(t
     RTD head's are not, and both engines' grad norms count every element as Megatron's does."""
     for rank_result in trained_tp2:
         reference, history = rank_result["megatron"], rank_result[name]
-        assert [h["stage"] for h in history] == [1.0] * TAU + [2.0] * (STEPS - TAU)
+        assert [h["phase"] for h in history] == [1.0] * TAU + [2.0] * (STEPS - TAU)
         for a, b in zip(reference, history):
             for key in ("loss", "sc_loss", "rtd_loss", "mlm_loss", "grad_norm", "generator_grad_norm"):
                 if key in a:
@@ -221,7 +222,7 @@ def test_tensor_parallel_checkpoint_without_its_layout_or_a_rank_is_refused(trai
     import shutil
 
     from spactor_mega.checkpoint.deepspeed import consolidated_state_dict
-    from spactor_mega.checkpoint.megatron import CheckpointError
+    from spactor_mega.checkpoint.store import CheckpointError
 
     for damage, message in ((lambda d: (d / "tensor_parallel.json").unlink(), r"tensor_parallel\.json: missing"),
                             (lambda d: (d / "mp_rank_01_model_states.pt").unlink(),

@@ -17,7 +17,7 @@ LOSSES = ("loss", "sc_loss", "rtd_loss", "mlm_loss")
 def _train_all(rank, world_size, runs):
     """Runs ``train(cfg)`` for each config in turn in this process group (Megatron's groups are
     rebuilt for each layout); a CheckpointError is returned as its message."""
-    from spactor_mega.checkpoint.megatron import CheckpointError
+    from spactor_mega.checkpoint.store import CheckpointError
     from spactor_mega.parallel.state import destroy_parallel
     from spactor_mega.training.loop import train
 
@@ -68,7 +68,7 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
         cfg("from_virtual", train__resume=str(virtual_saved)),
     ], timeout=600)[0]
     stopped, pp4, virtual, reference = four[0], four[1], four[2], one[0]
-    assert [h["stage"] for h in reference] == [1.0] * 4 + [2.0] * 4
+    assert [h["phase"] for h in reference] == [1.0] * 4 + [2.0] * 4
     assert len(stopped) == STOP
     _close(reference, stopped)  # TP=2 x PP=2 == TP=1 x PP=1 step by step
     for resumed in (pp4, one[1]):

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from spactor_mega.config import Config, ConfigError, validate
+from spactor_mega.config import Config, ConfigError
+from spactor_mega.curriculum import Phase
+
+from spactor_mega.plan.validate import validate
 from spactor_mega.parallel.testing import run_distributed
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo_c4"
@@ -70,7 +73,7 @@ def test_resume_gives_bitwise_the_same_losses(work, stop_at, optimizer):
 
 def test_generator_is_released_at_tau(work):
     history = run(tiny_config(work / "tau"))["history"]
-    stages = [h["stage"] for h in history]
+    stages = [h["phase"] for h in history]
     assert stages == [1.0] * 4 + [2.0] * 4
     assert all(h["generator_params"] > 0 for h in history[:4])
     assert all(h["generator_params"] == 0 and h["generator_optimizer_state"] == 0 for h in history[4:])
@@ -82,6 +85,21 @@ def test_validation_loss_falls_on_the_demo_corpus(work):
     evals = run(cfg)["evals"]
     start, end = evals[0]["sc_loss"], evals[-1]["sc_loss"]
     assert end < start - 1.0, (start, end)
+
+
+def test_validation_sc_loss_is_on_clean_inputs_before_tau(work):
+    """valid/sc_loss before tau is D's SC loss on the clean inputs: the same weights (4 hybrid
+    steps in both runs) give the same value whether the next step is hybrid (tau 8: the hybrid
+    terms are reported beside it) or SC only (tau 4)."""
+    entering_sc = run(tiny_config(work / "eval_tau4", train__steps=4, train__eval_interval=4))["evals"]
+    entering_hybrid = run(tiny_config(work / "eval_tau8", train__steps=4, train__eval_interval=4,
+                                      spactor__tau=8.0))["evals"]
+    assert [e["step"] for e in entering_sc] == [e["step"] for e in entering_hybrid] == [0, 4]
+    sc, hybrid = entering_sc[-1], entering_hybrid[-1]
+    assert set(sc) == {"step", "sc_loss"}
+    assert {"sc_loss", "sc_loss_replaced", "rtd_loss", "mlm_loss", "hybrid_loss", "rtd_recall"} <= set(hybrid)
+    assert hybrid["sc_loss"] == sc["sc_loss"]
+    assert hybrid["sc_loss_replaced"] != hybrid["sc_loss"]  # D reading G's replacements is another curve
 
 
 def test_config_rejections_name_the_field(tmp_path):
@@ -118,7 +136,7 @@ def test_tensor_parallel_training_matches_single_rank(work):
     TP=1, step by step, in both stages."""
     single = run(tiny_config(work / "tp1"))["history"]
     split = run(tiny_config(work / "tp2", parallel__tensor_model_parallel_size=2), world_size=2)["history"]
-    assert [h["stage"] for h in split] == [h["stage"] for h in single]
+    assert [h["phase"] for h in split] == [h["phase"] for h in single]
     for a, b in zip(single, split):
         for key in ("loss", "sc_loss", "rtd_loss", "mlm_loss", "grad_norm", "generator_grad_norm"):
             if key in a:
@@ -137,10 +155,10 @@ def _measure_flops(rank, world_size, cfg):
     measured = {}
     original = engine_module.MegatronEngine.train_step
 
-    def counted(self, micro_batches, hybrid, step):
+    def counted(self, micro_batches, phase):
         with FlopCounterMode(display=False) as counter:
-            metrics = original(self, micro_batches, hybrid, step)
-        measured.setdefault("hybrid" if hybrid else "sc", counter.get_total_flops())
+            metrics = original(self, micro_batches, phase)
+        measured.setdefault("hybrid" if phase is Phase.HYBRID else "sc", counter.get_total_flops())
         return metrics
 
     engine_module.MegatronEngine.train_step = counted

@@ -1,19 +1,15 @@
-"""Training engines: Megatron-Core (DDP + distributed optimizer) and DeepSpeed ZeRO.
-
-Both offer the interface the loop uses: ``train_step``, ``eval_step``, ``release_generator``,
-``has_generator``, ``parameter_counts``, ``save(save_dir, step, record, tokenizer_file)`` and
-``load(path)``.
-"""
+"""Training engines behind one contract (:class:`~spactor_mega.training.engines.base.Engine`):
+Megatron-Core (DDP + Megatron's optimizers) and DeepSpeed ZeRO, registered by name in
+:data:`spactor_mega.plan.engines.ENGINES`."""
 
 from __future__ import annotations
 
+from spactor_mega.model.spactor import SpactorObjective
+from spactor_mega.plan.engines import engine_spec, resolve
 
-def build_engine(cfg, discriminator, generator, rtd_head, loss_fn, bf16: bool):
+from .base import Engine
+
+
+def build_engine(cfg, discriminator, generator, rtd_head, objective: SpactorObjective, bf16: bool) -> Engine:
     """The engine ``cfg.train.engine`` names, over the modules of this rank."""
-    if cfg.train.engine == "deepspeed":
-        from .deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, discriminator, generator, rtd_head, loss_fn, bf16)
-    from .megatron import MegatronEngine
-
-    return MegatronEngine(cfg, discriminator, generator, rtd_head, loss_fn, bf16)
+    return resolve(engine_spec(cfg.train.engine).runtime)(cfg, discriminator, generator, rtd_head, objective, bf16)

@@ -30,26 +30,37 @@ Megatron engine, so the two engines follow the same learning-rate curve.
 from __future__ import annotations
 
 import contextlib
-import os
 import types
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from megatron.core import parallel_state as ps
 
+from spactor_mega.checkpoint.deepspeed import write_tp_layout
+from spactor_mega.checkpoint.store import (
+    CheckpointError,
+    commit_checkpoint,
+    prepare_checkpoint_dir,
+)
 from spactor_mega.config import Config
-from spactor_mega.parallel.pipeline import average_metrics
+from spactor_mega.curriculum import Phase
+from spactor_mega.model.spactor import SpactorObjective
+from spactor_mega.parallel.cpu_compat import import_deepspeed
+from spactor_mega.parallel.state import self_group
+from spactor_mega.plan.engines.deepspeed import deepspeed_config
+from spactor_mega.training.engines.base import eval_mode, torch_adafactor
+from spactor_mega.training.engines.released import (
+    ReleasedTensors,
+    optimizer_state_tensors,
+)
+from spactor_mega.training.lr_schedule import build_lr_scheduler
+from spactor_mega.training.metrics import average_metrics
+
+# deepspeed itself is imported where it is used, through import_deepspeed: it picks its
+# accelerator once, at import, and on CPU that must be set first.
 
 D_TAG, AUX_TAG = "discriminator", "generator_rtd"
-
-
-def import_deepspeed():
-    """deepspeed, with its CPU accelerator when there is no GPU (must be chosen before import)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    return deepspeed
 
 
 class Parts(torch.nn.Module):
@@ -69,8 +80,6 @@ class Parts(torch.nn.Module):
 def megatron_mpu():
     """Megatron's ``parallel_state`` as DeepSpeed's model-parallel unit. DeepSpeed also calls
     ``get_model_parallel_rank/world_size``, which Megatron names by TP (PP is 1 here)."""
-    from megatron.core import parallel_state as ps
-
     mpu = types.SimpleNamespace(**{k: getattr(ps, k) for k in dir(ps) if k.startswith("get_")})
     mpu.get_model_parallel_rank = ps.get_tensor_model_parallel_rank
     mpu.get_model_parallel_world_size = ps.get_tensor_model_parallel_world_size
@@ -81,10 +90,6 @@ def megatron_mpu():
 def replica_mpu():
     """DeepSpeed's mpu for G's engine: every rank holding a copy of G (TP x DP) is data parallel
     and model parallelism is this rank alone (G's tensors are whole on every TP rank)."""
-    from megatron.core import parallel_state as ps
-
-    from spactor_mega.parallel.state import self_group
-
     replicas, alone = ps.get_tensor_and_data_parallel_group(), self_group()
     mpu = megatron_mpu()
     mpu.get_data_parallel_group = lambda *args, **kwargs: replicas
@@ -103,8 +108,7 @@ def _global_mpu(engine):
     """DeepSpeed keeps one process-global mpu (``deepspeed.utils.groups.mpu``, set by the last
     ``initialize``) and reads it in checkpoint save/load (which DP rank writes the model file);
     each of our engines has its own, so it is set around those calls."""
-    from deepspeed.utils import groups
-
+    groups = import_deepspeed().utils.groups
     saved, groups.mpu = groups.mpu, engine.mpu
     try:
         yield
@@ -134,70 +138,76 @@ def _param_groups(module: torch.nn.Module) -> list[dict]:
 def use_torch_adam(cfg: Config) -> bool:
     """DeepSpeed's CPU Adam for offloaded optimizer states (FusedAdam on GPU) where its op can be
     built; torch's AdamW otherwise (and on CPU without offload, where fused Adam buys nothing)."""
-    from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
-
+    builders = import_deepspeed().ops.op_builder
     if cfg.deepspeed.offload_optimizer != "none":
-        return not CPUAdamBuilder().is_compatible(verbose=False)
-    return not torch.cuda.is_available() or not FusedAdamBuilder().is_compatible(verbose=False)
+        return not builders.CPUAdamBuilder().is_compatible(verbose=False)
+    return not torch.cuda.is_available() or not builders.FusedAdamBuilder().is_compatible(verbose=False)
 
 
 class DeepSpeedEngine:
     """Steps D (and, until tau, G and the RTD head) through DeepSpeed ZeRO engines."""
 
-    def __init__(self, cfg: Config, discriminator, generator, rtd_head, loss_fn: Callable, bf16: bool):
-        import_deepspeed()
-        import deepspeed
-        from deepspeed.utils import groups
-        from megatron.core import parallel_state as ps
-
-        from spactor_mega.training.engines.deepspeed_config import deepspeed_config
-        from spactor_mega.training.schedule import build_lr_scheduler
-
+    def __init__(self, cfg: Config, discriminator, generator, rtd_head, objective: SpactorObjective, bf16: bool):
+        deepspeed = import_deepspeed()
         self.cfg = cfg
-        self.loss_fn = loss_fn
+        self.objective = objective
         self.ds_config = deepspeed_config(cfg, ps.get_data_parallel_world_size(), bf16, use_torch_adam(cfg))
         tp = ps.get_tensor_model_parallel_world_size()
 
         def initialize(parts: Parts, mpu, config: dict):
+            client = None  # AdamW: DeepSpeed's, from the config's optimizer section
+            if cfg.optim.optimizer == "adafactor":  # ZeRO-0 only (validate), where DeepSpeed keeps tensors whole
+                client = torch_adafactor(cfg, [p for p in parts.parameters() if p.requires_grad])
             engine, optimizer, _, _ = deepspeed.initialize(
-                model=parts, model_parameters=_param_groups(parts), config=config, mpu=mpu,
+                model=parts, model_parameters=_param_groups(parts), optimizer=client, config=config, mpu=mpu,
             )
             return engine, build_lr_scheduler(optimizer, cfg)
 
         self.d, self.d_scheduler = initialize(Parts(discriminator=discriminator), megatron_mpu(), self.ds_config)
         self.aux = self.aux_scheduler = None
+        self.released = ReleasedTensors()
         if generator is not None:
             # G's engine sees TP x DP data-parallel ranks, each with a micro-batch of its own.
             aux_config = {**self.ds_config, "train_batch_size": self.ds_config["train_batch_size"] * tp}
             self.aux, self.aux_scheduler = initialize(Parts(generator=generator, rtd_head=rtd_head), replica_mpu(), aux_config)
             if tp > 1:
                 _scale_gradients(generator, float(tp))
-            groups.mpu = self.d.mpu  # DeepSpeed's process-global mpu: D's (see _global_mpu)
+            deepspeed.utils.groups.mpu = self.d.mpu  # DeepSpeed's process-global mpu: D's (see _global_mpu)
         self.has_generator = self.aux is not None
         # ZeRO-0 has no torch-style backward hooks: G's gradients are all-reduced explicitly.
         self._aux_in_forward = cfg.deepspeed.zero_stage > 0
 
     def release_generator(self) -> None:
-        """Drops G, the RTD head and their engine (parameters, gradients, optimizer state)."""
+        """Drops G, the RTD head and their engine (parameters, gradients, optimizer state); what of
+        them stays reachable is then counted by :meth:`parameter_counts` (it should be nothing)."""
         if self.aux is not None:
+            for kind in ("generator", "rtd_head"):
+                params = list(getattr(self.aux.module, kind).parameters())
+                # ZeRO-3 leaves an empty tensor in each parameter; its partition is ds_tensor.
+                self.released.track(kind, params + [getattr(p, "ds_tensor", None) for p in params])
+            optimizer = _torch_optimizer(self.aux)
+            partitions = [p for group in optimizer.param_groups for p in group["params"]]  # ZeRO's fp32 master partitions
+            self.released.track("generator_optimizer_state", optimizer_state_tensors([optimizer]) + partitions)
             self.aux.destroy()
+            # ZeRO-3 pushes each engine's top module onto a process-global stack at init
+            # (parameter_offload.FWD_MODULE_STACK) that destroy() leaves alone: it would keep G alive.
+            stack = import_deepspeed().runtime.zero.parameter_offload.FWD_MODULE_STACK
+            stack[:] = [m for m in stack if m is not self.aux.module]
         self.aux = self.aux_scheduler = None
         self.has_generator = False
-        import gc
-
-        gc.collect()
+        self.released.collect()
 
     # One optimizer step -------------------------------------------------------------------
-    def _micro_step(self, batch: dict, hybrid: bool, step: int, micro_batch: int):
+    def _micro_step(self, batch: dict, phase: Phase):
         """(loss, metrics) of one micro-batch, run inside the engines' forwards."""
-        loss_fn = self.loss_fn
+        objective = self.objective
 
         def with_d(d):
-            if not hybrid:
-                return loss_fn(batch, d, None, None, hybrid=False, step=step, micro_batch=micro_batch)
+            if phase is Phase.SC_ONLY:
+                return objective(batch, d, phase=phase)
 
             def with_aux(g, rtd):
-                return loss_fn(batch, d, g, rtd, hybrid=True, step=step, micro_batch=micro_batch)
+                return objective(batch, d, g, rtd, phase=phase)
 
             if self._aux_in_forward:
                 return self.aux(with_aux)
@@ -205,11 +215,12 @@ class DeepSpeedEngine:
 
         return self.d(with_d)
 
-    def train_step(self, micro_batches: list[dict], hybrid: bool, step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
+        hybrid = phase is Phase.HYBRID
         engines = [self.d] + ([self.aux] if hybrid else [])
         outputs = []
-        for i, batch in enumerate(micro_batches):
-            loss, metrics = self._micro_step(batch, hybrid, step, i)
+        for batch in micro_batches:
+            loss, metrics = self._micro_step(batch, phase)
             self.d.backward(loss)
             if hybrid and not self._aux_in_forward:
                 self.aux.allreduce_gradients()
@@ -226,24 +237,15 @@ class DeepSpeedEngine:
         return result
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: list[dict], hybrid: bool, step: int) -> dict[str, float]:
-        engines = [e for e in (self.d, self.aux) if e is not None]
-        for engine in engines:
-            engine.eval()
-        try:
-            return average_metrics([self._micro_step(b, hybrid, step, i)[1] for i, b in enumerate(micro_batches)])
-        finally:
-            for engine in engines:
-                engine.train()
+    def eval_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
+        with eval_mode(e for e in (self.d, self.aux) if e is not None):
+            return average_metrics([self._micro_step(b, phase)[1] for b in micro_batches])
 
     # Checkpoints ----------------------------------------------------------------------------
     def save(self, save_dir: str | Path, step: int, record: dict, tokenizer_file: Optional[Path]) -> Path:
         """``SAVE_DIR/iter_NNNNNNN/{discriminator,generator_rtd}/`` (DeepSpeed's own sharded
         checkpoints, our LR schedulers in their client state, the TP layout that consolidation merges
         shards by) plus our run.json and ``latest``."""
-        from spactor_mega.checkpoint.deepspeed import write_tp_layout
-        from spactor_mega.checkpoint.megatron import commit_checkpoint, prepare_checkpoint_dir
-
         path = prepare_checkpoint_dir(save_dir, step)
         for engine, scheduler, tag in self._engines():
             with _global_mpu(engine):
@@ -256,8 +258,6 @@ class DeepSpeedEngine:
         return path
 
     def load(self, path: Path) -> None:
-        from spactor_mega.checkpoint.megatron import CheckpointError
-
         for engine, scheduler, tag in self._engines():
             if not (path / tag).is_dir():
                 raise CheckpointError(f"{path}: no {tag}/ DeepSpeed checkpoint in it; resume a checkpoint that "
@@ -278,11 +278,14 @@ class DeepSpeedEngine:
             # ZeRO-3 leaves an empty tensor in each partitioned parameter; ds_numel is its size.
             return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()) if module is not None else 0
 
+        if self.aux is None:  # released: what of it is still alive
+            return {"discriminator": numel(self.d, "discriminator"), **{
+                kind: self.released.alive(kind) for kind in ("generator", "rtd_head", "generator_optimizer_state")}}
         return {
             "discriminator": numel(self.d, "discriminator"),
             "generator": numel(self.aux, "generator"),
             "rtd_head": numel(self.aux, "rtd_head"),
-            "generator_optimizer_state": _optimizer_state_numel(self.aux),
+            "generator_optimizer_state": sum(t.numel() for t in optimizer_state_tensors([_torch_optimizer(self.aux)])),
         }
 
 
@@ -291,11 +294,9 @@ def _norm(engine) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def _optimizer_state_numel(engine) -> int:
-    """Elements of the torch optimizer's state under DeepSpeed's wrappers (0 without an engine)."""
-    if engine is None:
-        return 0
+def _torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers."""
     optimizer = engine.optimizer
     while hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
-    return sum(v.numel() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    return optimizer

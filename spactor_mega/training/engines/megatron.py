@@ -7,7 +7,7 @@ buckets untouched. Micro-batches go through Megatron's ``get_forward_backward_fu
 pipeline parallelism can plug into the same loop; both models' gradient syncs are deferred
 to the last micro-batch through the schedule's ``no_sync_func``/``finalize_model_grads_func``.
 
-With PP > 1 (:mod:`spactor_mega.parallel.pipeline`) this rank holds one stage of D; G only on
+With PP > 1 (:mod:`spactor_mega.training.pipeline_step`) this rank holds one stage of D; G only on
 stage 0 and the RTD head only on the last stage. G runs for all micro-batches before D's
 schedule; the losses exist on the last stage and are broadcast over the pipeline group for
 logging. Stages in between hold neither G nor the head: they get Megatron's stub optimizer (no
@@ -26,27 +26,50 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.distributed import DistributedDataParallel as DDP
+from megatron.core.distributed import (
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer import (
+    Float16OptimizerWithFloat16Params,
+    FP32Optimizer,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from spactor_mega.checkpoint.megatron import strip_prefix
+from spactor_mega.checkpoint.megatron import load_checkpoint, save_checkpoint
+from spactor_mega.checkpoint.store import CheckpointError, strip_prefix
 from spactor_mega.config import Config
-from spactor_mega.parallel.pipeline import as_chunks, average_metrics
+from spactor_mega.curriculum import Phase
+from spactor_mega.model.generator import GeneratorDDP
+from spactor_mega.model.spactor import SpactorObjective
+from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks
+from spactor_mega.training.engines.base import eval_mode, torch_adafactor
+from spactor_mega.training.engines.released import (
+    ReleasedTensors,
+    optimizer_state_tensors,
+)
+from spactor_mega.training.lr_schedule import build_lr_scheduler
+from spactor_mega.training.metrics import average_metrics, metrics_reducer
+from spactor_mega.training.pipeline_step import pipeline_step
 
 
 def _ddp_config():
-    from megatron.core.distributed import DistributedDataParallelConfig
-
     # fp32 gradient buffers and a plain all-reduce: exact on CPU, and what bf16 runs want too.
     return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
 
 
 def _optimizer(cfg: Config, modules: list, bf16: bool):
-    """Megatron's optimizer for AdamW; Adafactor (which megatron-core lacks) from torch. Modules
-    without trainable parameters give Megatron's stub optimizer."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
+    """Megatron's optimizer for AdamW; Adafactor (which megatron-core lacks) from torch. In bf16 both
+    are Megatron's mixed-precision optimizer: fp32 main params (the optimizer steps them, so its state
+    is fp32 too), copied to the bf16 model after each step. Modules without trainable parameters give
+    Megatron's stub optimizer."""
     o = cfg.optim
     config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
@@ -55,13 +78,17 @@ def _optimizer(cfg: Config, modules: list, bf16: bool):
     )
     if o.optimizer == "adamw":
         return get_megatron_optimizer(config, modules)
-    from megatron.core.optimizer.optimizer import FP32Optimizer
-
-    # megatron-core builds only Adam/SGD; its FP32Optimizer wraps any torch optimizer and
-    # keeps Megatron's grad clipping, zero-grad and checkpoint interfaces.
+    # megatron-core builds only Adam/SGD; its wrappers take any torch optimizer and keep Megatron's
+    # grad clipping, zero-grad and checkpoint interfaces. Float16OptimizerWithFloat16Params swaps fp32
+    # copies of the bf16 params into Adafactor's param groups (FP32Optimizer would hand the bf16
+    # params DDP's fp32 main_grad, which torch refuses). No init_state_fn: Adafactor's state is
+    # saved whole (see _optimizer_state), so a load needs no template (Megatron passes None for SGD).
+    # Both constructors have these positional parameters on megatron-core 0.16.1 and 0.19.2.
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    adafactor = torch.optim.Adafactor(params, lr=o.lr, weight_decay=o.weight_decay) if params else None
-    return FP32Optimizer(adafactor, config, init_state_fn=_materialise_state)
+    adafactor = torch_adafactor(cfg, params) if params else None
+    if bf16:
+        return Float16OptimizerWithFloat16Params(adafactor, config, None, None)  # no grad scaler in bf16
+    return FP32Optimizer(adafactor, config, None)
 
 
 class _NoParameters(torch.nn.Module):
@@ -76,49 +103,24 @@ def _is_stub(optimizer) -> bool:
     return all(getattr(part, "is_stub_optimizer", False) for part in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _materialise_state(optimizer, config=None) -> None:
-    """Creates an optimizer's state tensors (a zero-gradient step at lr 0), so a checkpoint's
-    sharded optimizer state has a template to load into; Megatron does this for Adam only."""
-    saved = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        for p in group["params"]:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, saved):
-        group["lr"] = lr
-        for p in group["params"]:
-            p.grad = None
-
-
 class MegatronEngine:
     """Steps D (and, until tau, G and the RTD head) through Megatron's schedule and optimizers."""
 
-    def __init__(self, cfg: Config, discriminator, generator, rtd_head, loss_fn: Callable, bf16: bool):
-        from megatron.core.distributed import DistributedDataParallel as DDP
-
-        from spactor_mega.training.schedule import build_lr_scheduler
-
-        from megatron.core import parallel_state as ps
-
+    def __init__(self, cfg: Config, discriminator, generator, rtd_head, objective: SpactorObjective, bf16: bool):
         self.cfg = cfg
-        self.loss_fn = loss_fn
+        self.objective = objective
         self.pp = ps.get_pipeline_model_parallel_world_size()
-        self.objective = getattr(loss_fn, "objective", None)
-        if self.pp > 1 and self.objective is None:
-            raise ValueError("pipeline parallelism needs loss_fn.objective (a SpactorObjective)")
         self.d_chunks = [DDP(c.config, _ddp_config(), c) for c in as_chunks(discriminator)]
         self.d = self.d_chunks[0]  # the first chunk's config drives the schedule
         self.d_optimizer = _optimizer(cfg, self.d_chunks, bf16)
         self.d_scheduler = build_lr_scheduler(self.d_optimizer, cfg)
         self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
+        self.released = ReleasedTensors()
         # Whether the run still has the hybrid stage's modules somewhere (on some stage with PP).
         self.has_generator = generator is not None or rtd_head is not None
         if self.pp > 1:
             self.has_generator = _any_rank(self.has_generator)
         if generator is not None:
-            from spactor_mega.model.generator import GeneratorDDP
-
             self.g = GeneratorDDP(generator, _ddp_config())  # reduces over TP x DP (G's copies)
         if rtd_head is not None:
             self.rtd = DDP(rtd_head.config, _ddp_config(), rtd_head)
@@ -135,8 +137,6 @@ class MegatronEngine:
         return [*self.d_chunks, *(m for m in (self.g, self.rtd) if m is not None)]
 
     def _install_schedule_hooks(self) -> None:
-        from megatron.core.distributed import finalize_model_grads
-
         engine = self
 
         @contextlib.contextmanager
@@ -150,8 +150,6 @@ class MegatronEngine:
             for model in engine._models():
                 finalize_model_grads([model], num_tokens)
             if engine.pp > 1:
-                from spactor_mega.parallel.pipeline import allreduce_relative_bias_grads
-
                 allreduce_relative_bias_grads([c.module for c in engine.d_chunks])
 
         config = self.d.config
@@ -160,31 +158,43 @@ class MegatronEngine:
         config.grad_sync_func = None
 
     def release_generator(self) -> None:
-        """Drops G, the RTD head, their DDP buffers and optimizer state (tau reached)."""
+        """Drops G, the RTD head, their DDP buffers and optimizer state (tau reached); what of
+        them stays reachable is then counted by :meth:`parameter_counts` (it should be nothing)."""
+        model_params = set()
+        for kind, model in (("generator", self.g), ("rtd_head", self.rtd)):
+            if model is not None:
+                params = list(model.module.parameters())
+                model_params.update(id(p) for p in params)
+                self.released.track(kind, params)
+                self.released.track("generator_grad_buffer", [b.grad_data for b in model.buffers])
+        optimizers = self._aux_torch_optimizers()
+        main_params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]
+                       if id(p) not in model_params]  # bf16: the optimizer's fp32 master copies
+        self.released.track("generator_optimizer_state", optimizer_state_tensors(optimizers) + main_params)
         self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
         self.has_generator = False
+        self.released.collect()
 
-    def _pipeline_step(self, micro_batches: list[dict], hybrid: bool, step: int, forward_only: bool) -> dict:
-        from spactor_mega.parallel.pipeline import pipeline_step
-
+    def _pipeline_step(self, micro_batches: list[dict], phase: Phase, forward_only: bool) -> dict:
+        hybrid = phase is Phase.HYBRID
         return pipeline_step(
             self.objective, micro_batches, self.d_chunks, self.g if hybrid else None, self.rtd if hybrid else None,
-            hybrid=hybrid, step=step, forward_only=forward_only, reduce_bias_grads=False,
+            phase=phase, forward_only=forward_only, reduce_bias_grads=False,
         )
 
     # One optimizer step -------------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict], hybrid: bool, step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
         for model in self._models():
             model.zero_grad_buffer()
         for optimizer in (self.d_optimizer, self.aux_optimizer):
             if optimizer is not None:
                 optimizer.zero_grad()
-        metrics = self._run_schedule(micro_batches, hybrid, step, forward_only=False)
+        metrics = self._run_schedule(micro_batches, phase, forward_only=False)
         ok, grad_norm, _ = self.d_optimizer.step()
         self.d_scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.d_optimizer.param_groups[0]["lr"]
-        if hybrid and self.aux_optimizer is not None:
+        if phase is Phase.HYBRID and self.aux_optimizer is not None:
             _, g_norm, _ = self.aux_optimizer.step()
             self.aux_scheduler.step(increment=1)
             metrics["generator_grad_norm"] = float(g_norm) if g_norm is not None else float("nan")
@@ -193,23 +203,16 @@ class MegatronEngine:
         return metrics
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: list[dict], hybrid: bool, step: int) -> dict[str, float]:
-        for model in self._models():
-            model.eval()
-        try:
-            return self._run_schedule(micro_batches, hybrid, step, forward_only=True)
-        finally:
-            for model in self._models():
-                model.train()
+    def eval_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
+        with eval_mode(self._models()):
+            return self._run_schedule(micro_batches, phase, forward_only=True)
 
-    def _run_schedule(self, micro_batches: list[dict], hybrid: bool, step: int, forward_only: bool) -> dict[str, float]:
+    def _run_schedule(self, micro_batches: list[dict], phase: Phase, forward_only: bool) -> dict[str, float]:
         """Forward (and backward) of all micro-batches; averaged metrics."""
         if self.pp > 1:
-            return self._pipeline_step(micro_batches, hybrid, step, forward_only=forward_only)
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
+            return self._pipeline_step(micro_batches, phase, forward_only=forward_only)
         outputs = get_forward_backward_func()(
-            forward_step_func=self._forward_step(hybrid, step),
+            forward_step_func=self._forward_step(phase),
             data_iterator=iter(micro_batches),
             model=[self.d],
             num_microbatches=len(micro_batches),
@@ -219,35 +222,23 @@ class MegatronEngine:
         )
         return average_metrics(outputs)
 
-    def _forward_step(self, hybrid: bool, step: int):
+    def _forward_step(self, phase: Phase):
         engine = self
-        counter = iter(range(1 << 30))
 
         def forward_step(data_iterator: Iterator, model):
             batch = next(data_iterator)
-            aux = (engine.g.module, engine.rtd.module) if hybrid else (None, None)
-            loss, metrics = engine.loss_fn(
-                batch, model.module, *aux, hybrid=hybrid, step=step, micro_batch=next(counter)
-            )
-
-            def reduce(output_tensor):
-                # The schedule divides the returned loss by the micro-batch count in place.
-                return output_tensor, {k: torch.as_tensor(v, dtype=torch.float64) for k, v in metrics.items()}
-
-            return loss, reduce
+            aux = (engine.g.module, engine.rtd.module) if phase is Phase.HYBRID else (None, None)
+            loss, metrics = engine.objective(batch, model.module, *aux, phase=phase)
+            return loss, metrics_reducer(metrics)
 
         return forward_step
 
     # Checkpoints --------------------------------------------------------------------------
     def save(self, save_dir, step: int, record: dict, tokenizer_file) -> Path:
         """A dist-checkpoint (:mod:`spactor_mega.checkpoint.megatron`) of everything below."""
-        from spactor_mega.checkpoint.megatron import save_checkpoint
-
         return save_checkpoint(save_dir, step, self.sharded_state_dict(), record, tokenizer_file)
 
     def load(self, path) -> None:
-        from spactor_mega.checkpoint.megatron import load_checkpoint
-
         self.load_state_dict(load_checkpoint(path, self.sharded_state_dict(is_loading=True)))
 
     def _parts(self) -> list[tuple[str, str, object]]:
@@ -276,10 +267,8 @@ class MegatronEngine:
         if self.cfg.optim.optimizer == "adamw":
             return {} if _is_stub(optimizer) else optimizer.sharded_state_dict(model_state, is_loading=is_loading)
         # Adafactor's factored moments are not parameter-shaped, which Megatron's resharding
-        # optimizer checkpoint requires: keep them per (TP, PP) rank, written by DP rank 0.
-        from megatron.core import parallel_state as ps
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-
+        # optimizer checkpoint requires: keep them (and in bf16 the fp32 main params, which
+        # Megatron's state_dict adds) per (TP, PP) rank, written by DP rank 0.
         return ShardedObject(
             f"{key}.adafactor", {} if _is_stub(optimizer) else optimizer.state_dict(),
             (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()),
@@ -301,27 +290,44 @@ class MegatronEngine:
             return
         if self.cfg.optim.optimizer == "adamw":
             optimizer.load_state_dict(state)
-        else:  # the torch optimizer's own state dict, saved whole (see _optimizer_state)
+            return
+        # Adafactor, saved whole (see _optimizer_state): fp32 runs saved the torch optimizer's state
+        # dict, bf16 runs Megatron's mixed-precision one ({"optimizer", "fp32_from_fp16_params"}).
+        # Loaded by hand: Megatron's load_state_dict matches param groups by keys of its own
+        # (wd_mult, lr_mult, ...) that Adafactor's groups lack.
+        bf16 = hasattr(optimizer, "fp32_from_float16_groups")
+        if bf16 != ("fp32_from_fp16_params" in state):
+            written, ours = ("fp32", "bf16") if bf16 else ("bf16", "fp32")
+            raise CheckpointError(f"this Adafactor checkpoint was written in {written} but this run trains in {ours}; "
+                                  f"resume it with train.precision={written}")
+        if not bf16:
             optimizer.optimizer.load_state_dict(state)
+            return
+        optimizer.optimizer.load_state_dict(state["optimizer"])
+        for current, saved in zip(optimizer.fp32_from_float16_groups, state["fp32_from_fp16_params"], strict=True):
+            for main_param, saved_param in zip(current, saved, strict=True):
+                main_param.data.copy_(saved_param)
+
+    def _aux_torch_optimizers(self) -> list:
+        """The torch optimizers inside the G + RTD head optimizer (none on stages without them)."""
+        if self.aux_optimizer is None:
+            return []
+        return [part.optimizer for part in getattr(self.aux_optimizer, "chained_optimizers", [self.aux_optimizer])
+                if not getattr(part, "is_stub_optimizer", False)]
 
     def parameter_counts(self) -> dict[str, int]:
-        counts = {"discriminator": sum(p.numel() for c in self.d_chunks for p in c.module.parameters())}
-        counts["generator"] = sum(p.numel() for p in self.g.module.parameters()) if self.g else 0
-        counts["rtd_head"] = sum(p.numel() for p in self.rtd.module.parameters()) if self.rtd else 0
-        counts["generator_optimizer_state"] = _optimizer_state_numel(self.aux_optimizer)
+        """Elements per part on this rank; after :meth:`release_generator`, the elements of the
+        released tensors that are still alive."""
+        def live(model) -> int:
+            return sum(p.numel() for p in model.module.parameters())
+
+        counts = {"discriminator": sum(live(c) for c in self.d_chunks)}
+        counts["generator"] = live(self.g) if self.g else self.released.alive("generator")
+        counts["rtd_head"] = live(self.rtd) if self.rtd else self.released.alive("rtd_head")
+        counts["generator_optimizer_state"] = (
+            sum(t.numel() for t in optimizer_state_tensors(self._aux_torch_optimizers())) if self.aux_optimizer
+            else self.released.alive("generator_optimizer_state"))
         return counts
-
-
-def _optimizer_state_numel(optimizer: Optional[object]) -> int:
-    if optimizer is None:
-        return 0
-    total = 0
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if getattr(part, "is_stub_optimizer", False):
-            continue
-        for state in part.optimizer.state.values():
-            total += sum(v.numel() for v in state.values() if torch.is_tensor(v))
-    return total
 
 
 def _any_rank(flag: bool) -> bool:

@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from spactor_mega.checkpoint.hf_export import OutputExistsError, export_to_hf
-from spactor_mega.checkpoint.hf_import import ImportRefused, import_from_hf
-from spactor_mega.checkpoint.megatron import CheckpointError, check_resumable, read_record
+from spactor_mega.checkpoint.store import CheckpointError, check_resumable, read_record
+from spactor_mega.convert.hf_export import export_to_hf
+from spactor_mega.convert.hf_import import ImportRefused, import_from_hf
+from spactor_mega.errors import OutputExistsError
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,16 @@ def test_checkpoint_not_matching_its_config_is_refused(imported, tmp_path):
     (ckpt / "run.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=r"mlp.linear_fc1.weight has shape \[96, 32\] but run.json's model config "
                                               r"needs \[192, 32\]; the checkpoint does not match its run.json"):
+        export_to_hf(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_an_engine_without_a_reader_is_refused(imported, tmp_path):
+    ckpt = shutil.copytree(imported / "iter_0000000", tmp_path / "iter_0000000")
+    record = read_record(ckpt)
+    record["config"]["train"]["engine"] = "fsdp"
+    (ckpt / "run.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"run.json: written by train.engine='fsdp', which has no checkpoint reader"):
         export_to_hf(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

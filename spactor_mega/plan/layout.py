@@ -7,7 +7,7 @@ no stage is empty, and one stage may hold the end of the encoder and the start o
 
 The string form is ``parallel.pipeline_layout``: stages separated by ``|``, each ``E<n>``,
 ``D<n>`` or ``E<n>D<n>`` (e.g. ``"E6|E6|D4|D4|D4"`` or ``"E4|E2D2|D4"``). Without it, the layout
-is balanced by the FLOPs model of :mod:`spactor_mega.training.schedule`.
+is balanced by the FLOPs model of :mod:`spactor_mega.plan.flops`.
 
 Pure Python (no torch): safe to call from config validation and ``--dry-run``.
 """
@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from spactor_mega.config import Config, ConfigError
-from spactor_mega.training.schedule import sample_flops
+from spactor_mega.data.span_corruption import random_spans_helper
+from spactor_mega.plan.engines import engine_spec
+from spactor_mega.plan.flops import sample_flops
 
 FIELD = "parallel.pipeline_layout"
-DEFAULT_VOCAB_SIZE = 32128  # the padded T5 vocabulary, as ``training.dry_run.describe`` assumes
+DEFAULT_VOCAB_SIZE = 32128  # the padded T5 vocabulary, as ``plan.dry_run.describe`` assumes
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class PipelineLayout:
 
     def stage_split(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """One ``((enc_start, enc_end), (dec_start, dec_end))`` pair of global layer ranges per
-        stage (an absent stack is ``(0, 0)``): what :mod:`spactor_mega.parallel.pipeline` builds."""
+        stage (an absent stack is ``(0, 0)``): what :mod:`spactor_mega.model.stages` builds."""
 
         def bounds(r: range) -> tuple[int, int]:
             return (r.start, r.stop) if len(r) else (0, 0)
@@ -256,7 +258,7 @@ def balanced_layout(cfg: Config, num_stages: int, encoder_length: int, decoder_l
 def resolve_layout(cfg: Config, encoder_length: int, decoder_length: int, **balance_kwargs) -> PipelineLayout:
     """The layout to build: ``parallel.pipeline_layout`` if set, else :func:`balanced_layout`.
 
-    Rejects, before any process group exists: DeepSpeed with PP > 1, more (virtual) stages than
+    Rejects, before any process group exists: PP > 1 on an engine without pipelines, more (virtual) stages than
     layers, and a layout string that does not match the model or the number of stages (PP x V,
     in virtual order when V > 1).
     ``balance_kwargs`` go to :func:`balanced_layout` (vocab size, extra stage-0 / last-stage FLOPs).
@@ -264,11 +266,9 @@ def resolve_layout(cfg: Config, encoder_length: int, decoder_length: int, **bala
     m, par = cfg.model, cfg.parallel
     pp, vp = par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size
     n_layers = m.num_encoder_layers + m.num_decoder_layers
-    if cfg.train.engine == "deepspeed" and pp > 1:
-        raise ConfigError(
-            f"train.engine=deepspeed with parallel.pipeline_model_parallel_size={pp}: DeepSpeed forbids "
-            "ZeRO-2/3 with pipelines, so we run DeepSpeed with PP = 1 only; set "
-            "parallel.pipeline_model_parallel_size=1 or use train.engine=megatron")
+    refusal = engine_spec(cfg.train.engine).plan.pipeline_refusal(cfg)
+    if pp > 1 and refusal:
+        raise ConfigError(refusal)
     if pp < 1:
         raise ConfigError(f"parallel.pipeline_model_parallel_size must be >= 1, got {pp}")
     if pp > n_layers:
@@ -295,8 +295,6 @@ def resolve_layout(cfg: Config, encoder_length: int, decoder_length: int, **bala
 def config_layout(cfg: Config, vocab_size: int = DEFAULT_VOCAB_SIZE) -> PipelineLayout:
     """:func:`resolve_layout` at the config's own lengths (the encoder length and the decoder
     length its span corruption gives): the one layout validation, ``--dry-run`` and training use."""
-    from spactor_mega.data.span_corruption import random_spans_helper
-
     s = cfg.spactor
     _, decoder_length = random_spans_helper(cfg.data.encoder_seq_length, s.noise_density, s.mean_noise_span_length)
     return resolve_layout(cfg, cfg.data.encoder_seq_length, decoder_length, vocab_size=vocab_size)

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from spactor_mega.config import Config, ConfigError
-from spactor_mega.parallel.layout import (
+from spactor_mega.plan.layout import (
     LayerCosts,
     PipelineLayout,
     StageLayout,
@@ -138,7 +138,7 @@ def test_balanced_layout_covers_every_layer_for_many_shapes():
 
 
 def test_layer_costs_come_from_the_flops_model():
-    from spactor_mega.training.schedule import sample_flops
+    from spactor_mega.plan.flops import sample_flops
 
     cfg = _cfg(8, 8)
     c = layer_costs(cfg, 512, 114, vocab_size=32128)

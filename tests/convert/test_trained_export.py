@@ -36,8 +36,8 @@ def trained(tmp_path_factory):
 def test_exported_model_fills_sentinels_like_ours(trained, tmp_path):
     from transformers import T5ForConditionalGeneration
 
-    from spactor_mega.checkpoint.hf_export import export_to_hf
     from spactor_mega.checkpoint.megatron import load_model_weights
+    from spactor_mega.convert.hf_export import export_to_hf
     from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
     from spactor_mega.model.decoding import greedy_decode
     from spactor_mega.model.t5 import T5Discriminator, export_vocab_size, model_vocab_size
@@ -75,9 +75,9 @@ def _continue(rank, world_size, cfg):
 
 
 def test_imported_checkpoint_continues_training_under_tp2(trained, tmp_path):
-    from spactor_mega.checkpoint.hf_export import checkpoint_config, export_to_hf
-    from spactor_mega.checkpoint.hf_import import import_from_hf
-    from spactor_mega.checkpoint.megatron import read_record
+    from spactor_mega.checkpoint.store import read_record
+    from spactor_mega.convert.hf_export import checkpoint_config, export_to_hf
+    from spactor_mega.convert.hf_import import import_from_hf
     from spactor_mega.parallel.testing import run_distributed
 
     cfg, result = trained

@@ -23,9 +23,18 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import T5ForConditionalGeneration
 
-from spactor_mega.checkpoint.hf_export import prepare_output, publish_output
+from spactor_mega.checkpoint.megatron import save_checkpoint
+from spactor_mega.checkpoint.store import make_record
+from spactor_mega.config import Config
+from spactor_mega.convert.hf_export import prepare_output, publish_output
+from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
 from spactor_mega.errors import UserError
+from spactor_mega.model.hf_mapping import hf_to_megatron
+from spactor_mega.model.t5 import T5Discriminator, model_vocab_size
+from spactor_mega.parallel.state import single_process_parallel
+from spactor_mega.plan.validate import validate
 
 
 class ImportRefused(UserError):
@@ -66,8 +75,6 @@ def read_t5_v11_config(hf_dir: Path) -> dict:
 def config_for_hf_model(doc: dict, tokenizer_file: Path, tp: int, pp: int):
     """Our :class:`~spactor_mega.config.Config` for the HF model ``doc`` (sizes from it; T5 v1.1's
     dropout-free pretraining)."""
-    from spactor_mega.config import Config
-
     cfg = Config()
     m = cfg.model
     m.d_model, m.d_kv, m.d_ff, m.num_heads = doc["d_model"], doc["d_kv"], doc["d_ff"], doc["num_heads"]
@@ -88,15 +95,6 @@ def config_for_hf_model(doc: dict, tokenizer_file: Path, tp: int, pp: int):
 
 def import_from_hf(hf_dir: str | Path, save_dir: str | Path, *, tp: int = 1, pp: int = 1, force: bool = False) -> Path:
     """Writes ``save_dir`` (a training save dir holding ``iter_0000000``) from the HF model in ``hf_dir``."""
-    from transformers import T5ForConditionalGeneration
-
-    from spactor_mega.checkpoint.megatron import make_record, save_checkpoint
-    from spactor_mega.config import validate
-    from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
-    from spactor_mega.model.hf_mapping import hf_to_megatron
-    from spactor_mega.model.t5 import T5Discriminator, model_vocab_size
-    from spactor_mega.parallel.state import single_process_parallel
-
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
     doc = read_t5_v11_config(hf_dir)
     if not (hf_dir / "spiece.model").is_file():

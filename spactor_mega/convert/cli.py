@@ -43,15 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    # Imported here, not at module top: `spactor convert --help` answers without torch and transformers.
     if args.direction == "to-hf":
-        from spactor_mega.checkpoint.hf_export import export_to_hf
+        from spactor_mega.convert.hf_export import export_to_hf
 
         out = export_to_hf(args.checkpoint, args.out, dtype=args.dtype, with_rtd_head=args.with_rtd_head,
                            force=args.force, max_shard_size=args.max_shard_size)
         print(f"[convert] wrote {out} in {time.perf_counter() - start:.1f} s: "
               f"T5ForConditionalGeneration.from_pretrained({str(out)!r})")
         return 0
-    from spactor_mega.checkpoint.hf_import import import_from_hf
+    from spactor_mega.convert.hf_import import import_from_hf
 
     out = import_from_hf(args.hf_dir, args.checkpoint, tp=args.tp, pp=args.pp, force=args.force)
     print(f"[convert] wrote {out} in {time.perf_counter() - start:.1f} s; continue pretraining with "

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-from spactor_mega.config import Config, generator_num_layers
-from spactor_mega.data.span_corruption import mlm_capacity, noise_counts, random_spans_helper
-from spactor_mega.training.schedule import format_flops, sample_flops
+from spactor_mega.config import Config
+from spactor_mega.data.span_corruption import (
+    mlm_capacity,
+    noise_counts,
+    random_spans_helper,
+)
+from spactor_mega.plan.derived import generator_num_layers
+from spactor_mega.plan.flops import format_flops, sample_flops
+from spactor_mega.plan.inventory import (
+    count,
+    generator_parameter_shapes,
+    rtd_head_parameter_shapes,
+    t5_parameter_shapes,
+)
+from spactor_mega.plan.layout import config_layout
+from spactor_mega.plan.memory import describe_memory
 
 
 def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
-    """Analytic parameter counts of D (T5 v1.1) and G (without the shared embedding)."""
-    m, g = cfg.model, cfg.generator
-    d, inner = m.d_model, m.num_heads * m.d_kv
-    attention = 4 * d * inner
-    ffn = 3 * d * m.d_ff
-    bias_table = m.relative_attention_num_buckets * m.num_heads
-    encoder = m.num_encoder_layers * (attention + ffn + 2 * d) + bias_table + d
-    decoder = m.num_decoder_layers * (2 * attention + ffn + 3 * d) + bias_table + d
-    embedding = vocab_size * d
-    discriminator = embedding + encoder + decoder + vocab_size * d  # untied LM head
-    g_heads = g.num_heads or m.num_heads
-    g_layer = 4 * d * g_heads * m.d_kv + 3 * d * (g.d_ff or m.d_ff) + 2 * d
-    generator = generator_num_layers(cfg) * g_layer + m.relative_attention_num_buckets * g_heads + d
-    rtd_head = d * d + d
-    return {"discriminator": discriminator, "generator": generator, "rtd_head": rtd_head}
+    """Parameter counts of D (T5 v1.1), G (without the shared embedding) and the RTD head."""
+    return {"discriminator": count(t5_parameter_shapes(cfg.model, vocab_size)),
+            "generator": count(generator_parameter_shapes(cfg)),
+            "rtd_head": count(rtd_head_parameter_shapes(cfg.model.d_model))}
 
 
 def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None) -> str:
@@ -38,14 +40,12 @@ def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None
         f"parameters (vocab {vocab_size}): D {counts['discriminator'] / 1e6:,.1f}M, "
         f"G {counts['generator'] / 1e6:,.1f}M ({generator_num_layers(cfg)} layers, embedding shared), "
         f"RTD head {counts['rtd_head'] / 1e6:,.2f}M",
-        f"FLOPs per step (batch {batch}): stage 1 (hybrid) {format_flops(flops.hybrid * batch)}, "
-        f"stage 2 (SC only) {format_flops(flops.sc_only * batch)}, ratio {flops.hybrid / flops.sc_only:.3f}",
+        f"FLOPs per step (batch {batch}): hybrid phase {format_flops(flops.hybrid * batch)}, "
+        f"SC-only phase {format_flops(flops.sc_only * batch)}, ratio {flops.hybrid / flops.sc_only:.3f}",
         f"tau {cfg.spactor.tau}, steps {cfg.train.steps}: total {format_flops(_total(cfg, flops) * batch)}",
     ]
     lines += _memory(cfg, counts, world_size)
     if cfg.parallel.pipeline_model_parallel_size > 1 or cfg.parallel.pipeline_layout:
-        from spactor_mega.parallel.layout import config_layout
-
         layout = config_layout(cfg, vocab_size)
         how = "given" if cfg.parallel.pipeline_layout else f"FLOPs-balanced at vocab {vocab_size}"
         lines.append(f"pipeline layout ({layout.num_stages} stages, {how}): {layout.describe()}")
@@ -55,8 +55,6 @@ def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None
 def _memory(cfg: Config, counts: dict[str, int], world_size: int | None) -> list[str]:
     """Per-rank model-state memory in stage 1 (D + G + RTD head), D's share split by TP (and
     evenly by PP, an approximation); G and the head are whole on every rank that holds them."""
-    from spactor_mega.training.memory_estimate import describe_memory
-
     p = cfg.parallel
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     dp = max((world_size or model_parallel) // model_parallel, 1)

@@ -3,7 +3,6 @@ loads and trains under the TP/PP asked for; bad input gets one-line refusals."""
 
 import json
 import logging
-import shutil
 import zlib
 from pathlib import Path
 
@@ -15,6 +14,12 @@ from spactor_mega.parallel.testing import run_distributed
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}  # (TP, PP); 2 processes each (TP=1 is DP=2)
 GREEDY_TOKENS = 12
 
+
+
+def _objective(cfg, tok):
+    from spactor_mega.model.spactor import SpactorObjective
+
+    return SpactorObjective.from_config(cfg, mask_id=tok.mask_id, sample_vocab_size=tok.sp_size)
 
 def _cfg(spm, tp=1, pp=1):
     from spactor_mega.model.synthetic import tiny_config
@@ -45,16 +50,17 @@ def _worker(rank, world_size, work, spm, imported):
     """For each layout: a random SpacTor model (D, G, RTD head) saved by the engine, our outputs and
     greedy decoding on a fixed batch (PP = 1 layouts); then the imported HF model loaded from its
     weights-only checkpoint under that layout and trained for two steps."""
-    from spactor_mega.checkpoint.hf_export import checkpoint_config
-    from spactor_mega.checkpoint.megatron import load_model_weights, make_record, read_record, save_checkpoint
+    from spactor_mega.checkpoint.megatron import load_model_weights, save_checkpoint
+    from spactor_mega.checkpoint.store import make_record, read_record
+    from spactor_mega.convert.hf_export import checkpoint_config
     from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
     from spactor_mega.model.decoding import greedy_decode
-    from spactor_mega.model.spactor import build_spactor_modules
+    from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.model.t5 import model_vocab_size
     from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
     from spactor_mega.parallel.tensor_shards import gather_tp_tensor
-    from spactor_mega.training.engines.megatron import MegatronEngine
-    from spactor_mega.training.loop import _loss_fn
+    from spactor_mega.curriculum import Phase
+    from spactor_mega.training.engines import build_engine
 
     tok = T5SentencePieceTokenizer(spm)
     batch = _batch(tok.sp_size)
@@ -66,7 +72,7 @@ def _worker(rank, world_size, work, spm, imported):
         vocab = model_vocab_size(cfg.model, tok.model_vocab_size, tp)
         d, g, rtd = build_spactor_modules(cfg, vocab)
         _perturb_norms(d)
-        engine = MegatronEngine(cfg, d, g, rtd, _loss_fn(cfg, tok), bf16=False)
+        engine = build_engine(cfg, d, g, rtd, _objective(cfg, tok), False)
         save_checkpoint(Path(work) / name, 3, engine.sharded_state_dict(), make_record(cfg, 3, vocab), tok.model_file)
         if pp == 1:
             d.eval()
@@ -84,8 +90,8 @@ def _worker(rank, world_size, work, spm, imported):
         ivocab = model_vocab_size(icfg.model, tok.model_vocab_size, tp)
         di, _, _ = build_spactor_modules(icfg, ivocab)
         load_model_weights(imported, di)
-        iengine = MegatronEngine(icfg, di, None, None, _loss_fn(icfg, tok), bf16=False)
-        losses = [iengine.train_step([batch], hybrid=False, step=s)["loss"] for s in range(3)]
+        iengine = build_engine(icfg, di, None, None, _objective(icfg, tok), False)
+        losses = [iengine.train_step([batch], Phase.SC_ONLY)["loss"] for _ in range(3)]
         out[f"imported_{name}"] = losses
     destroy_parallel()
     return out if rank == 0 else None
@@ -93,8 +99,8 @@ def _worker(rank, world_size, work, spm, imported):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tiny_spm, random_hf_t5):
-    from spactor_mega.checkpoint.hf_export import export_to_hf
-    from spactor_mega.checkpoint.hf_import import import_from_hf
+    from spactor_mega.convert.hf_export import export_to_hf
+    from spactor_mega.convert.hf_import import import_from_hf
 
     work = tmp_path_factory.mktemp("convert")
     hf_dir = random_hf_t5
@@ -178,7 +184,7 @@ def test_export_folder_tokenizer_config_and_rtd_head(converted):
 def test_bf16_export_is_the_fp32_export_rounded(converted, tmp_path):
     from safetensors.torch import load_file
 
-    from spactor_mega.checkpoint.hf_export import export_to_hf
+    from spactor_mega.convert.hf_export import export_to_hf
 
     out = export_to_hf(converted["work"] / "tp1", tmp_path / "bf16", dtype="bf16")
     fp32 = load_file(str(converted["exports"]["tp1"] / "model.safetensors"))
@@ -198,7 +204,7 @@ def _hf_tensors(folder: Path) -> dict:
 
 
 def test_from_hf_to_hf_round_trip_is_bitwise(converted, tmp_path):
-    from spactor_mega.checkpoint.hf_export import export_to_hf
+    from spactor_mega.convert.hf_export import export_to_hf
 
     # Small shards on the way back: the sharded index is part of what must load.
     out = export_to_hf(converted["work"] / "imported", tmp_path / "back", max_shard_size="20KB")

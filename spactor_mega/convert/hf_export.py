@@ -2,9 +2,9 @@
 
     export_to_hf("runs/demo/checkpoints", "t5-demo-hf")      # a save dir (its latest) or an iter_N dir
 
-Reads D's full tensors by global name (any TP/PP/DP layout: :func:`read_full_tensors`; a
-DeepSpeed checkpoint through ``spactor_mega.checkpoint.deepspeed``), rebuilds the model config
-from the checkpoint's ``run.json``, maps the tensors to HF names (:mod:`spactor_mega.model.hf_mapping`,
+Reads D's full tensors through the checkpoint reader of the engine that wrote it (its
+``read_weights`` in :data:`spactor_mega.plan.engines.ENGINES`; any TP/PP/DP layout), rebuilds the
+model config from the checkpoint's ``run.json``, maps the tensors to HF names (:mod:`spactor_mega.model.hf_mapping`,
 consuming them, so the whole costs about one copy of the weights) and lets transformers write the
 folder: ``config.json`` (T5 v1.1: gated-GELU, untied head), safetensors shards, a
 ``generation_config.json``; plus ``spiece.model`` and the tokenizer files (100 extra ids). G is
@@ -18,19 +18,29 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
+from safetensors.torch import save_file
+from transformers import GenerationConfig, T5ForConditionalGeneration, T5Tokenizer
 
-from spactor_mega.checkpoint.megatron import CheckpointError, find_checkpoint, read_full_tensors, read_record
-from spactor_mega.errors import UserError
+from spactor_mega.checkpoint.store import (
+    RUN_RECORD,
+    CheckpointError,
+    find_checkpoint,
+    read_record,
+    recorded_engine,
+)
+from spactor_mega.config import config_from_dict
+from spactor_mega.data.special_tokens import EOS_ID, PAD_ID
+from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
+from spactor_mega.errors import OutputExistsError, UserError
+from spactor_mega.model.hf_mapping import hf_t5_config, megatron_to_hf, untie_lm_head
+from spactor_mega.model.t5 import export_vocab_size
+from spactor_mega.plan.engines import ENGINES, resolve
+from spactor_mega.plan.inventory import t5_parameter_shapes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RTD_HEAD_FILE = "rtd_head.safetensors"
-
-
-class OutputExistsError(UserError):
-    """The output folder exists and --force was not given."""
 
 
 def prepare_output(out: str | Path, force: bool) -> Path:
@@ -55,62 +65,24 @@ def publish_output(tmp: Path, out: str | Path) -> Path:
 
 def checkpoint_config(path: Path, record: dict):
     """The run's :class:`~spactor_mega.config.Config`, as recorded in its run.json."""
-    from spactor_mega.config import config_from_dict
-
     if not isinstance(record.get("config"), dict):
-        raise CheckpointError(f"{path}/run.json: has no 'config' section; not a checkpoint written by spactor")
-    return config_from_dict(record["config"], f"{path}/run.json")
+        raise CheckpointError(f"{path}/{RUN_RECORD}: has no 'config' section; not a checkpoint written by spactor")
+    return config_from_dict(record["config"], f"{path}/{RUN_RECORD}")
 
 
 def read_module_weights(path: Path, record: dict, modules: tuple[str, ...]) -> dict[str, dict]:
-    """``{module: {name: full tensor}}`` for ``modules`` (of discriminator, generator, rtd_head)."""
-    engine = (record.get("config") or {}).get("train", {}).get("engine", "megatron")
-    if engine == "deepspeed":
-        from spactor_mega.checkpoint.deepspeed import consolidated_state_dict
-
-        full = consolidated_state_dict(path)
-        out = {}
-        for module in modules:
-            prefix = f"{module}."
-            out[module] = {k[len(prefix):]: full.pop(k) for k in [k for k in full if k.startswith(prefix)]}
-        return out
-    from spactor_mega.parallel.state import single_process_parallel
-
-    with single_process_parallel():  # dist_checkpointing's reader wants a process group
-        return {module: read_full_tensors(path, f"{module}.") for module in modules}
-
-
-def _expected_shapes(model_cfg, vocab_rows: int) -> dict[str, tuple]:
-    """D's TP = 1 tensor shapes from the config (what the checkpoint must hold)."""
-    m = model_cfg
-    inner, d = m.num_heads * m.d_kv, m.d_model
-    shapes = {"embedding.weight": (vocab_rows, d), "lm_head.weight": (vocab_rows, d)}
-    for stack, n in (("encoder", m.num_encoder_layers), ("decoder", m.num_decoder_layers)):
-        shapes[f"{stack}.final_layernorm.weight"] = (d,)
-        shapes[f"{stack}.relative_attention_bias.weight"] = (m.relative_attention_num_buckets, m.num_heads)
-        for i in range(n):
-            p = f"{stack}.layers.{i}."
-            shapes.update({
-                p + "input_layernorm.weight": (d,),
-                p + "self_attention.linear_qkv.weight": (3 * inner, d),
-                p + "self_attention.linear_proj.weight": (d, inner),
-                p + "pre_mlp_layernorm.weight": (d,),
-                p + "mlp.linear_fc1.weight": (2 * m.d_ff, d),
-                p + "mlp.linear_fc2.weight": (d, m.d_ff),
-            })
-            if stack == "decoder":
-                shapes.update({
-                    p + "pre_cross_attn_layernorm.weight": (d,),
-                    p + "cross_attention.linear_q.weight": (inner, d),
-                    p + "cross_attention.linear_kv.weight": (2 * inner, d),
-                    p + "cross_attention.linear_proj.weight": (d, inner),
-                })
-    return shapes
+    """``{module: {name: full tensor}}`` for ``modules`` (of discriminator, generator, rtd_head), read
+    by the checkpoint reader of the engine that wrote ``path``."""
+    engine = recorded_engine(record)
+    if engine not in ENGINES:
+        raise CheckpointError(f"{path}/{RUN_RECORD}: written by train.engine={engine!r}, which has no checkpoint "
+                              f"reader (known: {', '.join(ENGINES)})")
+    return resolve(ENGINES[engine].read_weights)(path, record, modules)
 
 
 def check_weights_match_config(path: Path, weights: dict, model_cfg, vocab_rows: int) -> None:
     """Refuses D tensors that are not what the recorded model config describes (one line)."""
-    expected = _expected_shapes(model_cfg, vocab_rows)
+    expected = t5_parameter_shapes(model_cfg, vocab_rows)
     have = {k: tuple(v.shape) for k, v in weights.items() if not k.endswith("_extra_state")}
     for name, shape in expected.items():
         if name not in have:
@@ -128,10 +100,6 @@ def check_weights_match_config(path: Path, weights: dict, model_cfg, vocab_rows:
 def write_hf_model(hf_state: dict, config, folder: Path, max_shard_size: str, dtype: torch.dtype) -> None:
     """transformers writes the folder: a model built on the meta device takes ``hf_state``'s tensors
     as its parameters (no copy), then ``save_pretrained`` shards them into safetensors files."""
-    from transformers import GenerationConfig, T5ForConditionalGeneration
-
-    from spactor_mega.model.hf_mapping import untie_lm_head
-
     with torch.device("meta"):
         model = T5ForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)
@@ -139,7 +107,7 @@ def write_hf_model(hf_state: dict, config, folder: Path, max_shard_size: str, dt
         raise CheckpointError(f"HF T5 mapping mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     untie_lm_head(model)
     model.config.dtype = dtype
-    model.generation_config = GenerationConfig(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model.generation_config = GenerationConfig(decoder_start_token_id=PAD_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
     model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
     # transformers 5.x writes `tie_word_embeddings: true` for every T5 (it forces the flag and keeps
     # v1.1's untied head as `scale_decoder_outputs: false`); 4.x reads that as a tied, rescaled
@@ -152,8 +120,6 @@ def write_hf_model(hf_state: dict, config, folder: Path, max_shard_size: str, dt
 
 def write_tokenizer(checkpoint: Path, folder: Path, num_sentinels: int) -> None:
     """spiece.model plus the files ``AutoTokenizer.from_pretrained`` reads (T5Tokenizer, extra ids)."""
-    from transformers import T5Tokenizer
-
     shutil.copy(checkpoint / "spiece.model", folder / "spiece.model")
     T5Tokenizer.from_pretrained(str(folder), extra_ids=num_sentinels).save_pretrained(str(folder))
 
@@ -168,10 +134,6 @@ def export_to_hf(
     max_shard_size: str = "2GB",
 ) -> Path:
     """Writes the HF folder ``out`` from ``checkpoint`` (an ``iter_N`` dir, or a save dir: its latest)."""
-    from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
-    from spactor_mega.model.hf_mapping import hf_t5_config, megatron_to_hf
-    from spactor_mega.model.t5 import export_vocab_size
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = find_checkpoint(str(checkpoint), Path(checkpoint))
@@ -205,8 +167,6 @@ def export_to_hf(
 def write_rtd_head(path: Path, head: dict, folder: Path, dtype: torch.dtype) -> None:
     """The RTD head (dense d->d + GELU + dense d->1, ELECTRA's discriminator head on the encoder
     output) as ``rtd_head.safetensors``; absent after tau (the trainer released it)."""
-    from safetensors.torch import save_file
-
     if not head:
         raise CheckpointError(f"{path}: holds no RTD head (saved at or after step tau, when it is released); "
                               "export without --with-rtd-head or from a checkpoint before tau")

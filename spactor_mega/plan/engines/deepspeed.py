@@ -1,19 +1,29 @@
-"""The DeepSpeed JSON config, generated from our :class:`~spactor_mega.config.Config`.
+"""The DeepSpeed engine's plan: what it refuses, its DeepSpeed JSON config, and where ZeRO keeps
+the model states.
 
-Our config stays the one source of truth for what both engines share (batch sizes, optimizer,
-clipping, precision, LR schedule); ``deepspeed.config`` (a user JSON) is merged over the
-generated dict for everything else (bucket sizes, overlap, AIO settings, ...). A user value
-that contradicts a generated one is refused with the field that owns it. Importing this module
-does not import deepspeed (``validate()`` calls :func:`check_deepspeed`).
+The JSON config is generated from our :class:`~spactor_mega.config.Config`, which stays the one
+source of truth for what both engines share (batch sizes, optimizer, clipping, precision, LR
+schedule); ``deepspeed.config`` (a user JSON) is merged over the generated dict for everything
+else (bucket sizes, overlap, AIO settings, ...). A user value that contradicts a generated one is
+refused with the field that owns it.
+
+ZeRO-s: s >= 1 splits the optimizer states over DP, s >= 2 the gradients too, s = 3 the
+parameters as well; ``offload_optimizer`` moves the optimizer states (and ZeRO's fp32 gradient
+partitions) to CPU memory, ``offload_param`` the parameter partitions.
 """
-
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Optional
 
-from spactor_mega.config import Config, ConfigError, uses_bf16
+from spactor_mega.config import Config, ConfigError
+from spactor_mega.parallel.cpu_compat import import_deepspeed
+from spactor_mega.plan.derived import uses_bf16
+
+from .megatron import (
+    model_state_bytes as replicated_state_bytes,  # ZeRO-0 keeps what plain DDP keeps
+)
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
@@ -59,23 +69,41 @@ def generated_config(cfg: Config, dp: int, bf16: bool, use_torch_adam: bool) -> 
         zero["offload_optimizer"] = _offload(z.offload_optimizer, z.nvme_path)
     if z.offload_param != "none":
         zero["offload_param"] = _offload(z.offload_param, z.nvme_path)
-    return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": accumulation_steps(cfg, dp),
-        "gradient_clipping": o.clip_grad,
-        "optimizer": {
+    precision: dict = {"bf16": {"enabled": bf16}}
+    if bf16:
+        precision.update(_bf16_gradients(z.zero_stage))
+    optimizer: dict = {}  # Adafactor: torch's, handed to DeepSpeed by the engine (ZeRO-0 only, see check_deepspeed)
+    if o.optimizer == "adamw":
+        optimizer["optimizer"] = {
             "type": "AdamW",
             "params": {
                 "lr": o.lr, "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_eps,
                 "weight_decay": o.weight_decay, "torch_adam": use_torch_adam,
             },
-        },
-        "bf16": {"enabled": bf16},
+        }
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(cfg, dp),
+        "gradient_clipping": o.clip_grad,
+        **optimizer,
+        **precision,
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,  # our RunLogger reports; keep DeepSpeed's own step lines quiet
         "wall_clock_breakdown": False,
     }
+
+
+def _bf16_gradients(zero_stage: int) -> dict:
+    """bf16 weights and activations; gradients reduced in fp32 at every ZeRO stage and accumulated
+    over micro-batches in fp32 where DeepSpeed 0.19.8 can (ZeRO >= 1: an fp32 gradient partition
+    or buffer; ZeRO-1 without offload runs its BF16_Optimizer). Without ZeRO it refuses
+    ``grad_accum_dtype`` fp32 ("unsupported mix"), so ZeRO-0 accumulates in the bf16 ``.grad``.
+    Master weights and optimizer state are fp32 at every stage (DeepSpeed's default)."""
+    fields: dict = {"communication_data_type": "fp32"}
+    if zero_stage > 0:
+        fields["data_types"] = {"grad_accum_dtype": "fp32"}
+    return fields
 
 
 def _offload(device: str, nvme_path: Optional[str]) -> dict:
@@ -124,11 +152,15 @@ def deepspeed_config(cfg: Config, dp: int, bf16: bool, use_torch_adam: bool) -> 
     """The full DeepSpeed config: generated, then the user JSON merged over it."""
     ours = generated_config(cfg, dp, bf16, use_torch_adam)
     path = cfg.deepspeed.config
-    return merge_user_config(ours, read_user_config(path), f"deepspeed.config {path}")
+    user = read_user_config(path)
+    if "optimizer" in user and "optimizer" not in ours:
+        raise ConfigError(f"deepspeed.config {path}: remove 'optimizer': optim.optimizer={cfg.optim.optimizer} is torch's "
+                          "optimizer, which the engine builds and hands to DeepSpeed")
+    return merge_user_config(ours, user, f"deepspeed.config {path}")
 
 
-def check_deepspeed(cfg: Config, dp: int) -> None:
-    """``validate()``'s DeepSpeed part: one-line reasons, before any process group exists."""
+def validate(cfg: Config, dp: int) -> None:
+    """The plan's DeepSpeed part: one-line reasons, before any process group exists."""
     z = cfg.deepspeed
     if z.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {z.zero_stage}")
@@ -146,7 +178,63 @@ def check_deepspeed(cfg: Config, dp: int) -> None:
         raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be >= parallel.tensor_model_parallel_size={tp} "
                           "with train.engine=deepspeed: each TP rank runs the generator on its own rows, and ZeRO "
                           "needs every rank to produce the generator's gradients")
-    if cfg.optim.optimizer != "adamw":
-        raise ConfigError(f"optim.optimizer={cfg.optim.optimizer} is not available with train.engine=deepspeed; use adamw")
+    if cfg.optim.optimizer == "adafactor" and z.zero_stage > 0:
+        raise ConfigError(f"optim.optimizer=adafactor cannot run under deepspeed.zero_stage={z.zero_stage}: ZeRO 1-3 flatten "
+                          "the parameters into 1-D partitions, so Adafactor's factored (row/column) second moments and "
+                          "per-tensor RMS scaling cannot be kept; use train.engine=megatron (or deepspeed.zero_stage=0) "
+                          "for Adafactor, or optim.optimizer=adamw")
     # Generate once so a bad or conflicting user JSON fails here, not after start-up.
     deepspeed_config(cfg, dp, bf16=uses_bf16(cfg), use_torch_adam=True)
+
+
+def pipeline_refusal(cfg: Config) -> str:
+    """Why this engine runs no pipeline (PP = 1 only)."""
+    return (f"train.engine=deepspeed with parallel.pipeline_model_parallel_size={cfg.parallel.pipeline_model_parallel_size}: "
+            "DeepSpeed forbids ZeRO-2/3 with pipelines, so we run DeepSpeed with PP = 1 only; set "
+            "parallel.pipeline_model_parallel_size=1 or use train.engine=megatron")
+
+
+def model_state_bytes(cfg: Config, params_per_rank: int, dp: int) -> dict[str, dict[str, float]]:
+    n, z = params_per_rank, cfg.deepspeed
+    est = replicated_state_bytes(cfg, n, dp)
+    gpu, cpu = est["gpu"], est["cpu"]
+    gpu["grads"] = float(n * (2 if uses_bf16(cfg) else 4)) / (dp if z.zero_stage >= 2 else 1)
+    if z.zero_stage >= 1:
+        gpu["optimizer"] /= dp
+    if z.zero_stage == 3:
+        gpu["params"] /= dp
+    if z.offload_optimizer != "none":
+        cpu["optimizer"], gpu["optimizer"] = gpu["optimizer"], 0.0
+        cpu["grads"] = n * 4 / dp  # fp32 gradient partitions the CPU optimizer steps on
+    if z.offload_param != "none":
+        cpu["params"], gpu["params"] = gpu["params"], 0.0
+    return est
+
+
+def describe_setup(cfg: Config) -> str:
+    z = cfg.deepspeed
+    return f"DeepSpeed ZeRO-{z.zero_stage}, optimizer offload {z.offload_optimizer}, parameter offload {z.offload_param}"
+
+
+def extra_memory_lines(cfg: Config, params_per_rank: int, dp: int) -> list[str]:
+    """DeepSpeed's own estimate where it applies (16-bit, ZeRO-2/3, no TP)."""
+    if not (uses_bf16(cfg) and cfg.deepspeed.zero_stage >= 2 and cfg.parallel.tensor_model_parallel_size == 1):
+        return []
+    return ["  DeepSpeed's own estimate (16-bit training, one node of DP GPUs): "
+            + _deepspeed_estimate(cfg, params_per_rank, dp)]
+
+
+def _deepspeed_estimate(cfg: Config, total_params: int, dp: int) -> str:
+    """DeepSpeed's estimate_zero{2,3}_model_states_mem_needs (they assume 16-bit parameters)."""
+    deepspeed = import_deepspeed()
+    z, m = cfg.deepspeed, cfg.model
+    if z.zero_stage == 2:
+        cpu, gpu = deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs(
+            total_params, dp, 1, cpu_offload=z.offload_optimizer != "none")
+    else:
+        largest = max(m.d_model * 2 * m.d_ff + m.d_model * m.d_ff, 4 * m.d_model * m.num_heads * m.d_kv)
+        cpu, gpu, _ = deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs(
+            total_params, largest, dp, 1, cpu_offload=z.offload_optimizer != "none",
+            cpu_offload_params=z.offload_param != "none", zero_init=False,
+        )
+    return f"GPU {gpu / 1024 ** 3:,.2f} GiB, CPU {cpu / 1024 ** 3:,.2f} GiB (per node)"

@@ -1,25 +1,14 @@
-"""The two-stage curriculum and the FLOPs model that prices each stage.
+"""The FLOPs model: training FLOPs of one sample in each phase of the curriculum, by part.
 
-``step < tau``: the hybrid step (MLM masking, generator G, RTD head, SC).
-``step >= tau``: span corruption only: the step costs what plain T5 costs.
+Matmuls only, as MFU conventions count them; forward + backward = 3 x forward. Pure Python.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-from spactor_mega.config import Config, generator_num_layers
-
-
-class Stage(enum.Enum):
-    HYBRID = 1
-    SC_ONLY = 2
-
-
-def stage_at(step: int, tau: float) -> Stage:
-    """Stage of the (0-based) optimizer step ``step``: ``tau=0`` is plain T5, ``inf`` hybrid."""
-    return Stage.HYBRID if step < tau else Stage.SC_ONLY
+from spactor_mega.config import Config
+from spactor_mega.plan.derived import generator_num_layers
 
 
 @dataclass(frozen=True)
@@ -69,34 +58,8 @@ def sample_flops(cfg: Config, encoder_length: int, decoder_length: int, vocab_si
     return StepFlops(discriminator=discriminator, generator=generator, rtd_head=rtd_head)
 
 
-def lr_decay_style(name: str) -> str:
-    """Our schedule names -> Megatron's ``OptimizerParamScheduler`` decay styles."""
-    return {"inverse-sqrt": "inverse-square-root", "cosine": "cosine", "constant": "constant"}[name]
-
-
-def build_lr_scheduler(optimizer, cfg: Config):
-    """Warmup then decay, by Megatron's ``OptimizerParamScheduler`` (it checkpoints its state)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    o = cfg.optim
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1),
-        lr_decay_style=lr_decay_style(o.lr_schedule),
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=max(cfg.train.steps, 1),
-        wd_incr_style="constant",
-    )
-
-
 def format_flops(value: float) -> str:
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
         if value >= scale:
             return f"{value / scale:.2f} {unit}FLOP"
     return f"{value:.0f} FLOP"
-

@@ -1,0 +1,36 @@
+"""The Megatron engine's plan: what it refuses and where its model states live.
+
+Parameters and fp32 gradient buffers are replicated over DP; AdamW keeps fp32 moments (and, in
+bf16, an fp32 master copy) on every DP rank.
+"""
+
+from __future__ import annotations
+
+from spactor_mega.config import Config
+from spactor_mega.plan.derived import uses_bf16
+
+
+def validate(cfg: Config, dp: int) -> None:
+    """Every layout the config validation accepts works on this engine."""
+
+
+def pipeline_refusal(cfg: Config) -> str:
+    """Empty: the Megatron engine runs any pipeline layout the plan accepts."""
+    return ""
+
+
+def model_state_bytes(cfg: Config, params_per_rank: int, dp: int) -> dict[str, dict[str, float]]:
+    """``{"gpu": {...}, "cpu": {...}}`` bytes of params / grads / optimizer on one rank."""
+    n, bf16 = params_per_rank, uses_bf16(cfg)
+    adam = 8 if cfg.optim.optimizer == "adamw" else 0  # Adafactor's factored moments are ~O(rows + cols)
+    optimizer = n * (adam + (4 if bf16 else 0))  # moments, plus the fp32 master copy in bf16
+    gpu = {"params": float(n * (2 if bf16 else 4)), "grads": float(n * 4), "optimizer": float(optimizer)}
+    return {"gpu": gpu, "cpu": {"params": 0.0, "grads": 0.0, "optimizer": 0.0}}
+
+
+def describe_setup(cfg: Config) -> str:
+    return "Megatron engine (DDP, optimizer replicated over DP)"
+
+
+def extra_memory_lines(cfg: Config, params_per_rank: int, dp: int) -> list[str]:
+    return []

@@ -1,0 +1,85 @@
+"""Every rejection of a config that cannot work, in one place: one line naming the field and the
+fix, before any process group or model exists. ``spactor train`` (and ``--dry-run``, ``prepare``,
+``convert from-hf``) run it once per command; each engine adds its own checks
+(:mod:`spactor_mega.plan.engines`)."""
+
+from __future__ import annotations
+
+import math
+
+from spactor_mega.config import INIT_SCHEMES, Config, ConfigError
+from spactor_mega.plan.derived import uses_bf16
+from spactor_mega.plan.engines import ENGINES, engine_spec
+from spactor_mega.plan.layout import config_layout
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Rejects a config that cannot work, naming the field and the fix. Returns ``cfg``."""
+    m, g, s, p, t, o = cfg.model, cfg.generator, cfg.spactor, cfg.parallel, cfg.train, cfg.optim
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for name in ("d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers"):
+        need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    need(0.0 < s.noise_density < 1.0, f"spactor.noise_density must be in (0, 1), got {s.noise_density}")
+    need(s.mean_noise_span_length >= 1.0, f"spactor.mean_noise_span_length must be >= 1, got {s.mean_noise_span_length}")
+    need(0.0 <= s.mlm_fraction < 1.0, f"spactor.mlm_fraction must be in [0, 1), got {s.mlm_fraction}")
+    need(not math.isnan(s.tau) and s.tau >= 0, f"spactor.tau must be >= 0 (0 = plain T5, inf = hybrid throughout), got {s.tau}")
+    need(s.mlm_weight >= 0, f"spactor.mlm_weight must be >= 0, got {s.mlm_weight}")
+    need(s.rtd_weight >= 0, f"spactor.rtd_weight must be >= 0, got {s.rtd_weight}")
+    need(s.z_loss >= 0, f"spactor.z_loss must be >= 0 (T5X uses 1e-4; 0 turns it off), got {s.z_loss}")
+    need(g.temperature > 0, f"generator.temperature must be > 0, got {g.temperature}")
+    need(0 < g.depth_fraction <= 1, f"generator.depth_fraction must be in (0, 1], got {g.depth_fraction}")
+    need(cfg.data.encoder_seq_length >= 8, f"data.encoder_seq_length must be >= 8, got {cfg.data.encoder_seq_length}")
+
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    need(tp >= 1 and pp >= 1, "parallel sizes must be >= 1")
+    need(world_size % (tp * pp) == 0,
+         f"world size {world_size} is not divisible by tensor x pipeline parallel size {tp}x{pp}; "
+         "launch a multiple of TP*PP processes")
+    dp = world_size // (tp * pp)
+    heads = [("model.num_heads", m.num_heads)]
+    if g.num_heads is not None:
+        heads.append(("generator.num_heads", g.num_heads))
+    for name, value in heads:
+        need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
+    for name, value in (("model.d_ff", m.d_ff),) + ((("generator.d_ff", g.d_ff),) if g.d_ff else ()):
+        need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
+    need(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
+    need(m.init in INIT_SCHEMES, f"model.init must be one of {', '.join(INIT_SCHEMES)}, got {m.init!r}")
+    need(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive or unset, got {m.vocab_size}")
+
+    need(t.engine in ENGINES, f"train.engine must be one of {', '.join(ENGINES)}, got {t.engine!r}")
+    need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    need(t.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+         f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x data-parallel "
+         f"size = {t.micro_batch_size}x{dp}; change one of them")
+    vp = p.virtual_pipeline_model_parallel_size
+    need(vp >= 1, f"parallel.virtual_pipeline_model_parallel_size must be >= 1, got {vp}")
+    if vp > 1:
+        need(pp > 1, f"parallel.virtual_pipeline_model_parallel_size={vp} needs "
+             "parallel.pipeline_model_parallel_size > 1 (virtual stages interleave over pipeline ranks)")
+        micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+        need(micro_batches % pp == 0,
+             f"parallel.virtual_pipeline_model_parallel_size={vp}: the {micro_batches} micro-batches per step "
+             f"(train.global_batch_size / (micro_batch_size x DP)) must be a multiple of "
+             f"parallel.pipeline_model_parallel_size={pp} (Megatron's interleaved schedule)")
+        need(t.eval_interval <= 0 or t.eval_batches % pp == 0,
+             f"parallel.virtual_pipeline_model_parallel_size={vp}: train.eval_batches={t.eval_batches} must be a "
+             f"multiple of parallel.pipeline_model_parallel_size={pp} (Megatron's interleaved schedule)")
+    need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}"
+         + (" (fp16 is not offered: it needs loss scaling, bf16 does not)" if t.precision == "fp16" else ""))
+    uses_bf16(cfg)  # a GPU that cannot compute in bf16 is refused here, naming train.precision
+    need(o.optimizer in ("adamw", "adafactor"), f"optim.optimizer must be adamw or adafactor, got {o.optimizer!r}")
+    need(o.lr_schedule in ("inverse-sqrt", "constant-inverse-sqrt", "cosine", "constant"),
+         f"optim.lr_schedule must be inverse-sqrt, constant-inverse-sqrt, cosine or constant, got {o.lr_schedule!r}")
+    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]; lower optim.min_lr")
+    need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0: no clipping), got {o.clip_grad}")
+    if pp > 1 or p.pipeline_layout:  # also refuses more stages than layers, naming both
+        config_layout(cfg)
+    engine_spec(t.engine).plan.validate(cfg, dp)
+    return cfg
