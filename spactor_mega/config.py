@@ -48,7 +48,9 @@ class ModelConfig:
     # output layers scaled by 1/sqrt(2 * layers); "t5" = mesh-tensorflow / HF T5's per-tensor
     # fan-in scales (attention logits of std ~1 at any width; G's tied head scaled by d_model**-0.5).
     init: str = "megatron"
-    init_method_std: float = 0.02  # the "megatron" scheme's std
+    init_method_std: float = 0.02
+    # Activation recompute (Megatron's): none | selective (core attention) | full (every layer)
+    recompute: str = "none"  # the "megatron" scheme's std
     # Vocabulary rows before that padding, and the rows an HF export gets. None: the
     # tokenizer's pieces + sentinels + mask (exported padded to make_vocab_size_divisible_by);
     # `spactor convert from-hf` sets the imported model's vocab_size (e.g. 32128).

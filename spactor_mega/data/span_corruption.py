@@ -20,19 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from spactor_mega.data.special_tokens import EOS_ID
+from spactor_mega.seeding import splitmix64
 
 # Independent random streams per sample.
 _STREAM_NOISE, _STREAM_NONNOISE, _STREAM_MLM = 1, 2, 3
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser: a bijective 64-bit mix (wrapping uint64 arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = x + _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 def _lowbias32(x: np.ndarray) -> np.ndarray:
@@ -48,7 +39,7 @@ def _lowbias32(x: np.ndarray) -> np.ndarray:
 
 def random_bits(keys: np.ndarray, stream: int, n: int) -> np.ndarray:
     """``[len(keys), n]`` uint32, a pure function of (64-bit key, stream, column)."""
-    row = _splitmix64(np.asarray(keys, dtype=np.uint64).reshape(-1, 1) * np.uint64(4) + np.uint64(stream))
+    row = splitmix64(np.asarray(keys, dtype=np.uint64).reshape(-1, 1) * np.uint64(4) + np.uint64(stream))
     lo = (row & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     hi = (row >> np.uint64(32)).astype(np.uint32)
     with np.errstate(over="ignore"):
@@ -58,9 +49,9 @@ def random_bits(keys: np.ndarray, stream: int, n: int) -> np.ndarray:
 
 def sample_keys(seed: int, indices: np.ndarray, salt: int = 0) -> np.ndarray:
     """Per-sample random keys from a run seed, a dataset salt and sample indices."""
-    base = _splitmix64(np.array([seed & (2**64 - 1)], dtype=np.uint64) ^ np.uint64(salt & (2**64 - 1)))
+    base = splitmix64(np.array([seed & (2**64 - 1)], dtype=np.uint64) ^ np.uint64(salt & (2**64 - 1)))
     with np.errstate(over="ignore"):
-        return _splitmix64(base + np.asarray(indices, dtype=np.uint64))
+        return splitmix64(base + np.asarray(indices, dtype=np.uint64))
 
 
 # Lengths ----------------------------------------------------------------------------------

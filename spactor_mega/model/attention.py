@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -161,8 +161,6 @@ class RelativePositionBias(MegatronModule):
 def _dp_cp_group(metadata):
     if metadata and metadata.get("dp_cp_group") is not None:
         return metadata["dp_cp_group"]
-    from megatron.core import parallel_state
-
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 

@@ -86,24 +86,13 @@ class T5Generator(MegatronModule):
         init_seed: int,
         params_dtype: torch.dtype = torch.float32,
         use_cpu_initialization: Optional[bool] = None,
-        recompute_granularity: Optional[str] = None,
     ):
         """Weights: ``model_cfg.init`` seeded by ``init_seed`` (part "generator", layers by index)."""
         if num_layers < 1:
             raise ValueError(f"the generator needs at least one layer, got {num_layers}")
         config = t5_transformer_config(
-            d_model=model_cfg.d_model,
-            d_kv=model_cfg.d_kv,
-            d_ff=generator_cfg.d_ff or model_cfg.d_ff,
-            num_heads=generator_cfg.num_heads or model_cfg.num_heads,
-            num_layers=num_layers,
-            dropout=model_cfg.dropout,
-            layer_norm_epsilon=model_cfg.layer_norm_epsilon,
-            init_method_std=model_cfg.init_method_std,
-            tensor_model_parallel_size=1,
-            params_dtype=params_dtype,
-            use_cpu_initialization=use_cpu_initialization,
-            recompute_granularity=recompute_granularity,
+            model_cfg, num_layers=num_layers, d_ff=generator_cfg.d_ff, num_heads=generator_cfg.num_heads,
+            params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization,
         )
         super().__init__(config=config)
         self.pg_collection = generator_process_groups()

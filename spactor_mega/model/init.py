@@ -7,7 +7,7 @@ CPU path they draw full tensors from the default generator in build order, so a 
 weights depend on what was built before it. Our Megatron layers are built with
 ``perform_initialization=False`` (Megatron draws nothing), and then every parameter is set here:
 the full TP = 1 tensor is drawn on the CPU from a ``torch.Generator`` of its own, seeded by
-``sampling_seed(seed, part, layer, crc32(name))``, and this rank keeps its TP shard exactly as
+``seed_from(seed, part, layer, crc32(name))``, and this rank keeps its TP shard exactly as
 Megatron's ``_initialize_affine_weight_cpu`` does (``size / (tp * partition_stride)`` chunks along
 ``partition_dim``, rank ``r`` taking chunks ``r, r + tp, ...``). A parameter that fuses several HF
 T5 tensors (``linear_qkv`` = q, k, v per head; ``linear_kv`` = k, v per head; ``linear_fc1`` =
@@ -51,9 +51,9 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from spactor_mega.config import INIT_SCHEMES
 from spactor_mega.parallel.tensor_shards import split_tp_tensor
+from spactor_mega.seeding import seed_from
 
 from .hf_mapping import _join_grouped
-from .seeding import sampling_seed
 
 # Each part's number in the seed key (fixed: changing one changes that part's weights).
 PARTS = {"embedding": 1, "encoder": 2, "decoder": 3, "lm_head": 4, "generator": 5, "rtd_head": 6}
@@ -105,7 +105,7 @@ def mark_tensor_parallel(module: torch.nn.Module) -> None:
 
 def _normal(seed: int, part: str, layer: int, name: str, shape: tuple, std: float) -> torch.Tensor:
     """N(0, std) of ``shape`` (fp32, CPU) from a generator keyed by (seed, part, layer, name)."""
-    generator = torch.Generator().manual_seed(sampling_seed(seed, PARTS[part], layer, zlib.crc32(name.encode())))
+    generator = torch.Generator().manual_seed(seed_from(seed, PARTS[part], layer, zlib.crc32(name.encode())))
     return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
 
 

@@ -32,11 +32,11 @@ from typing import Optional, Sequence
 import torch
 
 from spactor_mega.curriculum import Phase
+from spactor_mega.seeding import seed_from
 
 from .generator import T5Generator, gumbel_max_sample, vocab_parallel_argmax
 from .heads import RTDHead
 from .losses import masked_mean, rtd_loss, rtd_stats, sc_loss, vocab_parallel_ce
-from .seeding import sampling_seed
 from .t5 import T5Discriminator
 
 
@@ -121,7 +121,7 @@ class SpactorObjective:
             sampled = gumbel_max_sample(
                 g_logits.detach(),
                 temperature=self.temperature,
-                row_seeds=[sampling_seed(self.seed, key) for key in batch["sample_keys"].tolist()],
+                row_seeds=[seed_from(self.seed, key) for key in batch["sample_keys"].tolist()],
                 sample_vocab_size=self.sample_vocab_size,
                 forbidden_ids=self.forbidden_ids,
             )  # [b, m]

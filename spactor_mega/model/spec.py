@@ -19,6 +19,7 @@ approximation = HF ``gelu_new``), ``softmax_scale=1.0``, RMSNorm eps from the mo
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Optional
 
@@ -88,49 +89,39 @@ def t5_encoder_layer_spec() -> ModuleSpec:
 
 
 def t5_decoder_layer_spec() -> ModuleSpec:
-    """Pre-norm causal self-attention + cross-attention (no position bias) + gated-GELU FFN."""
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=T5RMSNorm,
-            self_attention=_self_attention(),
-            self_attn_bda=get_bias_dropout_add,
-            pre_cross_attn_layernorm=T5RMSNorm,
-            cross_attention=ModuleSpec(
-                module=CrossAttention,
-                params={"attn_mask_type": AttnMaskType.arbitrary},
-                submodules=CrossAttentionSubmodules(
-                    linear_q=ColumnParallelLinear,
-                    linear_kv=ColumnParallelLinear,
-                    core_attention=T5CoreAttention,
-                    linear_proj=RowParallelLinear,
-                ),
-            ),
-            cross_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=T5RMSNorm,
-            mlp=_mlp_submodule(),
-            mlp_bda=get_bias_dropout_add,
+    """The encoder layer plus pre-norm cross-attention (no position bias) between its self-attention
+    (causal here: the decoder stack's bias carries the mask) and its FFN."""
+    encoder = t5_encoder_layer_spec()
+    cross_attention = ModuleSpec(
+        module=CrossAttention,
+        params={"attn_mask_type": AttnMaskType.arbitrary},
+        submodules=CrossAttentionSubmodules(
+            linear_q=ColumnParallelLinear,
+            linear_kv=ColumnParallelLinear,
+            core_attention=T5CoreAttention,
+            linear_proj=RowParallelLinear,
         ),
     )
+    return dataclasses.replace(encoder, submodules=dataclasses.replace(
+        encoder.submodules, pre_cross_attn_layernorm=T5RMSNorm, cross_attention=cross_attention,
+        cross_attn_bda=get_bias_dropout_add,
+    ))
 
 
 def t5_transformer_config(
+    model_cfg,
     *,
-    d_model: int,
-    d_kv: int,
-    d_ff: int,
-    num_heads: int,
     num_layers: int,
-    dropout: float = 0.0,
-    layer_norm_epsilon: float = 1e-6,
-    init_method_std: float = 0.02,
     tensor_model_parallel_size: int = 1,
+    d_ff: Optional[int] = None,
+    num_heads: Optional[int] = None,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
-    recompute_granularity: Optional[str] = None,
     **overrides,
 ) -> TransformerConfig:
-    """A ``TransformerConfig`` for T5 v1.1 layers.
+    """A ``TransformerConfig`` for T5 v1.1 layers of ``model_cfg`` (a :class:`ModelConfig`): D's
+    stacks, and G's (its own ``d_ff``/``num_heads``, TP size 1). ``model_cfg.recompute`` selects
+    Megatron's activation recompute (``full``: every layer, uniform method).
 
     ``pipeline_model_parallel_size`` stays 1 here on purpose: Megatron's layer builders would
     split and renumber the layers by it; our stacks choose their stage's layers themselves.
@@ -141,17 +132,19 @@ def t5_transformer_config(
     """
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
+    heads = num_heads or model_cfg.num_heads
+    recompute_granularity = None if model_cfg.recompute == "none" else model_cfg.recompute
     kwargs = dict(
         num_layers=num_layers,
-        hidden_size=d_model,
-        ffn_hidden_size=d_ff,
-        num_attention_heads=num_heads,
-        num_query_groups=num_heads,
-        kv_channels=d_kv,
+        hidden_size=model_cfg.d_model,
+        ffn_hidden_size=d_ff or model_cfg.d_ff,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        kv_channels=model_cfg.d_kv,
         softmax_scale=1.0,
-        hidden_dropout=dropout,
-        attention_dropout=dropout,
-        layernorm_epsilon=layer_norm_epsilon,
+        hidden_dropout=model_cfg.dropout,
+        attention_dropout=model_cfg.dropout,
+        layernorm_epsilon=model_cfg.layer_norm_epsilon,
         normalization="RMSNorm",
         add_bias_linear=False,
         add_qkv_bias=False,
@@ -163,7 +156,7 @@ def t5_transformer_config(
         persist_layer_norm=False,
         apply_query_key_layer_scaling=False,
         gradient_accumulation_fusion=False,
-        init_method_std=init_method_std,
+        init_method_std=model_cfg.init_method_std,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,

@@ -42,7 +42,6 @@ def build_spactor_modules(
     with_generator: Optional[bool] = None,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
-    recompute_granularity: Optional[str] = None,
     stage_split: Optional[Sequence] = None,
 ):
     """(D, G or None, RTD head or None) for ``cfg`` (a :class:`spactor_mega.config.Config`).
@@ -59,12 +58,12 @@ def build_spactor_modules(
     if ps.get_pipeline_model_parallel_world_size() > 1:
         chunks, g, rtd = build_stage_chunks(
             cfg, vocab_size, stage_split, with_generator=with_generator, params_dtype=params_dtype,
-            use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
+            use_cpu_initialization=use_cpu_initialization,
         )
         return (chunks[0] if len(chunks) == 1 else chunks), g, rtd
     return build_modules(
         cfg, vocab_size, with_generator=with_generator, params_dtype=params_dtype,
-        use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
+        use_cpu_initialization=use_cpu_initialization,
     )
 
 
@@ -79,7 +78,6 @@ def build_modules(
     last_stage: bool = True,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
-    recompute_granularity: Optional[str] = None,
 ):
     """D (the given global layer ranges; all by default), G on the first stage and the RTD
     head on the last (when ``with_generator``). Every weight is drawn by ``cfg.model.init`` from
@@ -88,7 +86,6 @@ def build_modules(
     common = dict(
         params_dtype=params_dtype,
         use_cpu_initialization=use_cpu_initialization,
-        recompute_granularity=recompute_granularity,
     )
     seed = cfg.train.seed
     d = T5Discriminator(cfg.model, vocab_size, pre_process=first_stage, post_process=last_stage,
@@ -114,7 +111,6 @@ def build_stage_chunks(
     with_generator: Optional[bool] = None,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
-    recompute_granularity: Optional[str] = None,
 ):
     """([D chunk per virtual stage], G or None, RTD head or None) for this pipeline rank.
 
@@ -139,7 +135,7 @@ def build_stage_chunks(
         d, g_here, rtd_here = build_modules(
             cfg, vocab_size, with_generator=with_generator, encoder_layers=enc, decoder_layers=dec,
             first_stage=stage == 0, last_stage=stage == len(split) - 1, params_dtype=params_dtype,
-            use_cpu_initialization=use_cpu_initialization, recompute_granularity=recompute_granularity,
+            use_cpu_initialization=use_cpu_initialization,
         )
         if d.config.pipeline_dtype is None:
             d.config.pipeline_dtype = params_dtype

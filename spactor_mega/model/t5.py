@@ -178,24 +178,19 @@ class T5Discriminator(MegatronModule):
         params_dtype: torch.dtype = torch.float32,
         pre_process: bool = True,
         post_process: bool = True,
-        add_encoder: bool = True,
-        add_decoder: bool = True,
         use_cpu_initialization: Optional[bool] = None,
-        recompute_granularity: Optional[str] = None,
         encoder_layers: Optional[tuple[int, int]] = None,
         decoder_layers: Optional[tuple[int, int]] = None,
         init_seed: int = 0,
     ):
         """``encoder_layers`` / ``decoder_layers``: the global ``[start, end)`` layers of each
-        stack this (pipeline stage) module holds; None = all of that stack if ``add_encoder`` /
-        ``add_decoder``. An empty range means the stack is absent here. Weights: ``model_cfg.init``
+        stack this (pipeline stage) module holds; None = all of that stack. An empty range means the
+        stack is absent here. Weights: ``model_cfg.init``
         seeded by ``init_seed`` (:func:`~spactor_mega.model.init.initialize_discriminator`: the
         same for any TP/PP layout and device)."""
         n_enc, n_dec = model_cfg.num_encoder_layers, model_cfg.num_decoder_layers
-        if encoder_layers is None:
-            encoder_layers = (0, n_enc) if add_encoder else (0, 0)
-        if decoder_layers is None:
-            decoder_layers = (0, n_dec) if add_decoder else (0, 0)
+        encoder_layers = (0, n_enc) if encoder_layers is None else encoder_layers
+        decoder_layers = (0, n_dec) if decoder_layers is None else decoder_layers
         for what, (a, b), n in (("encoder", encoder_layers, n_enc), ("decoder", decoder_layers, n_dec)):
             if not 0 <= a <= b <= n:
                 raise ValueError(f"{what} layer range {(a, b)} is not within [0, {n}]")
@@ -203,21 +198,10 @@ class T5Discriminator(MegatronModule):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if vocab_size % tp:
             raise ValueError(f"vocab_size {vocab_size} is not divisible by TP size {tp}; pad it")
-        common = dict(
-            d_model=model_cfg.d_model,
-            d_kv=model_cfg.d_kv,
-            d_ff=model_cfg.d_ff,
-            num_heads=model_cfg.num_heads,
-            dropout=model_cfg.dropout,
-            layer_norm_epsilon=model_cfg.layer_norm_epsilon,
-            init_method_std=model_cfg.init_method_std,
-            tensor_model_parallel_size=tp,
-            params_dtype=params_dtype,
-            use_cpu_initialization=use_cpu_initialization,
-            recompute_granularity=recompute_granularity,
-        )
-        encoder_config = t5_transformer_config(num_layers=model_cfg.num_encoder_layers, **common)
-        decoder_config = t5_transformer_config(num_layers=model_cfg.num_decoder_layers, **common)
+        common = dict(tensor_model_parallel_size=tp, params_dtype=params_dtype,
+                      use_cpu_initialization=use_cpu_initialization)
+        encoder_config = t5_transformer_config(model_cfg, num_layers=model_cfg.num_encoder_layers, **common)
+        decoder_config = t5_transformer_config(model_cfg, num_layers=model_cfg.num_decoder_layers, **common)
         super().__init__(config=encoder_config)
         self.model_cfg = model_cfg
         self.vocab_size = vocab_size
@@ -227,7 +211,7 @@ class T5Discriminator(MegatronModule):
         self.encoder_layers, self.decoder_layers = tuple(encoder_layers), tuple(decoder_layers)
         # This part holds the encoder's last layer: it applies the encoder's final norm.
         self.ends_encoder = add_encoder and encoder_layers[1] == n_enc
-        # Read by Megatron's finalize_model_grads / pipeline schedules (one packed stream: [3/5]).
+        # Read by Megatron's finalize_model_grads / pipeline schedules (one packed stream).
         self.share_embeddings_and_output_weights = False
         self.model_type = ModelType.encoder_or_decoder
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -282,8 +266,8 @@ class T5Discriminator(MegatronModule):
         initialize_discriminator(self, model_cfg.init, init_seed)
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Called by Megatron's schedules on every stage before forward. With one stage it is
-        None; [3/5] will route a non-first stage's received tensor into its first stack."""
+        """Called by Megatron's schedules on every stage before forward: a non-first stage's
+        received packed tensor, read by :meth:`stage_forward` (None with one stage)."""
         if isinstance(input_tensor, (list, tuple)):
             if len(input_tensor) != 1:
                 raise ValueError(f"expected one input tensor, got {len(input_tensor)}")

@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from .cpu_compat import apply_cpu_compat
 
@@ -76,14 +77,12 @@ def _init_process_group(backend: Optional[str], timeout_s: float) -> None:
 
 def seed_everything(seed: int) -> None:
     """Seeds Python, NumPy, torch's default generator and Megatron's RNG tracker."""
-    from megatron.core import tensor_parallel
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     # An offset unused by Megatron's states (seed, seed + 2718 + tp_rank, seed + 1024 + ...).
-    tensor_parallel.get_cuda_rng_tracker().add(ROW_SHARD_RNG, seed + 3 * 2718 + tp_rank())
+    tensor_parallel.get_cuda_rng_tracker().add(ROW_SHARD_RNG, seed + 3 * 2718 + parallel_state.get_tensor_model_parallel_rank())
 
 
 def initialize_parallel(
@@ -98,18 +97,12 @@ def initialize_parallel(
     """Initialises torch.distributed (if needed), Megatron's TP/PP/DP groups and the RNGs.
 
     Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK (torchrun); without them it makes a
-    one-process group. ``world_size`` must be a multiple of ``tp * pp``; DP is the rest. ``vp``:
-    virtual pipeline stages (model chunks) per pipeline rank (Megatron's interleaved schedule).
+    one-process group. ``world_size`` must be a multiple of ``tp * pp`` (the plan's validation
+    refuses other layouts); DP is the rest. ``vp``: virtual pipeline stages (model chunks) per
+    pipeline rank (Megatron's interleaved schedule).
     """
-    from megatron.core import parallel_state
-
     apply_cpu_compat()
     _init_process_group(backend, timeout_s)
-    world = dist.get_world_size()
-    if world % (tp * pp) != 0:
-        raise ValueError(
-            f"world size {world} is not divisible by tensor x pipeline parallel size {tp}x{pp}"
-        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -138,8 +131,6 @@ def single_process_parallel(seed: int = 1234):
 def destroy_parallel(destroy_process_group: bool = True) -> None:
     """Tears down Megatron's groups and, when this module created it, the process group."""
     global _OWNS_PROCESS_GROUP
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if destroy_process_group and _OWNS_PROCESS_GROUP and dist.is_initialized():
@@ -147,24 +138,6 @@ def destroy_parallel(destroy_process_group: bool = True) -> None:
         dist.destroy_process_group()
         _OWNS_PROCESS_GROUP = False
         _SELF_GROUPS.clear()
-
-
-def tp_rank() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank()
-
-
-def tp_size() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def tp_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_group()
 
 
 _SELF_GROUPS: dict = {}

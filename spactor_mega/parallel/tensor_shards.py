@@ -12,9 +12,9 @@ conversion and small exports; large checkpoints go through ``dist_checkpointing`
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 
 def tp_attributes(param) -> tuple[bool, int, int]:
@@ -28,8 +28,6 @@ def tp_attributes(param) -> tuple[bool, int, int]:
 
 def gather_tp_tensor(local: torch.Tensor, dim: int, stride: int = 1, group=None) -> torch.Tensor:
     """All-gathers TP shards along ``dim`` (honouring ``stride``) into the full tensor."""
-    from megatron.core import parallel_state
-
     group = group or parallel_state.get_tensor_model_parallel_group()
     world = dist.get_world_size(group)
     if world == 1:
@@ -71,31 +69,3 @@ def gather_full_state_dict(module: torch.nn.Module, grads: bool = False, group=N
         is_tp, dim, stride = tp_attributes(p)
         out[name] = gather_tp_tensor(t, dim, stride, group) if is_tp else t.detach().clone()
     return out
-
-
-@torch.no_grad()
-def load_full_state_dict(module: torch.nn.Module, full: dict, group=None, strict: bool = True) -> None:
-    """Copies full (TP=1) tensors into the module's TP shards, in place."""
-    from megatron.core import parallel_state
-
-    group = group or parallel_state.get_tensor_model_parallel_group()
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    seen = set()
-    for name, p in module.named_parameters():
-        if name not in full:
-            if strict:
-                raise KeyError(f"missing full tensor for {name}")
-            continue
-        seen.add(name)
-        is_tp, dim, stride = tp_attributes(p)
-        src = full[name]
-        if is_tp:
-            src = split_tp_tensor(src, dim, stride, rank, world)
-        if src.shape != p.shape:
-            raise ValueError(f"{name}: shard shape {tuple(src.shape)} != parameter {tuple(p.shape)}")
-        p.copy_(src.to(dtype=p.dtype, device=p.device))
-    if strict:
-        extra = set(full) - seen
-        if extra:
-            raise KeyError(f"unexpected tensors: {sorted(extra)[:5]}")
-

@@ -48,6 +48,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for name, value in (("model.d_ff", m.d_ff),) + ((("generator.d_ff", g.d_ff),) if g.d_ff else ()):
         need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
     need(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
+    need(m.recompute in ("none", "selective", "full"),
+         f"model.recompute must be none, selective or full, got {m.recompute!r}")
     need(m.init in INIT_SCHEMES, f"model.init must be one of {', '.join(INIT_SCHEMES)}, got {m.init!r}")
     need(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive or unset, got {m.vocab_size}")
 

@@ -166,8 +166,7 @@ def test_tensor_parallel_marks_are_megatrons(parallel):
 
     _, (d, _, _) = _build("megatron")
     m = d.model_cfg
-    config = t5_transformer_config(d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff, num_heads=m.num_heads,
-                                   num_layers=m.num_decoder_layers, perform_initialization=True)
+    config = t5_transformer_config(m, num_layers=m.num_decoder_layers, perform_initialization=True)
     reference = {f"decoder.layers.0.{n}": p
                  for n, p in build_module(t5_decoder_layer_spec(), config=config, layer_number=1).named_parameters()}
     reference["embedding.weight"] = tensor_parallel.VocabParallelEmbedding(

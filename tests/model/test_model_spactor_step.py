@@ -170,7 +170,7 @@ def test_activation_recompute_gives_identical_gradients(parallel, granularity):
     out = {}
     for rg in (None, granularity):
         torch.manual_seed(5)
-        d, g, rtd = build_spactor_modules(tiny_config(), VOCAB, recompute_granularity=rg)
+        d, g, rtd = build_spactor_modules(tiny_config(recompute=rg or "none"), VOCAB)
         loss, _ = _objective()(batch, d, g, rtd, phase=Phase.HYBRID)
         loss.backward()
         out[rg] = (loss.detach(), gather_full_state_dict(d, grads=True), gather_full_state_dict(g, grads=True, group=g.tp_group))
