@@ -23,6 +23,7 @@ import torch
 
 from spactor_mega.curriculum import Phase, phase_at
 from spactor_mega.errors import UserError
+from spactor_mega.plan.derived import uses_bf16
 
 RUN_RECORD = "run.json"
 LATEST = "latest"
@@ -70,11 +71,12 @@ def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_
 
 
 def make_record(cfg, step: int, vocab_size: int, **extra) -> dict:
-    """A checkpoint's run.json: step, samples consumed, curriculum phase, layout, padded vocab, the config."""
+    """A checkpoint's run.json: step, samples consumed, curriculum phase, resolved precision,
+    layout, padded vocab, the config."""
     p = cfg.parallel
     return {
         "step": step, "consumed_samples": step * cfg.train.global_batch_size,
-        "phase": phase_at(step, cfg.spactor.tau).name,
+        "phase": phase_at(step, cfg.spactor.tau).name, "precision": "bf16" if uses_bf16(cfg) else "fp32",
         "tensor_model_parallel_size": p.tensor_model_parallel_size,
         "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
         "vocab_size": vocab_size, "config": cfg.to_dict(), **extra,
@@ -158,6 +160,10 @@ def check_resumable(path: Path, record: dict, cfg, vocab_size: int, pipeline_lay
             "tensor-parallel size that divides model.make_vocab_size_divisible_by")
     if weights_only:
         return
+    precision = "bf16" if uses_bf16(cfg) else "fp32"
+    if record.get("precision", precision) != precision:  # records from before this field: not checked
+        raise CheckpointError(f"{path}: its optimizer state was written by a {record['precision']} run but this run "
+                              f"trains in {precision}; resume with train.precision={record['precision']}")
     theirs = saved.get("optim", {}).get("optimizer")
     if theirs != cfg.optim.optimizer:
         raise CheckpointError(f"{path}: written with optim.optimizer={theirs!r} but this run has "

@@ -204,12 +204,12 @@ def evaluate(engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int, 
     raws = raws[: len(raws) // multiple * multiple]
     if not raws:
         return {}
-    clean = engine.eval_step([builder(r["raw"], r["key"], with_mlm=False) for r in raws], Phase.SC_ONLY)
-    result = {k: clean[k] for k in ("sc_loss", "z_loss") if k in clean}
+    result = {}
     if phase is Phase.HYBRID:
         replaced = engine.eval_step([builder(r["raw"], r["key"], with_mlm=True) for r in raws], Phase.HYBRID)
         result.update({name: replaced[k] for k, name in HYBRID_EVAL_NAMES.items() if k in replaced})
-    return result
+    clean = engine.eval_step([builder(r["raw"], r["key"], with_mlm=False) for r in raws], Phase.SC_ONLY)
+    return {**{k: clean[k] for k in ("sc_loss", "z_loss") if k in clean}, **result}
 
 
 def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: int, checkpoint, record) -> Engine:

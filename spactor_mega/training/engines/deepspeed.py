@@ -189,10 +189,7 @@ class DeepSpeedEngine:
             partitions = [p for group in optimizer.param_groups for p in group["params"]]  # ZeRO's fp32 master partitions
             self.released.track("generator_optimizer_state", optimizer_state_tensors([optimizer]) + partitions)
             self.aux.destroy()
-            # ZeRO-3 pushes each engine's top module onto a process-global stack at init
-            # (parameter_offload.FWD_MODULE_STACK) that destroy() leaves alone: it would keep G alive.
-            stack = import_deepspeed().runtime.zero.parameter_offload.FWD_MODULE_STACK
-            stack[:] = [m for m in stack if m is not self.aux.module]
+            _forget_zero3_engine(self.aux.module)
         self.aux = self.aux_scheduler = None
         self.has_generator = False
         self.released.collect()
@@ -287,6 +284,23 @@ class DeepSpeedEngine:
             "rtd_head": numel(self.aux, "rtd_head"),
             "generator_optimizer_state": sum(t.numel() for t in optimizer_state_tensors([_torch_optimizer(self.aux)])),
         }
+
+
+def _forget_zero3_engine(module: torch.nn.Module) -> None:
+    """Drops what DeepSpeed (0.19) keeps process-wide of a destroyed ZeRO-3 engine, which would
+    keep its modules and parameters alive: its top module on ``parameter_offload.FWD_MODULE_STACK``
+    (pushed at init, never popped), and the class-level, unbounded ``lru_cache`` of
+    ``PartitionedParameterCoordinator.__params_to_release`` (keyed by coordinator and module; it
+    is only a cache, so clearing it for every engine is safe)."""
+    zero = import_deepspeed().runtime.zero
+    stack = zero.parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not module]
+    method = zero.partitioned_param_coordinator.PartitionedParameterCoordinator.__dict__.get(
+        "_PartitionedParameterCoordinator__params_to_release")
+    cells = [c.cell_contents for c in (getattr(method, "__closure__", None) or ())]
+    for cached in [method, *cells]:
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
 
 
 def _norm(engine) -> float:

@@ -171,6 +171,9 @@ class MegatronEngine:
         main_params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]
                        if id(p) not in model_params]  # bf16: the optimizer's fp32 master copies
         self.released.track("generator_optimizer_state", optimizer_state_tensors(optimizers) + main_params)
+        for model in (self.g, self.rtd):
+            if model is not None:
+                _unlink(model)
         self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
         self.has_generator = False
         self.released.collect()
@@ -328,6 +331,19 @@ class MegatronEngine:
             sum(t.numel() for t in optimizer_state_tensors(self._aux_torch_optimizers())) if self.aux_optimizer
             else self.released.alive("generator_optimizer_state"))
         return counts
+
+
+def _unlink(ddp) -> None:
+    """Cuts the links Megatron leaves between a DDP-wrapped module and its optimizer that Python's
+    garbage collector cannot follow: the autograd gradient-accumulator nodes DDP hooks (C++ objects
+    holding the parameters and the hooks holding DDP) and, in bf16, each parameter's ``main_param``
+    (its fp32 master). Without this, a released module stays alive until those nodes happen to go."""
+    ddp.grad_accs.clear()
+    for param in ddp.module.parameters():
+        for name in ("main_param", "main_grad"):
+            if hasattr(param, name):
+                delattr(param, name)
+        param.grad = None
 
 
 def _any_rank(flag: bool) -> bool:
