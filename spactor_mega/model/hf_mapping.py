@@ -155,6 +155,8 @@ def hf_to_megatron(
 
 def hf_t5_config(model_cfg, vocab_size: int, **overrides):
     """A ``transformers.T5Config`` for D (T5 v1.1: gated-GELU, untied head, ids pad 0 / EOS 1)."""
+    # transformers takes seconds to import; training (which uses this module's name mapping for
+    # initialisation) never needs it, only the export/import paths that call here.
     from transformers import T5Config
 
     kwargs = dict(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from spactor_mega.config import Config
 from spactor_mega.data.special_tokens import EOS_ID, PAD_ID, special_mask
 
 
@@ -68,8 +69,6 @@ def synthetic_batch(
 def tiny_config(tau: float = 10.0, depth_fraction: float = 0.5, **model_overrides):
     """A :class:`spactor_mega.config.Config` with a tiny D (d_model 32, 2 heads of 8, d_ff 64,
     2+2 layers) for tests and smoke runs."""
-    from spactor_mega.config import Config
-
     cfg = Config()
     m = cfg.model
     m.d_model, m.d_kv, m.d_ff, m.num_heads = 32, 8, 64, 2

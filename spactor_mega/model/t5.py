@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
+from megatron.core.transformer import transformer_block
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -124,8 +125,6 @@ class T5Stack(TransformerBlock):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Megatron's, with this part's layers at their global positions (so checkpoints do not
         depend on the pipeline split)."""
-        from megatron.core.transformer import transformer_block
-
         original = transformer_block.get_transformer_layer_offset
         offset = self.layer_offset
         transformer_block.get_transformer_layer_offset = lambda *args, **kwargs: offset

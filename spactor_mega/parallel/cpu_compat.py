@@ -209,6 +209,7 @@ def _patch_rng() -> None:
     global _RNG_PATCHED, _ORIGINAL_TRACKER
     if _RNG_PATCHED:
         return
+    # Imported only on the CPU path: with CUDA this module patches nothing and needs no Megatron.
     from megatron.core.tensor_parallel import random as mrandom
 
     base = _ORIGINAL_TRACKER = mrandom.CudaRNGStatesTracker

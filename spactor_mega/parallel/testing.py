@@ -43,6 +43,7 @@ def _entry(fn, rank, world_size, port, threads, allow_cuda, args, kwargs, result
     )
     if not allow_cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # torch is imported in the child only after the environment above is set (CUDA reads it at import).
     import torch
 
     if threads:
@@ -60,10 +61,8 @@ def _entry(fn, rank, world_size, port, threads, allow_cuda, args, kwargs, result
         results.put((rank, False, traceback.format_exc()))
     finally:
         try:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
         except Exception:
             pass
 

@@ -6,6 +6,7 @@ import sys
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 
 class RunLogger:
@@ -18,12 +19,11 @@ class RunLogger:
         if not enabled:
             return
         if tensorboard_dir:
+            # TensorBoard's writer loads tensorboard (about a second): only the logging rank does.
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         if progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(
                 total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
                 file=sys.stderr, disable=None,  # None: off when stderr is not a terminal
