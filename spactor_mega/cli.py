@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from spactor_mega.errors import UserError
+from spactor_mega.quiet import filter_known_warnings
 
 # name -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    filter_known_warnings()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     args = build_parser().parse_args()

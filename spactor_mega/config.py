@@ -95,7 +95,11 @@ class DataConfig:
     preprocess_workers: int = 2
     encoder_seq_length: int = 512
     cache_dir: Optional[str] = None
+    # DataLoader workers building the next steps' micro-batches (span corruption + MLM) while the
+    # engine runs this one; 0: built in the step (train/data_wait_s; < 1% of a demo step, so 2
+    # workers do not speed the demo up: README, Benchmarks)
     num_workers: int = 0
+    prefetch_factor: int = 2  # micro-batches each worker builds ahead (with num_workers > 0)
 
 
 @dataclass
@@ -140,6 +144,9 @@ class TrainConfig:
     exit_interval: Optional[int] = None  # save and stop after a step that is a multiple of this
     eval_interval: int = 200
     eval_batches: int = 4
+    # The device's peak TFLOP/s for MFU; None: known for A100/H100/H200 (bf16, or TF32 for fp32 runs),
+    # MFU not reported elsewhere (CPUs)
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

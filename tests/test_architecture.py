@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "spactor_mega"
 # Layer of each top-level room of spactor_mega (ARCHITECTURE.md). A module may import rooms of a
 # lower layer, and its own room; rooms of one layer are independent of each other.
 LAYERS = {
-    "errors": 0, "curriculum": 0, "seeding": 0,
+    "errors": 0, "curriculum": 0, "seeding": 0, "quiet": 0,
     "config": 1,
     "data": 2, "parallel": 2,
     "plan": 3,

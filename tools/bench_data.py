@@ -10,8 +10,12 @@
 (b) SC+MLM examples per second on one core at 512/114, beside a per-row numpy collator in
     the style of Hugging Face's Flax ``run_t5_mlm_flax.py`` ``DataCollatorForT5MLM`` (the one
     nanoT5 uses; re-implemented here for the comparison, SC only, as it does).
+(c) The input pipeline in training: ``spactor train`` on configs/demo-cpu.yaml (tau at half the
+    steps), the per-step wait for micro-batches (``data_wait_s``) with ``data.num_workers`` 0
+    (baseline: built in the step) and 2 (built ahead), in interleaved rounds; the first step of
+    a run (workers starting) is left out.
 
-Usage: python tools/bench_data.py [--corpus GLOB] [--workers 1 2] [--batch 256]
+Usage: python tools/bench_data.py [--parts a,b,c] [--corpus GLOB] [--workers 1 2] [--batch 256]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import gzip
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,6 +117,48 @@ def bench_examples(batch: int, seconds: float = 3.0) -> list[list]:
     ]
 
 
+# (c) the input pipeline in training ---------------------------------------------------------
+def _train_history(rank: int, world_size: int, cfg) -> list[dict]:
+    from spactor_mega.parallel.state import destroy_parallel
+    from spactor_mega.training.loop import train
+
+    try:
+        return train(cfg).history
+    finally:
+        destroy_parallel()
+
+
+def bench_data_wait(loader_workers: list[int], steps: int, rounds: int, work: Path) -> tuple[list[list], str]:
+    """``rounds`` interleaved demo runs per worker count; per phase, the mean and median wait and
+    the median step time over every run's steps but its first."""
+    from spactor_mega.config import load_yaml
+    from spactor_mega.parallel.testing import run_distributed
+
+    cfg = load_yaml(ROOT / "configs" / "demo-cpu.yaml")
+    shape = (f"d_model {cfg.model.d_model}, {cfg.model.num_encoder_layers}+{cfg.model.num_decoder_layers} layers, "
+             f"batch {cfg.train.global_batch_size} x {cfg.data.encoder_seq_length}")
+    cfg.train.steps, cfg.spactor.tau = steps, steps // 2
+    cfg.train.save_interval, cfg.train.eval_interval = 0, 0
+    cfg.train.save_dir, cfg.logging.tensorboard_dir = str(work / "ckpt"), str(work / "tb")
+    cfg.logging.progress, cfg.logging.log_interval = False, steps
+    histories: dict[int, list[dict]] = {w: [] for w in loader_workers}
+    for _ in range(rounds):
+        for workers in loader_workers:
+            cfg.data.num_workers = workers
+            # threads=None: torch's default threads, as `spactor train` runs on this machine
+            histories[workers] += run_distributed(_train_history, 1, cfg, threads=None, timeout=3600)[0][1:]
+    rows = []
+    for phase, name in ((1.0, "1 (hybrid: SC + MLM)"), (2.0, "2 (SC only)")):
+        for workers in loader_workers:
+            steps_ = [h for h in histories[workers] if h["phase"] == phase]
+            wait = [h["data_wait_s"] * 1e3 for h in steps_]
+            step_ms = statistics.median(h["step_time_s"] * 1e3 for h in steps_)
+            rows.append([name, f"{workers}{' (baseline)' if workers == 0 else ''}", len(steps_),
+                         f"{statistics.mean(wait):.2f}", f"{statistics.median(wait):.2f}", f"{step_ms:.1f}",
+                         f"{statistics.mean(wait) / step_ms:.1%}"])
+    return rows, shape
+
+
 # (a) preprocessing ------------------------------------------------------------------------
 def corpus_texts(pattern: str) -> tuple[list[str], list[Path]]:
     files = sorted(ROOT.glob(pattern))
@@ -173,15 +220,7 @@ def bench_preprocess(pattern: str, workers_list: list[int], tokenizer: Path, wor
     return rows, mb
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", default="data/demo_c4/c4-train.*.json.gz", help="glob under the repo root")
-    parser.add_argument("--tokenizer", help="spiece.model (default: train an 8k one on the corpus)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch", type=int, default=256, help="examples per SC batch")
-    args = parser.parse_args()
-
-    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, numpy {np.__version__}")
+def bench_preprocess_table(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tokenizer = Path(args.tokenizer) if args.tokenizer else None
@@ -196,8 +235,35 @@ def main() -> int:
               ["pipeline", "workers", "MB/s per worker", "vs bare", "CPU vs bare", "start-up"], rows)
         print("CPU vs bare: bare encode's CPU seconds / ours (main process and workers together);\n"
               "wall-clock per worker can only reach it when every process has a core of its own.")
-    table(f"(b) SC(+MLM) examples at 512/114, one core, batch {args.batch}; goal: >= 20,000/s",
-          ["builder", "examples/s", "vs baseline"], bench_examples(args.batch))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="data/demo_c4/c4-train.*.json.gz", help="glob under the repo root")
+    parser.add_argument("--tokenizer", help="spiece.model (default: train an 8k one on the corpus)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=256, help="examples per SC batch")
+    parser.add_argument("--parts", default="a,b,c", help="which tables: a (preprocess), b (examples), c (data wait)")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2], help="(c) data.num_workers; 0 first")
+    parser.add_argument("--steps", type=int, default=60, help="(c) training steps per run (tau at half)")
+    parser.add_argument("--rounds", type=int, default=2, help="(c) runs per worker count, interleaved")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, numpy {np.__version__}")
+    if "a" in parts:
+        bench_preprocess_table(args)
+    if "b" in parts:
+        table(f"(b) SC(+MLM) examples at 512/114, one core, batch {args.batch}; goal: >= 20,000/s",
+              ["builder", "examples/s", "vs baseline"], bench_examples(args.batch))
+    if "c" in parts:
+        os.chdir(ROOT)  # the demo preset's paths are relative to the repository
+        with tempfile.TemporaryDirectory() as tmp:
+            rows, shape = bench_data_wait(args.loader_workers, args.steps, args.rounds, Path(tmp))
+        table(f"(c) per-step wait for micro-batches in `spactor train`, demo preset ({shape}), {args.steps} steps, "
+              f"tau {args.steps // 2}, {args.rounds} interleaved runs per row; first step of each run left out",
+              ["stage", "data.num_workers", "steps", "wait mean ms", "wait median ms", "step median ms",
+               "wait / step"], rows)
     return 0
 
 

@@ -202,19 +202,26 @@ class PretrainingSampler:
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"data-parallel rank {dp_rank} not in [0, {dp_size})")
+        stride = micro_batch_size * dp_size
+        if consumed_samples % stride:
+            raise ValueError(f"consumed samples {consumed_samples} is not a multiple of micro-batch x DP = {stride}")
         self.total_samples, self.consumed = total_samples, consumed_samples
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
 
     def __len__(self) -> int:
         return (self.total_samples - self.consumed) // (self.micro_batch_size * self.dp_size)
 
+    def position(self, i: int) -> int:
+        """Samples consumed (by all DP ranks) before this rank's ``i``-th micro-batch."""
+        return self.consumed + i * self.micro_batch_size * self.dp_size
+
+    def micro_batch(self, i: int) -> list[int]:
+        """The sample indices of this rank's ``i``-th micro-batch from the consumed count."""
+        first = self.position(i) + self.dp_rank * self.micro_batch_size
+        return list(range(first, first + self.micro_batch_size))
+
     def __iter__(self) -> Iterator[list[int]]:
-        stride = self.micro_batch_size * self.dp_size
-        if self.consumed % stride:
-            raise ValueError(f"consumed samples {self.consumed} is not a multiple of micro-batch x DP = {stride}")
-        for base in range(self.consumed, self.total_samples - stride + 1, stride):
-            first = base + self.dp_rank * self.micro_batch_size
-            yield list(range(first, first + self.micro_batch_size))
+        return (self.micro_batch(i) for i in range(len(self)))
 
 
 def parse_blend(entries: list) -> Optional[tuple[list[str], Optional[list[float]]]]:

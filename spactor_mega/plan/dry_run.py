@@ -17,7 +17,7 @@ from spactor_mega.plan.inventory import (
     t5_parameter_shapes,
 )
 from spactor_mega.plan.layout import config_layout
-from spactor_mega.plan.memory import describe_memory
+from spactor_mega.plan.memory import describe_activations, describe_memory
 
 
 def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
@@ -45,6 +45,7 @@ def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None
         f"tau {cfg.spactor.tau}, steps {cfg.train.steps}: total {format_flops(_total(cfg, flops) * batch)}",
     ]
     lines += _memory(cfg, counts, world_size)
+    lines.append(describe_activations(cfg, s, targets))
     if cfg.parallel.pipeline_model_parallel_size > 1 or cfg.parallel.pipeline_layout:
         layout = config_layout(cfg, vocab_size)
         how = "given" if cfg.parallel.pipeline_layout else f"FLOPs-balanced at vocab {vocab_size}"

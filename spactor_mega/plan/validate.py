@@ -33,6 +33,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(g.temperature > 0, f"generator.temperature must be > 0, got {g.temperature}")
     need(0 < g.depth_fraction <= 1, f"generator.depth_fraction must be in (0, 1], got {g.depth_fraction}")
     need(cfg.data.encoder_seq_length >= 8, f"data.encoder_seq_length must be >= 8, got {cfg.data.encoder_seq_length}")
+    need(cfg.data.num_workers >= 0 and cfg.data.prefetch_factor >= 1, "data.num_workers must be >= 0 and "
+         f"data.prefetch_factor >= 1, got {cfg.data.num_workers} and {cfg.data.prefetch_factor}")
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     need(tp >= 1 and pp >= 1, "parallel sizes must be >= 1")
@@ -80,6 +82,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          f"optim.lr_schedule must be inverse-sqrt, constant-inverse-sqrt, cosine or constant, got {o.lr_schedule!r}")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]; lower optim.min_lr")
+    need(t.peak_tflops is None or t.peak_tflops > 0,
+         f"train.peak_tflops must be positive (or unset for the known GPUs' peaks), got {t.peak_tflops}")
     need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0: no clipping), got {o.clip_grad}")
     if pp > 1 or p.pipeline_layout:  # also refuses more stages than layers, naming both
         config_layout(cfg)

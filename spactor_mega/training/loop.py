@@ -33,6 +33,7 @@ from spactor_mega.data.dataset import (
     build_datasets,
     collate_raw,
 )
+from spactor_mega.data.loader import MicroBatchDataset, micro_batch_loader
 from spactor_mega.data.prepare import ensure_data
 from spactor_mega.data.span_corruption import SpanCorruption
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
@@ -43,6 +44,7 @@ from spactor_mega.parallel.state import initialize_parallel
 from spactor_mega.plan.derived import generator_num_layers, uses_bf16
 from spactor_mega.plan.flops import format_flops, sample_flops
 from spactor_mega.plan.layout import config_layout
+from spactor_mega.plan.mfu import device_peak_tflops, mfu
 from spactor_mega.plan.validate import validate
 from spactor_mega.training.engines import Engine, build_engine
 from spactor_mega.training.metrics import RunLogger
@@ -95,6 +97,8 @@ def train(cfg: Config) -> RunResult:
     engine = _build_engine(cfg, vocab, layout, tokenizer, bf16, step, checkpoint, record)
 
     flops = sample_flops(cfg, corruption.encoder_length, corruption.decoder_length, vocab, builder.mlm_capacity)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    peak_tflops = device_peak_tflops(device, bf16, t.peak_tflops)
     log = RunLogger(cfg.logging.tensorboard_dir, t.steps, step, enabled=rank == 0, progress=cfg.logging.progress)
     counts = engine.parameter_counts()
     pipeline = ""
@@ -106,15 +110,19 @@ def train(cfg: Config) -> RunResult:
         f"{pipeline}; "
         f"D {counts['discriminator'] / 1e6:.2f}M params per rank, G {generator_num_layers(cfg)} layers "
         f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={cfg.spactor.tau}; "
-        f"FLOPs/sample hybrid {format_flops(flops.hybrid)}, SC-only {format_flops(flops.sc_only)}"
+        f"FLOPs/sample hybrid {format_flops(flops.hybrid)}, SC-only {format_flops(flops.sc_only)}; "
+        + (f"MFU against a {peak_tflops:g} TFLOP/s peak per device" if peak_tflops
+           else "MFU not reported (no known peak for this device: set train.peak_tflops)")
         + (f"; resumed from {checkpoint} at step {step}" if checkpoint else "")
     )
 
     accumulation = t.global_batch_size // (t.micro_batch_size * dp_size)
     sampler = PretrainingSampler(t.steps * t.global_batch_size, consumed, t.micro_batch_size, dp_rank, dp_size)
-    loader = iter(torch.utils.data.DataLoader(
-        train_set, batch_sampler=sampler, collate_fn=collate_raw, num_workers=cfg.data.num_workers,
-    ))
+    # Whole micro-batches (MLM fields iff their step is hybrid), built ahead by cfg.data.num_workers workers.
+    loader = micro_batch_loader(
+        MicroBatchDataset(train_set, builder, sampler, t.global_batch_size, cfg.spactor.tau),
+        cfg.data.num_workers, cfg.data.prefetch_factor,
+    )
     result = RunResult(step=step, checkpoint=checkpoint, tensorboard_dir=cfg.logging.tensorboard_dir)
 
     def save(at_step: int) -> Path:
@@ -143,8 +151,9 @@ def train(cfg: Config) -> RunResult:
             counts = engine.parameter_counts()
             log.line(f"[train] step {step}: tau reached, SC only from here; generator released "
                      f"(G params {counts['generator']}, G optimizer state {counts['generator_optimizer_state']})")
-        raws = [next(loader) for _ in range(accumulation)]
-        micro_batches = [builder(r["raw"], r["key"], with_mlm=hybrid) for r in raws]
+        wait_start = time.perf_counter()
+        micro_batches = [next(loader) for _ in range(accumulation)]
+        data_wait = time.perf_counter() - wait_start  # time blocked on the input pipeline
         metrics = engine.train_step(micro_batches, phase)
         step += 1
 
@@ -153,13 +162,15 @@ def train(cfg: Config) -> RunResult:
         sample_cost = flops.hybrid if hybrid else flops.sc_only
         counts = engine.parameter_counts()
         metrics.update(
-            phase=float(phase.value), step_time_s=seconds,
+            phase=float(phase.value), step_time_s=seconds, data_wait_s=data_wait,
             generator_params=float(counts["generator"]),
             generator_optimizer_state=float(counts["generator_optimizer_state"]),
             tokens_per_s=t.global_batch_size * corruption.encoder_length / seconds,
             flops_per_step=sample_cost * t.global_batch_size,
             tflops_per_s_per_rank=sample_cost * t.global_batch_size / seconds / world / 1e12,
         )
+        if peak_tflops:
+            metrics["mfu"] = mfu(sample_cost * t.global_batch_size, seconds, world, peak_tflops)
         result.history.append({"step": step, **metrics})
         log.scalars(step, metrics)
         log.advance(phase.name, metrics["loss"])
@@ -237,6 +248,6 @@ def _format_eval(step: int, evaluation: dict[str, float]) -> str:
 
 def _format(step: int, phase: Phase, m: dict) -> str:
     keys = ["loss", "sc_loss", "rtd_loss", "mlm_loss", "rtd_accuracy", "mlm_accuracy", "replaced_fraction",
-            "lr", "grad_norm", "tokens_per_s"]
+            "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"]
     parts = [f"{k}={m[k]:.4g}" for k in keys if k in m and not math.isnan(m[k])]
     return f"[train] step {step} {phase.name}: " + " ".join(parts)

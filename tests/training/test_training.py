@@ -72,12 +72,25 @@ def test_resume_gives_bitwise_the_same_losses(work, stop_at, optimizer):
 
 
 def test_generator_is_released_at_tau(work):
-    history = run(tiny_config(work / "tau"))["history"]
+    history = run(tiny_config(work / "tau", train__peak_tflops=0.5))["history"]
+    # MFU: the FLOPs model's FLOPs per second per device over the declared peak (G counted before tau)
+    for h in history:
+        assert h["mfu"] == pytest.approx(h["flops_per_step"] / h["step_time_s"] / 0.5e12, rel=1e-9)
     stages = [h["phase"] for h in history]
     assert stages == [1.0] * 4 + [2.0] * 4
     assert all(h["generator_params"] > 0 for h in history[:4])
     assert all(h["generator_params"] == 0 and h["generator_optimizer_state"] == 0 for h in history[4:])
     assert all("rtd_loss" in h for h in history[:4]) and not any("rtd_loss" in h for h in history[4:])
+
+
+def test_loader_workers_give_bitwise_the_same_losses(work):
+    """Micro-batches built ahead by 2 DataLoader workers train exactly as those built in the step
+    (across tau: the workers decide each micro-batch's MLM fields); the wait for them is logged."""
+    in_step = run(tiny_config(work / "workers0"))["history"]
+    ahead = run(tiny_config(work / "workers2", data__num_workers=2))["history"]
+    assert [h["loss"] for h in ahead] == [h["loss"] for h in in_step]
+    assert [h["phase"] for h in ahead] == [1.0] * 4 + [2.0] * 4
+    assert all(h["data_wait_s"] >= 0 for h in in_step + ahead)
 
 
 def test_validation_loss_falls_on_the_demo_corpus(work):
@@ -108,6 +121,7 @@ def test_config_rejections_name_the_field(tmp_path):
         ({"spactor__tau": -1.0}, 1, "spactor.tau must be >= 0"),
         ({"spactor__rtd_weight": -0.5}, 1, "spactor.rtd_weight must be >= 0"),
         ({"spactor__mlm_weight": -1.0}, 1, "spactor.mlm_weight must be >= 0"),
+        ({"data__prefetch_factor": 0}, 1, "data.num_workers must be >= 0 and data.prefetch_factor >= 1, got 0 and 0"),
         ({"train__global_batch_size": 10}, 1, "train.global_batch_size=10 is not divisible by micro_batch_size"),
         ({"parallel__pipeline_model_parallel_size": 7}, 7, "pipeline_model_parallel_size=7 exceeds the 6"),
         ({"parallel__virtual_pipeline_model_parallel_size": 2}, 1,
