@@ -158,14 +158,7 @@ def test_zero_stages_follow_the_megatron_losses_across_tau(trained, name):
     assert all(h["generator_params"] > 0 for h in history[:TAU])
 
 
-# ZeRO-3 keeps a released engine's parameters reachable from outside Python's view (DeepSpeed
-# 0.19's hooks held by autograd nodes) until D's engine is torn down: the honest count shows them.
-# Strict: this fails as soon as DeepSpeed (or a fix here) frees them.
-_ZERO3_KEEPS_G = pytest.mark.xfail(strict=True, reason="DeepSpeed ZeRO-3 keeps the released engine's parameters alive")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_ZERO3_KEEPS_G) if n.startswith("zero3") else n
-                                  for n in ZERO_VARIANTS])
+@pytest.mark.parametrize("name", list(ZERO_VARIANTS))
 def test_nothing_of_the_generator_is_counted_alive_after_tau(trained, name):
     history = trained[name]
     assert all(h["generator_params"] == 0 and h["generator_optimizer_state"] == 0 for h in history[TAU:])

@@ -181,18 +181,22 @@ class DeepSpeedEngine:
         """Drops G, the RTD head and their engine (parameters, gradients, optimizer state); what of
         them stays reachable is then counted by :meth:`parameter_counts` (it should be nothing)."""
         if self.aux is not None:
-            for kind in ("generator", "rtd_head"):
-                params = list(getattr(self.aux.module, kind).parameters())
-                # ZeRO-3 leaves an empty tensor in each parameter; its partition is ds_tensor.
-                self.released.track(kind, params + [getattr(p, "ds_tensor", None) for p in params])
-            optimizer = _torch_optimizer(self.aux)
-            partitions = [p for group in optimizer.param_groups for p in group["params"]]  # ZeRO's fp32 master partitions
-            self.released.track("generator_optimizer_state", optimizer_state_tensors([optimizer]) + partitions)
+            self._track_released()
             self.aux.destroy()
             _forget_zero3_engine(self.aux.module)
         self.aux = self.aux_scheduler = None
         self.has_generator = False
-        self.released.collect()
+        self.released.collect()  # here, where no local holds a strong reference to them
+
+    def _track_released(self) -> None:
+        """Weak references to G's and the head's parameters, partitions and optimizer state."""
+        for kind in ("generator", "rtd_head"):
+            params = list(getattr(self.aux.module, kind).parameters())
+            # ZeRO-3 leaves an empty tensor in each parameter; its partition is ds_tensor.
+            self.released.track(kind, params + [getattr(p, "ds_tensor", None) for p in params])
+        optimizer = _torch_optimizer(self.aux)
+        partitions = [p for group in optimizer.param_groups for p in group["params"]]  # ZeRO's fp32 master partitions
+        self.released.track("generator_optimizer_state", optimizer_state_tensors([optimizer]) + partitions)
 
     # One optimizer step -------------------------------------------------------------------
     def _micro_step(self, batch: dict, phase: Phase):

@@ -160,6 +160,13 @@ class MegatronEngine:
     def release_generator(self) -> None:
         """Drops G, the RTD head, their DDP buffers and optimizer state (tau reached); what of
         them stays reachable is then counted by :meth:`parameter_counts` (it should be nothing)."""
+        self._track_released()
+        self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
+        self.has_generator = False
+        self.released.collect()  # here, where no local holds a strong reference to them
+
+    def _track_released(self) -> None:
+        """Weak references to G's and the head's parameters, gradient buffers, optimizer state."""
         model_params = set()
         for kind, model in (("generator", self.g), ("rtd_head", self.rtd)):
             if model is not None:
@@ -171,12 +178,6 @@ class MegatronEngine:
         main_params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]
                        if id(p) not in model_params]  # bf16: the optimizer's fp32 master copies
         self.released.track("generator_optimizer_state", optimizer_state_tensors(optimizers) + main_params)
-        for model in (self.g, self.rtd):
-            if model is not None:
-                _unlink(model)
-        self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
-        self.has_generator = False
-        self.released.collect()
 
     def _pipeline_step(self, micro_batches: list[dict], phase: Phase, forward_only: bool) -> dict:
         hybrid = phase is Phase.HYBRID
@@ -331,19 +332,6 @@ class MegatronEngine:
             sum(t.numel() for t in optimizer_state_tensors(self._aux_torch_optimizers())) if self.aux_optimizer
             else self.released.alive("generator_optimizer_state"))
         return counts
-
-
-def _unlink(ddp) -> None:
-    """Cuts the links Megatron leaves between a DDP-wrapped module and its optimizer that Python's
-    garbage collector cannot follow: the autograd gradient-accumulator nodes DDP hooks (C++ objects
-    holding the parameters and the hooks holding DDP) and, in bf16, each parameter's ``main_param``
-    (its fp32 master). Without this, a released module stays alive until those nodes happen to go."""
-    ddp.grad_accs.clear()
-    for param in ddp.module.parameters():
-        for name in ("main_param", "main_grad"):
-            if hasattr(param, name):
-                delattr(param, name)
-        param.grad = None
 
 
 def _any_rank(flag: bool) -> bool:

@@ -30,9 +30,14 @@ class ReleasedTensors:
                 seen.add(id(t))
                 refs.append(weakref.ref(t))
 
-    def collect(self) -> None:
-        """Runs the garbage collector: the modules hold reference cycles (DDP hooks on parameters)."""
-        gc.collect()
+    def collect(self, max_passes: int = 5) -> None:
+        """Runs the garbage collector until a pass frees nothing: the modules hold reference cycles
+        (hooks on parameters), and one pass is not enough when freeing a cycle runs finalizers that
+        release further cycles (seen with DeepSpeed ZeRO-3, which also turns automatic collection
+        off while its engines live, so nothing else would collect them)."""
+        for _ in range(max_passes):
+            if gc.collect() == 0:
+                return
 
     def alive(self, kind: str) -> int:
         """Elements of the tracked tensors of ``kind`` still reachable (0 when none was tracked)."""
