@@ -9,7 +9,8 @@ import pytest
 
 from spactor_mega.parallel.testing import run_distributed
 
-ENGINES = {"megatron": None, "zero1": 1, "zero2": 2, "zero3": 3}
+ENGINES = {"megatron": None, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+PRECISIONS = ("fp32", "bf16")
 
 
 def _generator_tensors(engine) -> list:
@@ -39,8 +40,10 @@ def _generator_tensors(engine) -> list:
 
 
 def _release(rank, world_size, work: str):
-    import gc
+    import itertools
     import weakref
+
+    import torch
 
     from spactor_mega.curriculum import Phase
     from spactor_mega.model.spactor import SpactorObjective
@@ -53,21 +56,24 @@ def _release(rank, world_size, work: str):
     objective = SpactorObjective(mask_id=250, sample_vocab_size=150)
 
     out = {}
-    for name, zero in ENGINES.items():
+    for (name, zero), precision in itertools.product(ENGINES.items(), PRECISIONS):
         initialize_parallel(seed=3)
         cfg = tiny_config()
         cfg.train.global_batch_size = cfg.train.micro_batch_size = 2
+        cfg.train.precision = precision
         if zero is not None:
             cfg.train.engine = "deepspeed"
             cfg.deepspeed.zero_stage = zero
             cfg.deepspeed.config = str(Path(work) / "torch_adam.json")
-        engine = build_engine(cfg, *build_spactor_modules(cfg, 256), objective, False)
+        bf16 = precision == "bf16"
+        modules = build_spactor_modules(cfg, 256, params_dtype=torch.bfloat16 if bf16 else torch.float32)
+        engine = build_engine(cfg, *modules, objective, bf16)
+        del modules
         engine.train_step([synthetic_batch(2, 16, 6, mlm_slots=4, seed=1)], Phase.HYBRID)
         refs = [weakref.ref(t) for t in _generator_tensors(engine)]
-        engine.release_generator()
-        gc.collect()
-        out[name] = {"tracked": len(refs), "alive": sum(r() is not None for r in refs),
-                     "counts": engine.parameter_counts()}
+        engine.release_generator()  # no gc.collect() here: the engine's own collection must suffice
+        out[f"{name}-{precision}"] = {"tracked": len(refs), "alive": sum(r() is not None for r in refs),
+                                      "counts": engine.parameter_counts()}
         del engine
         destroy_parallel(destroy_process_group=False)
     return out
@@ -80,7 +86,7 @@ def released(tmp_path_factory):
     return run_distributed(_release, 1, str(work), timeout=600)[0]
 
 
-@pytest.mark.parametrize("name", list(ENGINES))
+@pytest.mark.parametrize("name", [f"{e}-{p}" for e in ENGINES for p in PRECISIONS])
 def test_nothing_of_the_generator_is_alive_after_release(released, name):
     result = released[name]
     assert result["tracked"] > 10  # parameters, gradient buffers and optimizer state were found
