@@ -1,6 +1,7 @@
 """TP=2 on two gloo processes == TP=1: weights, every loss term, Gumbel samples and gradients,
 in both stages (hybrid and SC-only); G runs each row on one TP rank only (FLOPs per rank, RNG)."""
 
+import pytest
 import torch
 
 from spactor_mega.curriculum import Phase
@@ -22,7 +23,7 @@ def _generator_flops(objective, d, g, batch_size: int) -> int:
     return counter.get_total_flops()
 
 
-def _run_layout(tp: int) -> dict:
+def _run_layout(tp: int, init: str) -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from spactor_mega.model.generator import GeneratorDDP
@@ -33,7 +34,7 @@ def _run_layout(tp: int) -> dict:
     from spactor_mega.parallel.tensor_shards import gather_full_state_dict
 
     initialize_parallel(tp=tp, seed=11)
-    d, g, rtd = build_spactor_modules(tiny_config(), 256)
+    d, g, rtd = build_spactor_modules(tiny_config(init=init), 256)
     # z-loss on (large enough to show in the gradients): its vocab-parallel log Z is checked too
     objective = SpactorObjective(mask_id=250, sample_vocab_size=150, temperature=2.0, mlm_weight=1.0, rtd_weight=10.0,
                                  z_loss=1e-2)
@@ -74,10 +75,10 @@ def _default_rng_in_step_after_generator() -> bool:
     return torch.equal(states[0], states[1])
 
 
-def _worker(rank, world_size):
+def _worker(rank, world_size, init):
     from spactor_mega.parallel.state import destroy_parallel
 
-    out = {tp: _run_layout(tp) for tp in (1, 2)}  # same two processes: DP=2 x TP=1, then TP=2
+    out = {tp: _run_layout(tp, init) for tp in (1, 2)}  # same two processes: DP=2 x TP=1, then TP=2
     rng_in_step = _default_rng_in_step_after_generator()  # still TP=2
     destroy_parallel()
     if rank == 0:  # rank 0 is DP rank 0 in both layouts (same sampling key)
@@ -93,8 +94,9 @@ def _assert_close_dicts(a: dict, b: dict, what: str, rtol=1e-5):
         assert diff <= rtol * scale, f"{what}[{k}]: max diff {diff:.3e} vs scale {scale:.3e}"
 
 
-def test_tp2_matches_tp1_in_both_stages():
-    results = run_distributed(_worker, 2, timeout=240)
+@pytest.mark.parametrize("init", ["megatron", "t5"])  # T5's scales (and G's tied-head rescale) too
+def test_tp2_matches_tp1_in_both_stages(init):
+    results = run_distributed(_worker, 2, init, timeout=240)
     res = results[0]
     tp1, tp2 = res[1], res[2]
     for k in tp1["weights"]:  # CPU initialisation is TP-invariant: same starting point
