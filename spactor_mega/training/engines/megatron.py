@@ -166,14 +166,14 @@ class MegatronEngine:
         self.released.collect()  # here, where no local holds a strong reference to them
 
     def _track_released(self) -> None:
-        """Weak references to G's and the head's parameters, gradient buffers, optimizer state."""
+        """Weak references to G's and the head's parameters and optimizer state (with the fp32
+        masters in bf16)."""
         model_params = set()
         for kind, model in (("generator", self.g), ("rtd_head", self.rtd)):
             if model is not None:
                 params = list(model.module.parameters())
                 model_params.update(id(p) for p in params)
                 self.released.track(kind, params)
-                self.released.track("generator_grad_buffer", [b.grad_data for b in model.buffers])
         optimizers = self._aux_torch_optimizers()
         main_params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]
                        if id(p) not in model_params]  # bf16: the optimizer's fp32 master copies

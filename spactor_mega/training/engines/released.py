@@ -31,10 +31,10 @@ class ReleasedTensors:
                 refs.append(weakref.ref(t))
 
     def collect(self, max_passes: int = 5) -> None:
-        """Runs the garbage collector until a pass frees nothing: the modules hold reference cycles
-        (hooks on parameters), and one pass is not enough when freeing a cycle runs finalizers that
-        release further cycles (seen with DeepSpeed ZeRO-3, which also turns automatic collection
-        off while its engines live, so nothing else would collect them)."""
+        """Runs the garbage collector until a pass frees nothing: the released modules hold
+        reference cycles (hooks on parameters), DeepSpeed turns automatic collection off while its
+        engines live, and one pass is not always enough (measured: it left tensors alive under
+        ZeRO-1 in bf16). Call it where no local variable still holds what was released."""
         for _ in range(max_passes):
             if gc.collect() == 0:
                 return
@@ -43,9 +43,6 @@ class ReleasedTensors:
         """Elements of the tracked tensors of ``kind`` still reachable (0 when none was tracked)."""
         return sum(t.numel() for ref in self._refs.get(kind, []) if (t := ref()) is not None)
 
-    def alive_refs(self) -> list[torch.Tensor]:
-        """The tracked tensors still alive (tests: what kept them is then findable with gc.get_referrers)."""
-        return [t for refs in self._refs.values() for ref in refs if (t := ref()) is not None]
 
 
 def optimizer_state_tensors(torch_optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.Tensor]:
