@@ -211,15 +211,20 @@ def evaluate(engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int, 
     under :data:`HYBRID_EVAL_NAMES` (on the same samples, with their MLM masks and G's replacements)."""
     sampler = PretrainingSampler(min(len(valid_set), t.eval_batches * t.micro_batch_size * dp_size), 0,
                                  t.micro_batch_size, dp_rank, dp_size)
-    raws = [collate_raw([valid_set[i] for i in indices]) for indices in sampler]
-    raws = raws[: len(raws) // multiple * multiple]
-    if not raws:
+    hybrid = phase is Phase.HYBRID
+    micro_batches = []
+    for indices in sampler:
+        raw = collate_raw([valid_set[i] for i in indices])
+        micro_batches.append(builder(raw["raw"], raw["key"], with_mlm=hybrid))
+    micro_batches = micro_batches[: len(micro_batches) // multiple * multiple]
+    if not micro_batches:
         return {}
     result = {}
-    if phase is Phase.HYBRID:
-        replaced = engine.eval_step([builder(r["raw"], r["key"], with_mlm=True) for r in raws], Phase.HYBRID)
+    if hybrid:
+        replaced = engine.eval_step(micro_batches, Phase.HYBRID)
         result.update({name: replaced[k] for k, name in HYBRID_EVAL_NAMES.items() if k in replaced})
-    clean = engine.eval_step([builder(r["raw"], r["key"], with_mlm=False) for r in raws], Phase.SC_ONLY)
+    # The same batches: the SC-only objective reads their span-corruption fields, not the MLM ones.
+    clean = engine.eval_step(micro_batches, Phase.SC_ONLY)
     return {**{k: clean[k] for k in ("sc_loss", "z_loss") if k in clean}, **result}
 
 
