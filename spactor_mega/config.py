@@ -48,9 +48,13 @@ class ModelConfig:
     # output layers scaled by 1/sqrt(2 * layers); "t5" = mesh-tensorflow / HF T5's per-tensor
     # fan-in scales (attention logits of std ~1 at any width; G's tied head scaled by d_model**-0.5).
     init: str = "megatron"
-    init_method_std: float = 0.02
-    # Activation recompute (Megatron's): none | selective (core attention) | full (every layer)
-    recompute: str = "none"  # the "megatron" scheme's std
+    init_method_std: float = 0.02  # the "megatron" scheme's std
+    # Activation recompute (Megatron's), for D and G: none | selective (core attention) | full
+    # (whole layers: "uniform" checkpoints groups of recompute_num_layers layers; "block"
+    # recomputes the first recompute_num_layers layers of each pipeline stage and keeps the rest)
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
     # Vocabulary rows before that padding, and the rows an HF export gets. None: the
     # tokenizer's pieces + sentinels + mask (exported padded to make_vocab_size_divisible_by);
     # `spactor convert from-hf` sets the imported model's vocab_size (e.g. 32128).
@@ -110,6 +114,15 @@ class ParallelConfig:
     # V > 1: each pipeline rank holds V virtual stages (Megatron's interleaved schedule); the
     # layout then has PP * V stages in virtual order (rank r holds stages r, r + PP, ...)
     virtual_pipeline_model_parallel_size: int = 1
+    # Megatron's sequence parallelism (needs TP > 1): norms and dropout run on sequence shards
+    sequence_parallel: bool = False
+    # Megatron's distributed optimizer: optimizer state and fp32 main params sharded over DP
+    # (ZeRO-1-like); the gradient reduce-scatter and the parameter all-gather can overlap the
+    # backward and the next forward, in buckets of bucket_size elements (None: Megatron's default)
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    bucket_size: Optional[int] = None
 
 
 @dataclass

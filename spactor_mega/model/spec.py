@@ -121,7 +121,7 @@ def t5_transformer_config(
 ) -> TransformerConfig:
     """A ``TransformerConfig`` for T5 v1.1 layers of ``model_cfg`` (a :class:`ModelConfig`): D's
     stacks, and G's (its own ``d_ff``/``num_heads``, TP size 1). ``model_cfg.recompute`` selects
-    Megatron's activation recompute (``full``: every layer, uniform method).
+    Megatron's activation recompute (``full``: with ``recompute_method`` and ``recompute_num_layers``).
 
     ``pipeline_model_parallel_size`` stays 1 here on purpose: Megatron's layer builders would
     split and renumber the layers by it; our stacks choose their stage's layers themselves.
@@ -169,6 +169,10 @@ def t5_transformer_config(
         recompute_granularity=recompute_granularity,
     )
     if recompute_granularity == "full":
-        kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+        # block: "the first N layers of the stack"; a stack with fewer layers recomputes them all
+        layers = model_cfg.recompute_num_layers
+        if model_cfg.recompute_method == "block":
+            layers = min(layers, num_layers)
+        kwargs.update(recompute_method=model_cfg.recompute_method, recompute_num_layers=layers)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from spactor_mega.config import INIT_SCHEMES, Config, ConfigError
-from spactor_mega.plan.derived import uses_bf16
+from spactor_mega.plan.derived import generator_num_layers, uses_bf16
 from spactor_mega.plan.engines import ENGINES, engine_spec
 from spactor_mega.plan.layout import config_layout
 
@@ -52,6 +52,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
     need(m.recompute in ("none", "selective", "full"),
          f"model.recompute must be none, selective or full, got {m.recompute!r}")
+    need(m.recompute_method in ("uniform", "block"),
+         f"model.recompute_method must be uniform or block, got {m.recompute_method!r}")
+    need(m.recompute_num_layers >= 1, f"model.recompute_num_layers must be >= 1, got {m.recompute_num_layers}")
     need(m.init in INIT_SCHEMES, f"model.init must be one of {', '.join(INIT_SCHEMES)}, got {m.init!r}")
     need(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive or unset, got {m.vocab_size}")
 
@@ -61,6 +64,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
          f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x data-parallel "
          f"size = {t.micro_batch_size}x{dp}; change one of them")
+    need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1 "
+         "(it shards the sequence over the tensor-parallel group)")
+    need(p.bucket_size is None or p.bucket_size > 0, f"parallel.bucket_size must be positive (or unset), got {p.bucket_size}")
+    need(not p.overlap_param_gather or p.distributed_optimizer, "parallel.overlap_param_gather needs "
+         "parallel.distributed_optimizer: true (only the distributed optimizer gathers parameters)")
     vp = p.virtual_pipeline_model_parallel_size
     need(vp >= 1, f"parallel.virtual_pipeline_model_parallel_size must be >= 1, got {vp}")
     if vp > 1:
@@ -85,7 +93,18 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(t.peak_tflops is None or t.peak_tflops > 0,
          f"train.peak_tflops must be positive (or unset for the known GPUs' peaks), got {t.peak_tflops}")
     need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0: no clipping), got {o.clip_grad}")
+    stacks = [("the encoder", m.num_encoder_layers), ("the decoder", m.num_decoder_layers),
+              ("the generator", generator_num_layers(cfg))]
     if pp > 1 or p.pipeline_layout:  # also refuses more stages than layers, naming both
-        config_layout(cfg)
+        layout = config_layout(cfg)
+        stacks = [(f"pipeline stage {i} ({stage.describe()})", n) for i, stage in enumerate(layout.stages)
+                  for n in (len(stage.encoder_layers), len(stage.decoder_layers)) if n] + stacks[2:]
+    if m.recompute == "full" and m.recompute_method == "uniform":
+        # Megatron's uniform method checkpoints groups of recompute_num_layers and indexes past a
+        # stack whose layer count the group size does not divide
+        for where, layers in stacks:
+            need(layers % m.recompute_num_layers == 0,
+                 f"model.recompute_num_layers={m.recompute_num_layers} does not divide the {layers} layers of "
+                 f"{where} (model.recompute_method uniform); choose a divisor or recompute_method block")
     engine_spec(t.engine).plan.validate(cfg, dp)
     return cfg

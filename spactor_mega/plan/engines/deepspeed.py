@@ -173,7 +173,12 @@ def validate(cfg: Config, dp: int) -> None:
         raise ConfigError(f"deepspeed.offload_param needs deepspeed.zero_stage 3 (parameters are partitioned only there), got {z.zero_stage}")
     if "nvme" in (z.offload_optimizer, z.offload_param) and not z.nvme_path:
         raise ConfigError("deepspeed.nvme_path is required for nvme offload: a directory on a fast local disk")
-    tp = cfg.parallel.tensor_model_parallel_size
+    p = cfg.parallel
+    for name in ("distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather", "sequence_parallel"):
+        if getattr(p, name):
+            raise ConfigError(f"parallel.{name} is a Megatron engine setting; with train.engine=deepspeed use "
+                              "deepspeed.zero_stage (1-3 shard optimizer state, gradients, parameters) instead")
+    tp = p.tensor_model_parallel_size
     if tp > 1 and cfg.train.micro_batch_size < tp:
         raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be >= parallel.tensor_model_parallel_size={tp} "
                           "with train.engine=deepspeed: each TP rank runs the generator on its own rows, and ZeRO "
