@@ -98,6 +98,8 @@ class DataConfig:
     tokenizer_vocab_size: int = 32000
     preprocess_workers: int = 2
     encoder_seq_length: int = 512
+    # Index files of the datasets (built once, memory-mapped by every rank; a folder all ranks of a node
+    # can write); None: Megatron's default, <prefix>/cache/SpactorDataset_indices beside the data.
     cache_dir: Optional[str] = None
     # DataLoader workers building the next steps' micro-batches (span corruption + MLM) while the
     # engine runs this one; 0: built in the step (train/data_wait_s; < 1% of a demo step, so 2
@@ -153,8 +155,21 @@ class TrainConfig:
     precision: str = "auto"
     save_dir: str = "runs/default/checkpoints"
     save_interval: int = 500
-    resume: Optional[str] = None  # None | auto | a checkpoint directory
+    # None | auto (the latest complete checkpoint) | auto-previous (the latest, or if it is damaged
+    # the newest complete one before it) | a checkpoint directory
+    resume: Optional[str] = None
     exit_interval: Optional[int] = None  # save and stop after a step that is a multiple of this
+    exit_duration_minutes: Optional[float] = None  # save and stop once the run has trained this long
+    # Checkpoints kept: the newest keep_last_checkpoints (0: all), plus every multiple of keep_every
+    keep_last_checkpoints: int = 0
+    keep_every: Optional[int] = None
+    async_save: bool = False  # write checkpoint shards in the background (Megatron engine)
+    # A step whose loss or gradient norm is not finite changes nothing and is counted; this many
+    # in a row stop the run
+    max_skipped_steps: int = 10
+    distributed_timeout_minutes: float = 10.0  # process-group timeout for every collective
+    # Print every rank's Python stack when a step takes more than hang_factor x the median step (0: off)
+    hang_factor: float = 0.0
     eval_interval: int = 200
     eval_batches: int = 4
     # The device's peak TFLOP/s for MFU; None: known for A100/H100/H200 (bf16, or TF32 for fp32 runs),

@@ -9,7 +9,7 @@ before the engine was built (what the engine's model states and training add), o
 ``--dry-run`` estimate of the model states (GPU + CPU: on a CPU machine all of it is RSS), and
 the median step time.
 
-Usage: python tools/bench_memory.py [--d-model 256 --layers 4 --seq 128 --batch 4 --steps 5]
+Usage: python tools/bench_memory.py [--d-model 256 --layers 4 --seq 128 --batch 4 --steps 5] [--only "distributed"]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from spactor_mega.parallel.testing import run_distributed  # noqa: E402
 SP_SIZE, VOCAB = 32000, 32128
 SETUPS = [
     ("Megatron engine (baseline)", None),
+    ("Megatron engine + distributed optimizer", dict(parallel=dict(distributed_optimizer=True))),
     ("DeepSpeed ZeRO-0", dict(zero_stage=0)),
     ("DeepSpeed ZeRO-1", dict(zero_stage=1)),
     ("DeepSpeed ZeRO-2", dict(zero_stage=2)),
@@ -58,7 +59,10 @@ def _config(args, zero):
     cfg.train.micro_batch_size, cfg.train.global_batch_size = args.batch, 2 * args.batch
     cfg.train.steps, cfg.train.precision = args.steps, "fp32"
     cfg.optim.warmup_steps = 1
-    if zero is not None:
+    if zero is not None and "parallel" in zero:
+        for key, value in zero["parallel"].items():
+            setattr(cfg.parallel, key, value)
+    elif zero is not None:
         cfg.train.engine = "deepspeed"
         for key, value in zero.items():
             setattr(cfg.deepspeed, key, value)
@@ -76,6 +80,24 @@ def _peak_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _optimizer_state_mb(engine) -> float:
+    """This rank's optimizer state (moments, steps; the fp32 masters where they are copies), MiB."""
+    from spactor_mega.training.engines.released import optimizer_state_tensors
+
+    if hasattr(engine, "d_optimizer"):  # Megatron: the torch optimizers inside Megatron's wrappers
+        wrappers = [o for o in (engine.d_optimizer, engine.aux_optimizer) if o is not None]
+        parts = [p for o in wrappers for p in getattr(o, "chained_optimizers", [o]) if not p.is_stub_optimizer]
+        optimizers = [p.optimizer for p in parts]
+        models = {id(t) for c in engine._models() for t in c.module.parameters()}
+    else:  # DeepSpeed: its engines' torch optimizers (steps flat fp32 partitions)
+        optimizers = [e.basic_optimizer for e in (engine.d, engine.aux) if e is not None]
+        models = {id(t) for e in (engine.d, engine.aux) if e is not None for t in e.module.parameters()}
+    masters = [t for o in optimizers for g in o.param_groups for t in g["params"]
+               if id(t) not in models and t._base is None]  # copies, not views of the model's weights
+    tensors = optimizer_state_tensors(optimizers) + masters
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def _worker(rank, world_size, args, zero):
@@ -113,6 +135,7 @@ def _worker(rank, world_size, args, zero):
             times.append(time.perf_counter() - start)
         estimate = model_state_bytes(cfg, params, 2)
         return {"peak": _peak_mb(), "increase": _peak_mb() - before, "params": params,
+                "optimizer_state": _optimizer_state_mb(engine),
                 "estimate": sum(sum(v.values()) for v in estimate.values()) / 2**20,
                 "step": statistics.median(times[1:])}
     finally:
@@ -126,26 +149,29 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--only", default="", help="run only the setups whose name contains this (the baseline always runs)")
     args = parser.parse_args()
     rows, baseline = [], None
-    for name, zero in SETUPS:
+    for name, zero in [s for s in SETUPS if s[1] is None or args.only in s[0]]:
         results = run_distributed(_worker, 2, args, zero, timeout=900)
-        worst = {k: max(r[k] for r in results) for k in ("peak", "increase", "estimate", "step")}
+        worst = {k: max(r[k] for r in results) for k in ("peak", "increase", "estimate", "step", "optimizer_state")}
         baseline = baseline or worst
         rows.append([name, f"{worst['peak']:,.0f}", f"{worst['increase']:,.0f}",
                      f"{worst['increase'] / baseline['increase']:.2f}", f"{worst['estimate']:,.0f}",
-                     f"{worst['step']:.3f}", f"{worst['step'] / baseline['step']:.2f}"])
+                     f"{worst['optimizer_state']:,.0f}", f"{worst['step']:.3f}", f"{worst['step'] / baseline['step']:.2f}"])
         print(json.dumps({"setup": name, **worst}), flush=True)
     where = "GPU" if __import__("torch").cuda.is_available() else "CPU RSS"
     params = results[0]["params"]
     table(
         f"memory and step time per rank, 2 DP ranks, d_model {args.d_model}, {args.layers}+{args.layers} layers, "
         f"vocab {VOCAB}, {params / 1e6:.1f}M params (D + G + RTD head), batch {args.batch} x {args.seq}, fp32, stage 1",
-        ["setup", f"peak {where} MB", "increase MB", "vs baseline", "model-state estimate MB", "s/step", "vs baseline"],
+        ["setup", f"peak {where} MB", "increase MB", "vs baseline", "model-state estimate MB", "optimizer state MB",
+         "s/step", "vs baseline"],
         rows,
     )
     print("increase: peak minus the process's memory before the engine was built (model states, gradients, "
-          "activations, communication buffers); estimate: our --dry-run model-state figure (GPU + CPU).")
+          "activations, communication buffers); estimate: our --dry-run model-state figure (GPU + CPU); optimizer "
+          "state: the tensors this rank's optimizers hold (moments, steps, fp32 masters that are copies).")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ Prints, from one run on one machine:
 (c) the pipeline bubble: the idle fraction of each pipeline rank's step, measured, beside the
     1F1B formula ``(p - 1) / (v m + p - 1)`` (the named baseline; ``v`` = 1 non-interleaved, ``v``
     virtual stages per rank with Megatron's interleaved schedule), for PP = 2 and 4 at several
-    micro-batch counts, in stage 1 (hybrid: G runs on stage 0 before the schedule) and
-    stage 2 (SC only). One process per stage, one thread each: with fewer cores than stages the
-    processes share cores and the measured bubble is not meaningful (the table says so).
+    micro-batch counts, in stage 1 (hybrid: G runs inside stage 0's forward and backward steps)
+    and stage 2 (SC only), each phase with its own FLOPs-balanced layout (the hybrid one counts G
+    on stage 0; a run re-plans at tau) and stage 1 also with stage 2's layout (no re-plan). One
+    process per stage, one thread each: with fewer cores than stages the processes share cores
+    and the measured bubble is not meaningful (the table says so).
 
 Usage: python tools/bench_train.py [--parts a,b,c] [--d-model 256 --layers 4 --batch 8 --steps 6]
 """
@@ -151,10 +153,20 @@ class StepTimers:
         return _Timer()
 
 
+def phase_layouts(cfg: Config, stages: int):
+    """(hybrid, SC-only) FLOPs-balanced layouts: the hybrid one with G's and the RTD head's FLOPs on
+    the first and last stage, as ``plan.layout.config_layout`` balances a run that re-plans at tau."""
+    _, sc, builder = batches(cfg, 1, False)
+    flops = sample_flops(cfg, sc.encoder_length, sc.decoder_length, VOCAB, builder.mlm_capacity)
+    hybrid = balanced_layout(cfg, stages, sc.encoder_length, sc.decoder_length, vocab_size=VOCAB,
+                             first_stage_extra_flops=flops.generator, last_stage_extra_flops=flops.rtd_head)
+    return hybrid, balanced_layout(cfg, stages, sc.encoder_length, sc.decoder_length, vocab_size=VOCAB)
+
+
 def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], steps: int, vp: int = 1) -> dict:
-    """One pipeline rank: for each micro-batch count and stage, the median over ``steps`` of its idle
-    fraction of the step region [step start, end of the forward-backward schedule]. Busy time is the
-    schedule's forward+backward compute, plus (stage 0, hybrid) the generator pass before it.
+    """One pipeline rank: for each micro-batch count, phase and layout, the median over ``steps`` of
+    its idle fraction of the step region [step start, end of the forward-backward schedule]. Busy
+    time is the schedule's forward+backward compute (G's forward and backward on stage 0 included).
     ``vp``: virtual stages per rank (Megatron's interleaved schedule)."""
     from spactor_mega.model.spactor import SpactorObjective
     from spactor_mega.model.stages import build_stage_chunks
@@ -162,13 +174,17 @@ def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], 
     from spactor_mega.training.engines import build_engine
 
     initialize_parallel(1, world, seed=1, vp=vp)
-    sc = SpanCorruption(cfg.data.encoder_seq_length, SP_SIZE + 99)
-    layout = balanced_layout(cfg, world * vp, sc.encoder_length, sc.decoder_length, vocab_size=VOCAB)
-    d, g, rtd = build_stage_chunks(cfg, VOCAB, layout.stage_split(), with_generator=True)
+    hybrid_layout, sc_layout = phase_layouts(cfg, world * vp)
     objective = SpactorObjective.from_config(cfg, mask_id=SP_SIZE + 100, sample_vocab_size=SP_SIZE)
-    engine = build_engine(cfg, d, g, rtd, objective, False)
-    results = {"layout": layout.describe()}
-    for hybrid in (True, False):
+    results = {"layouts": (hybrid_layout.describe(), sc_layout.describe())}
+    runs = [("hybrid", hybrid_layout), ("sc", sc_layout)]
+    if hybrid_layout != sc_layout:
+        runs.insert(1, ("hybrid on SC layout", sc_layout))
+    for key, layout in runs:
+        hybrid = key.startswith("hybrid")
+        d, g, rtd = build_stage_chunks(cfg, VOCAB, layout.stage_split(), with_generator=hybrid)
+        engine = build_engine(cfg, d, g, rtd, objective, False)
+        del d, g, rtd
         for m in microbatches:
             data, _, _ = batches(cfg, m, hybrid)
             fractions = []
@@ -179,14 +195,12 @@ def _bubble_worker(rank: int, world: int, cfg: Config, microbatches: list[int], 
                 start = time.perf_counter()
                 engine.train_step(data, Phase.HYBRID if hybrid else Phase.SC_ONLY)
                 engine.d.config.timers = None
-                schedule_start = timers.first_start["forward-backward"]
-                region = schedule_start - start + timers.total["forward-backward"]
+                region = timers.first_start["forward-backward"] - start + timers.total["forward-backward"]
                 busy = timers.total.get("forward-compute", 0.0) + timers.total.get("backward-compute", 0.0)
-                if rank == 0 and hybrid:
-                    busy += schedule_start - start  # the generator pass (and gradient zeroing)
                 if i:  # the first step is warm-up
                     fractions.append(1.0 - busy / region)
-            results[("hybrid" if hybrid else "sc", m)] = statistics.median(fractions)
+            results[(key, m)] = statistics.median(fractions)
+        del engine
     destroy_parallel()
     return results
 
@@ -203,11 +217,16 @@ def bench_bubble(cfg: Config, stages: list[int], microbatches: list[int], steps:
                 continue
             per_rank = run_distributed(_bubble_worker, pp, cfg, counts, steps, vp, timeout=3600)
             shared = " (cores shared)" if pp > (os.cpu_count() or 1) else ""
-            name = f"{pp}{f' x V={vp}' if vp > 1 else ''} {per_rank[0]['layout']}{shared}"
-            for stage_name, key in (("1 (hybrid)", "hybrid"), ("2 (SC only)", "sc")):
+            name = f"{pp}{f' x V={vp}' if vp > 1 else ''}{shared}"
+            hybrid_layout, sc_layout = per_rank[0]["layouts"]
+            for stage_name, key, layout in (("1 (hybrid)", "hybrid", hybrid_layout),
+                                            ("1 (hybrid)", "hybrid on SC layout", sc_layout),
+                                            ("2 (SC only)", "sc", sc_layout)):
                 for m in counts:
+                    if (key, m) not in per_rank[0]:
+                        continue
                     measured = [r[(key, m)] for r in per_rank]
-                    rows.append([name, stage_name, m, f"{bubble_fraction(pp, m, vp):.3f}",
+                    rows.append([name, layout, stage_name, m, f"{bubble_fraction(pp, m, vp):.3f}",
                                  f"{statistics.mean(measured):.3f}", " ".join(f"{x:.2f}" for x in measured)])
     return rows
 
@@ -263,9 +282,10 @@ def main() -> int:
         rows = bench_bubble(pipe_cfg, [int(x) for x in args.pipeline_stages.split(",")],
                             [int(x) for x in args.microbatches.split(",")], args.steps,
                             tuple(int(x) for x in args.virtual_stages.split(",")))
-        table(f"(c) pipeline bubble, idle fraction of the step per rank (micro-batch {args.pipeline_batch}, "
-              "FLOPs-balanced layout)", ["PP, layout", "stage", "micro-batches", "1F1B formula (baseline)",
-                                         "measured, mean", "measured per rank"], rows)
+        table(f"(c) pipeline bubble, idle fraction of the step per rank (micro-batch {args.pipeline_batch}; "
+              "FLOPs-balanced layouts, the hybrid one with G on stage 0)",
+              ["PP", "layout", "stage", "micro-batches", "1F1B formula (baseline)", "measured, mean",
+               "measured per rank"], rows)
     return 0
 
 

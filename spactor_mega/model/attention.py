@@ -19,7 +19,9 @@ What Megatron offers and why it is not used here:
 The bias is computed once per stack and forward (:meth:`RelativePositionBias.attention_bias`
 folds the padding or causal mask in too) and handed to every layer as its additive float
 self-attention mask (``attention_mask``; see ``T5Stack.run`` for why not ``attention_bias``); the
-bucket index tables are cached per (query length, key length, device).
+bucket index tables are cached per (query length, key length, device). With sequence parallelism
+the layers hold sequence shards, but core attention sees whole sequences (Megatron's QKV and KV
+projections all-gather their input over TP), so the bias is built for the full lengths.
 """
 
 from __future__ import annotations
@@ -127,7 +129,9 @@ class RelativePositionBias(MegatronModule):
         Causal (decoder) stacks also mask future keys. Masked entries get ``finfo.min`` as in HF.
         Shape ``[1 or b, heads / tp, q_len, k_len]``.
         """
-        bias = self.forward(q_len, k_len)
+        # Called as a module, not through .forward: Megatron's forward pre-hooks (the distributed
+        # optimizer's overlapped parameter all-gather) must see the table used.
+        bias = self(q_len, k_len)
         if dtype is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         neg = torch.finfo(bias.dtype).min
@@ -234,8 +238,9 @@ class T5CoreAttention(MegatronModule):
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
         dropout_p = self.dropout_p if self.training else 0.0
-        if dropout_p > 0.0:
-            # Heads are split over TP: each rank draws its own dropout mask (Megatron's convention).
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            # Heads are split over TP: each rank draws its own dropout mask (Megatron's convention;
+            # with sequence parallelism the whole TransformerBlock already runs in this fork).
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.softmax_scale

@@ -36,7 +36,8 @@ def greedy_decode(
     out = torch.full((enc_tokens.size(0), 1), start_id, dtype=torch.long, device=enc_tokens.device)
     done = torch.zeros(enc_tokens.size(0), dtype=torch.bool, device=enc_tokens.device)
     for _ in range(max_new_tokens):
-        logits = d.lm_logits(d.decode(out, encoder_hidden, enc_mask)[-1])  # [b, V/tp], vocab-parallel
+        # the head on every position: under sequence parallelism its input is a sequence shard
+        logits = d.lm_logits(d.decode(out, encoder_hidden, enc_mask))[out.size(1) - 1]  # [b, V/tp]
         if vocab_limit is not None:
             start, _ = vocab_range(logits.size(-1))
             ids = torch.arange(start, start + logits.size(-1), device=logits.device)

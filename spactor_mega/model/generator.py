@@ -12,7 +12,9 @@ process group holding only this rank (:func:`spactor_mega.parallel.state.self_gr
 TP ranks run them on the same rows. Per micro-batch ``[b, s]``:
 
 1. Embedding lookup on all rows (vocab-parallel: each TP rank looks up its vocabulary shard and
-   Megatron all-reduces), input dropout on all rows (the default generator is in step over TP).
+   Megatron all-reduces; under D's sequence parallelism the lookup is reduce-scattered over the
+   sequence and :meth:`T5Generator.embed` all-gathers it back: G runs whole sequences), input
+   dropout on all rows (the default generator is in step over TP).
 2. :meth:`T5Generator._local_rows`: TP rank r keeps its share of the ``b`` rows (contiguous, as
    even as possible; :mod:`spactor_mega.parallel.row_shards`) and runs G's layers on those rows
    only, under the per-TP-rank RNG state :data:`~spactor_mega.parallel.state.ROW_SHARD_RNG` (so
@@ -125,6 +127,17 @@ class T5Generator(MegatronModule):
     def shared_embedding(self) -> torch.nn.Module:
         return self._shared_embedding
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[b, s, h]``, all rows and the whole sequence, the same on every TP rank."""
+        emb = self.shared_embedding(tokens)
+        if self.shared_embedding.reduce_scatter_embeddings:  # D's sequence parallelism: [s/tp, b, h]
+            # G's backward hands every TP rank the same full gradient (see the module docstring),
+            # so the gather's backward keeps this rank's part instead of summing over TP.
+            emb = tensor_parallel.gather_from_sequence_parallel_region(
+                emb, tensor_parallel_output_grad=False, group=self.shared_embedding.tp_group
+            ).transpose(0, 1)
+        return emb
+
     def _local_rows(self, full: torch.Tensor) -> torch.Tensor:
         """This TP rank's share of the rows of ``full`` ``[b, ...]`` (the same on every TP rank)."""
         return split_rows(full, parallel_state.get_tensor_model_parallel_group())
@@ -141,7 +154,7 @@ class T5Generator(MegatronModule):
     ) -> torch.Tensor:
         """MLM logits ``[b, m, V/tp]`` at ``positions`` ``[b, m]`` (all positions when None)."""
         b = tokens.size(0)
-        emb = self.dropout(self.shared_embedding(tokens))  # [b, s, h], TP collective
+        emb = self.dropout(self.embed(tokens))  # [b, s, h], TP collective
         mine = row_slice(b, parallel_state.get_tensor_model_parallel_rank(),
                          parallel_state.get_tensor_model_parallel_world_size())
         mask = None if enc_mask is None else padding_mask_or_none(enc_mask[mine])
@@ -172,14 +185,15 @@ class GeneratorDDP(DistributedDataParallel):
     """
 
     def __init__(self, generator: "T5Generator", ddp_config):
-        if ddp_config.overlap_grad_reduce or ddp_config.use_distributed_optimizer:
-            # Overlapped buckets start reducing during backward, before the TP scaling below; a
-            # distributed optimizer would shard G over Megatron's DP group, not over TP x DP.
-            raise ValueError("GeneratorDDP needs overlap_grad_reduce=False and use_distributed_optimizer=False")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if ddp_config.use_distributed_optimizer or (tp > 1 and ddp_config.overlap_grad_reduce):
+            # A distributed optimizer would shard G over Megatron's DP group, not over TP x DP;
+            # overlapped buckets start reducing during backward, before the TP scaling below.
+            raise ValueError("GeneratorDDP needs use_distributed_optimizer=False, and overlap_grad_reduce=False under TP > 1")
         groups = copy.copy(generator.pg_collection)
         groups.dp = groups.dp_cp = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
         super().__init__(generator.config, ddp_config, generator, pg_collection=groups)
-        self.row_shards = parallel_state.get_tensor_model_parallel_world_size()
+        self.row_shards = tp
 
     def finish_grad_sync(self, *args, **kwargs):
         if self.row_shards > 1:

@@ -6,7 +6,10 @@
   tau the trainer drops it together with G (its own DDP wrapper/optimizer, or put with G's) and
   D's DDP buckets and optimizer state stay untouched. Replicated over TP (tiny); every TP rank
   computes it on the same replicated encoder output, so its gradients agree without
-  communication. In a pipeline it belongs to the last stage (with D's losses).
+  communication. Under sequence parallelism each TP rank computes it on its own sequence shard
+  and the logits are all-gathered (1 / TP of the head's work per rank); its weights are then
+  marked ``sequence_parallel``, like the norms, so Megatron's ``finalize_model_grads`` sums their
+  gradients over TP. In a pipeline it belongs to the last stage (with D's losses).
 - :class:`MLMHead` (generator side): the output projection tied to the shared, vocab-parallel
   token embedding: ``logits = (hidden * scale) @ E^T`` (``scale`` d_model^-1/2 under
   ``model.init: t5``, whose embedding has std 1, as T5's tied heads; else 1), each TP rank
@@ -46,10 +49,20 @@ class RTDHead(MegatronModule):
         self.out = torch.nn.utils.skip_init(torch.nn.Linear, d, 1, bias=True, dtype=config.params_dtype,
                                             device=_param_device(config))
         initialize_rtd_head(self, init_scheme, init_seed)
+        for p in self.parameters():  # read by finalize_model_grads when config.sequence_parallel
+            p.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = gelu_new(self.dense(hidden))
-        return self.out(x).squeeze(-1).float()
+        """``[s, b, h]`` (this rank's sequence shard under sequence parallelism) -> ``[s, b]``
+        logits of the whole sequence."""
+        logits = self.out(gelu_new(self.dense(hidden))).squeeze(-1).float()
+        if self.config.sequence_parallel:
+            # The RTD loss is computed whole on every TP rank (the same gradient everywhere): the
+            # gather's backward keeps this rank's part instead of summing over TP.
+            logits = tensor_parallel.gather_from_sequence_parallel_region(
+                logits, tensor_parallel_output_grad=False, group=self.tp_group
+            )
+        return logits
 
 
 class MLMHead(torch.nn.Module):

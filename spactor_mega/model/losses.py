@@ -46,7 +46,11 @@ def sc_loss(
     """Span-corruption loss: mean CE over target tokens, and (``z_loss`` > 0) T5X's auxiliary
     ``z_loss * mean(log Z^2)`` over the same tokens (None otherwise), which keeps the softmax
     normaliser near 1 (T5X's default coefficient is 1e-4). Logits ``[s_dec, b, V/tp]`` (Megatron
-    layout), labels / mask batch-first ``[b, s_dec]``."""
+    layout), labels / mask batch-first ``[b, s_dec]``. Logits for more positions than there are
+    labels (a decoder padded for sequence parallelism) score only the labelled ones."""
+    pad = lm_logits_sbv.size(0) - labels.size(1)
+    if pad:  # padding the labels costs less than slicing (copying) the logits
+        labels, loss_mask = F.pad(labels, (0, pad)), F.pad(loss_mask, (0, pad))
     mask = loss_mask.transpose(0, 1)
     z_term = None
     if z_loss > 0:

@@ -117,11 +117,15 @@ def t5_transformer_config(
     num_heads: Optional[int] = None,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: Optional[bool] = None,
+    sequence_parallel: bool = False,
     **overrides,
 ) -> TransformerConfig:
     """A ``TransformerConfig`` for T5 v1.1 layers of ``model_cfg`` (a :class:`ModelConfig`): D's
     stacks, and G's (its own ``d_ff``/``num_heads``, TP size 1). ``model_cfg.recompute`` selects
     Megatron's activation recompute (``full``: with ``recompute_method`` and ``recompute_num_layers``).
+    ``sequence_parallel`` (needs TP > 1): Megatron's sequence parallelism; the layers then take and
+    return this rank's sequence shard ``[s / tp, b, h]`` (norms and dropout on the shard, the
+    column/row-parallel linears all-gather their input / reduce-scatter their output over TP).
 
     ``pipeline_model_parallel_size`` stays 1 here on purpose: Megatron's layer builders would
     split and renumber the layers by it; our stacks choose their stage's layers themselves.
@@ -159,7 +163,7 @@ def t5_transformer_config(
         init_method_std=model_cfg.init_method_std,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=1,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,

@@ -89,7 +89,8 @@ def build_modules(
     )
     seed = cfg.train.seed
     d = T5Discriminator(cfg.model, vocab_size, pre_process=first_stage, post_process=last_stage,
-                        encoder_layers=encoder_layers, decoder_layers=decoder_layers, init_seed=seed, **common)
+                        encoder_layers=encoder_layers, decoder_layers=decoder_layers, init_seed=seed,
+                        sequence_parallel=cfg.parallel.sequence_parallel, **common)
     g = rtd = None
     if with_generator and first_stage:
         g = T5Generator(cfg.model, cfg.generator, generator_num_layers(cfg), d.embedding, init_seed=seed, **common)

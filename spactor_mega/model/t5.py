@@ -15,6 +15,17 @@ Layout (parameter names are what :mod:`spactor_mega.model.hf_mapping` maps):
 
 Tensors are batch-first at this module's edges and sequence-first ``[s, b, h]`` inside.
 
+Sequence parallelism (``sequence_parallel``, Megatron's; needs TP > 1): between the linears, every
+hidden state is this TP rank's sequence shard ``[s / tp, b, h]`` (norms, dropout and residuals on
+the shard; Megatron's column-parallel linears all-gather the sequence, its row-parallel linears
+reduce-scatter it). The embedding reduce-scatters its lookup (instead of all-reducing it), the
+decoder's cross-attention all-gathers the sharded encoder output in its KV projection, and the LM
+head all-gathers its input (logits for the whole sequence). The decoder input is padded at the end
+to a multiple of TP (:meth:`T5Discriminator.padded_decoder_length`; causal, so the real positions
+never see the pad; their labels are not scored); the encoder length must divide by TP
+(``data.encoder_seq_length``). The norms' weights see a shard only: Megatron's
+``finalize_model_grads`` sums their gradients over TP (they are marked ``sequence_parallel``).
+
 Pipeline stages (built by :mod:`spactor_mega.model.stages`, run by :mod:`spactor_mega.training.pipeline_step`): ``encoder_layers`` /
 ``decoder_layers`` (global ``[start, end)`` ranges) select the layers a stage holds;
 ``pre_process`` (embedding here) is stage 0, ``post_process`` (LM head) the last stage. Stage
@@ -45,6 +56,9 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_size
+
+from spactor_mega.data.special_tokens import PAD_ID
 
 from .attention import RelativePositionBias, additive_padding_mask
 from .init import initialize_discriminator, mark_tensor_parallel
@@ -119,6 +133,8 @@ class T5Stack(TransformerBlock):
             config, bidirectional, num_buckets, max_distance, tp_group=self.tp_group
         )
         self.layer_offset = layer_offset
+        # Under sequence parallelism the hidden states are 1 / TP of the sequence.
+        self.sequence_shards = get_pg_size(self.tp_group) if config.sequence_parallel else 1
         for layer in self.layers:  # global numbering, as Megatron's own pipeline split does
             layer.layer_number += layer_offset
 
@@ -140,9 +156,10 @@ class T5Stack(TransformerBlock):
         context: Optional[torch.Tensor] = None,
         context_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Bias once, then every layer. ``hidden_states``/``context`` ``[s, b, h]``; masks bool
-        ``[b, s]`` (True = real token) or None for no padding."""
-        q_len = hidden_states.size(0)
+        """Bias once, then every layer. ``hidden_states``/``context`` ``[s, b, h]`` (this rank's
+        sequence shards under sequence parallelism); masks bool ``[b, s]`` over whole sequences
+        (True = real token) or None for no padding."""
+        q_len = hidden_states.size(0) * self.sequence_shards  # core attention sees whole sequences
         bias = self.relative_attention_bias.attention_bias(q_len, q_len, key_padding_mask)
         context_mask = None
         if context is not None:
@@ -181,10 +198,12 @@ class T5Discriminator(MegatronModule):
         encoder_layers: Optional[tuple[int, int]] = None,
         decoder_layers: Optional[tuple[int, int]] = None,
         init_seed: int = 0,
+        sequence_parallel: bool = False,
     ):
         """``encoder_layers`` / ``decoder_layers``: the global ``[start, end)`` layers of each
         stack this (pipeline stage) module holds; None = all of that stack. An empty range means the
-        stack is absent here. Weights: ``model_cfg.init``
+        stack is absent here. ``sequence_parallel``: Megatron's (needs TP > 1; see the module
+        docstring). Weights: ``model_cfg.init``
         seeded by ``init_seed`` (:func:`~spactor_mega.model.init.initialize_discriminator`: the
         same for any TP/PP layout and device)."""
         n_enc, n_dec = model_cfg.num_encoder_layers, model_cfg.num_decoder_layers
@@ -198,7 +217,7 @@ class T5Discriminator(MegatronModule):
         if vocab_size % tp:
             raise ValueError(f"vocab_size {vocab_size} is not divisible by TP size {tp}; pad it")
         common = dict(tensor_model_parallel_size=tp, params_dtype=params_dtype,
-                      use_cpu_initialization=use_cpu_initialization)
+                      use_cpu_initialization=use_cpu_initialization, sequence_parallel=sequence_parallel)
         encoder_config = t5_transformer_config(model_cfg, num_layers=model_cfg.num_encoder_layers, **common)
         decoder_config = t5_transformer_config(model_cfg, num_layers=model_cfg.num_decoder_layers, **common)
         super().__init__(config=encoder_config)
@@ -214,6 +233,8 @@ class T5Discriminator(MegatronModule):
         self.share_embeddings_and_output_weights = False
         self.model_type = ModelType.encoder_or_decoder
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.sequence_parallel = sequence_parallel
+        self.sequence_shards = tp if sequence_parallel else 1
 
         buckets = dict(
             num_buckets=model_cfg.relative_attention_num_buckets,
@@ -224,6 +245,8 @@ class T5Discriminator(MegatronModule):
                 num_embeddings=vocab_size,
                 embedding_dim=model_cfg.d_model,
                 init_method=encoder_config.init_method,
+                # sequence parallel: reduce-scatter the lookup over the sequence (this rank's shard)
+                reduce_scatter_embeddings=sequence_parallel,
                 config=encoder_config,
             )
         self.dropout = torch.nn.Dropout(model_cfg.dropout)
@@ -276,6 +299,16 @@ class T5Discriminator(MegatronModule):
         self.input_tensor = input_tensor
 
     # ---- pipeline stage (one packed [s_enc + s_dec, b, h] stream) --------------------------------
+    def padded_decoder_length(self, s_dec: int) -> int:
+        """The decoder length D runs: ``s_dec``, or under sequence parallelism the next multiple
+        of TP (the decoder input is padded at the end; see the module docstring)."""
+        return -(-s_dec // self.sequence_shards) * self.sequence_shards
+
+    def packed_length(self, s_enc: int, s_dec: int) -> int:
+        """The whole packed sequence a pipeline stage sends (``seq_length`` of Megatron's schedule,
+        which divides it by TP under sequence parallelism)."""
+        return s_enc + self.padded_decoder_length(s_dec)
+
     def stage_forward(
         self,
         enc_tokens: Optional[torch.Tensor],
@@ -286,27 +319,27 @@ class T5Discriminator(MegatronModule):
         read the packed tensor given to :meth:`set_input_tensor`. Encoder layers update the
         encoder part, decoder layers the decoder part (cross-attending to the encoder part, which
         has had the final norm by then). Returns the packed ``[s_enc + s_dec, b, h]`` tensor, or on
-        the last stage ``(encoder_hidden, decoder_hidden)`` (both final-normed).
-        ``dec_input`` is needed on every stage for the decoder length."""
-        s_dec = dec_input.size(1)
+        the last stage ``(encoder_hidden, decoder_hidden)`` (both final-normed); under sequence
+        parallelism each part is this rank's shard (``[s_enc/tp + s_dec'/tp, b, h]``, ``s_dec'``
+        the padded decoder length). ``dec_input`` is needed on every stage for the decoder length."""
         mask = padding_mask_or_none(enc_mask)
         if self.pre_process:
-            enc = self.dropout(self.embed(enc_tokens))
-            dec = self.dropout(self.embed(dec_input))
+            enc = self._dropout(self.embed(enc_tokens))
+            dec = self._dropout(self.embed(self._pad_decoder_input(dec_input)))
         else:
             packed = self.input_tensor
             if packed is None:
                 raise RuntimeError("a non-first stage needs set_input_tensor before stage_forward")
-            s_enc = packed.size(0) - s_dec
+            s_enc = packed.size(0) - self.padded_decoder_length(dec_input.size(1)) // self.sequence_shards
             enc, dec = packed[:s_enc], packed[s_enc:]
         if self.add_encoder:
             enc = self.encoder.run(enc, mask)
             if self.ends_encoder:
-                enc = self.dropout(enc)
+                enc = self._dropout(enc)
         if self.add_decoder:
             dec = self.decoder.run(dec, None, context=enc, context_padding_mask=mask)
             if self.post_process:
-                dec = self.dropout(dec)
+                dec = self._dropout(dec)
         if self.post_process:
             return enc, dec
         return torch.cat([enc, dec], dim=0)  # a new tensor (the schedule may deallocate outputs)
@@ -337,14 +370,30 @@ class T5Discriminator(MegatronModule):
 
     # ---- pieces (the step function and G use these) -------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[b, s]`` -> ``[s, b, h]`` (vocab-parallel lookup, all-reduced over TP)."""
-        return self.embedding(tokens).transpose(0, 1).contiguous()
+        """Token ids ``[b, s]`` -> ``[s, b, h]`` (vocab-parallel lookup, all-reduced over TP), or
+        under sequence parallelism this rank's shard ``[s / tp, b, h]`` (reduce-scattered)."""
+        hidden = self.embedding(tokens)
+        return hidden if self.sequence_parallel else hidden.transpose(0, 1).contiguous()
+
+    def _dropout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Dropout; sequence shards differ over TP, so they draw from the per-TP-rank RNG state
+        (as Megatron's embedding and layers do under sequence parallelism)."""
+        if not self.sequence_parallel:
+            return self.dropout(hidden)
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return self.dropout(hidden)
+
+    def _pad_decoder_input(self, dec_input: torch.Tensor) -> torch.Tensor:
+        """``[b, s_dec]`` -> ``[b, padded_decoder_length(s_dec)]`` (PAD_ID at the end)."""
+        pad = self.padded_decoder_length(dec_input.size(1)) - dec_input.size(1)
+        return torch.nn.functional.pad(dec_input, (0, pad), value=PAD_ID) if pad else dec_input
 
     def encode(self, enc_tokens: torch.Tensor, enc_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Encoder output ``[s_enc, b, h]`` (final norm applied)."""
-        hidden = self.dropout(self.embed(enc_tokens))
+        """Encoder output ``[s_enc, b, h]`` (final norm applied; a sequence shard under sequence
+        parallelism)."""
+        hidden = self._dropout(self.embed(enc_tokens))
         hidden = self.encoder.run(hidden, padding_mask_or_none(enc_mask))
-        return self.dropout(hidden)
+        return self._dropout(hidden)
 
     def decode(
         self,
@@ -352,15 +401,17 @@ class T5Discriminator(MegatronModule):
         encoder_hidden: torch.Tensor,
         enc_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Decoder output ``[s_dec, b, h]`` (final norm applied); causal self-attention."""
-        hidden = self.dropout(self.embed(dec_input))
+        """Decoder output ``[s_dec, b, h]`` (final norm applied); causal self-attention. Under
+        sequence parallelism a shard of the padded length (:meth:`padded_decoder_length`)."""
+        hidden = self._dropout(self.embed(self._pad_decoder_input(dec_input)))
         hidden = self.decoder.run(
             hidden, None, context=encoder_hidden, context_padding_mask=padding_mask_or_none(enc_mask)
         )
-        return self.dropout(hidden)
+        return self._dropout(hidden)
 
     def lm_logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel logits ``[s_dec, b, V/tp]``."""
+        """Vocab-parallel logits ``[s_dec, b, V/tp]`` for every decoder position: under sequence
+        parallelism the head all-gathers the shards, and ``s_dec`` is the padded length."""
         logits, _ = self.lm_head(decoder_hidden)
         return logits
 
@@ -375,7 +426,7 @@ class T5Discriminator(MegatronModule):
         ``lm_loss`` ``[b, s_dec]`` (logits are consumed by it); without, ``lm_logits``."""
         encoder_hidden = self.encode(enc_tokens, enc_mask)
         decoder_hidden = self.decode(dec_input, encoder_hidden, enc_mask)
-        logits = self.lm_logits(decoder_hidden)
+        logits = self.lm_logits(decoder_hidden)[: dec_input.size(1)]  # without the padding
         if labels is None:
             return T5Output(encoder_hidden=encoder_hidden, lm_logits=logits)
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from spactor_mega.config import Config
+from spactor_mega.curriculum import Phase
 from spactor_mega.data.span_corruption import (
     mlm_capacity,
     noise_counts,
@@ -16,8 +17,9 @@ from spactor_mega.plan.inventory import (
     rtd_head_parameter_shapes,
     t5_parameter_shapes,
 )
-from spactor_mega.plan.layout import config_layout
+from spactor_mega.plan.layout import config_layout, replans_at_tau
 from spactor_mega.plan.memory import describe_activations, describe_memory
+from spactor_mega.plan.scale import Hardware, describe_scale, predict
 
 
 def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
@@ -27,7 +29,9 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
             "rtd_head": count(rtd_head_parameter_shapes(cfg.model.d_model))}
 
 
-def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None) -> str:
+def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None,
+             hardware: Hardware | None = None) -> str:
+    """The dry run's text; with ``hardware``, the scale model's prediction for ``world_size`` GPUs of it."""
     s = cfg.data.encoder_seq_length
     raw, targets = random_spans_helper(s, cfg.spactor.noise_density, cfg.spactor.mean_noise_span_length)
     _, spans = noise_counts(raw, cfg.spactor.noise_density, cfg.spactor.mean_noise_span_length)
@@ -50,6 +54,17 @@ def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None
         layout = config_layout(cfg, vocab_size)
         how = "given" if cfg.parallel.pipeline_layout else f"FLOPs-balanced at vocab {vocab_size}"
         lines.append(f"pipeline layout ({layout.num_stages} stages, {how}): {layout.describe()}")
+        hybrid = config_layout(cfg, vocab_size, Phase.HYBRID)
+        if hybrid != layout:
+            lines.append(f"  before tau (G's FLOPs on stage 0): {hybrid.describe()}"
+                         + (", re-planned at tau" if replans_at_tau(cfg) else ""))
+    if hardware is not None:
+        if cfg.train.engine == "megatron":
+            p = cfg.parallel
+            world = world_size or p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+            lines += describe_scale(predict(cfg, world, hardware, vocab_size))
+        else:
+            lines.append(f"scale model: the Megatron engine's step only (train.engine is {cfg.train.engine})")
     return "\n".join(lines)
 
 

@@ -28,10 +28,15 @@ class StepFlops:
         return self.discriminator
 
 
+def attention_score_flops(queries: int, keys: int, inner: int) -> float:
+    """Forward FLOPs of QK^T and AV: the core attention, which selective recompute repeats."""
+    return 2 * 2 * queries * keys * inner
+
+
 def _layer_flops(tokens: int, d: int, inner: int, d_ff: int, context: int) -> float:
     """Forward FLOPs of one T5 v1.1 encoder layer: attention projections, scores, gated FFN."""
     projections = 2 * tokens * d * inner * 4  # q, k, v, o
-    scores = 2 * 2 * tokens * context * inner  # QK^T and AV
+    scores = attention_score_flops(tokens, context, inner)
     ffn = 2 * tokens * d * d_ff * 3  # wi_0, wi_1, wo
     return projections + scores + ffn
 
@@ -46,7 +51,7 @@ def sample_flops(cfg: Config, encoder_length: int, decoder_length: int, vocab_si
         _layer_flops(sd, d, inner, m.d_ff, sd)  # self-attention + FFN
         + 2 * sd * d * inner * 2  # cross-attention q, o on decoder tokens
         + 2 * se * d * inner * 2  # cross-attention k, v on encoder outputs
-        + 2 * 2 * sd * se * inner  # cross-attention scores and AV
+        + attention_score_flops(sd, se, inner)  # cross-attention scores and AV
     )
     lm_head = 2 * sd * d * vocab_size
     discriminator = 3 * (encoder + m.num_decoder_layers * decoder_layer + lm_head)

@@ -7,7 +7,13 @@ no stage is empty, and one stage may hold the end of the encoder and the start o
 
 The string form is ``parallel.pipeline_layout``: stages separated by ``|``, each ``E<n>``,
 ``D<n>`` or ``E<n>D<n>`` (e.g. ``"E6|E6|D4|D4|D4"`` or ``"E4|E2D2|D4"``). Without it, the layout
-is balanced by the FLOPs model of :mod:`spactor_mega.plan.flops`.
+is balanced by the FLOPs model of :mod:`spactor_mega.plan.flops`, per phase of the curriculum
+(:func:`config_layout`): in the hybrid phase stage 0 also runs G (inside its forward step) and
+the last stage the RTD head, and the run rebuilds its stages for the SC-only balance at tau
+(:func:`replans_at_tau`). One split for both phases costs too much at PP = 4: over a preset's run
+(tau 120k of 500k steps, the slowest stage's FLOPs per phase) the best single split is 7.5%
+(t5-base), 9.4% (t5-large) and 9.4% (t5-xl) slower than re-planning at tau (found by trying every
+split); at PP = 2 the SC-balanced split is within 3.3-4.4% (README, Pipeline).
 
 Pure Python (no torch): safe to call from config validation and ``--dry-run``.
 """
@@ -20,7 +26,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from spactor_mega.config import Config, ConfigError
-from spactor_mega.data.span_corruption import random_spans_helper
+from spactor_mega.curriculum import Phase
+from spactor_mega.data.span_corruption import mlm_capacity, noise_counts, random_spans_helper
 from spactor_mega.plan.engines import engine_spec
 from spactor_mega.plan.flops import sample_flops
 
@@ -292,12 +299,31 @@ def resolve_layout(cfg: Config, encoder_length: int, decoder_length: int, **bala
     return balanced_layout(cfg, pp * vp, encoder_length, decoder_length, **balance_kwargs)
 
 
-def config_layout(cfg: Config, vocab_size: int = DEFAULT_VOCAB_SIZE) -> PipelineLayout:
+def replans_at_tau(cfg: Config) -> bool:
+    """Whether the run balances its stages for each phase and rebuilds them at tau: a pipeline,
+    both phases, no given ``parallel.pipeline_layout``, and an optimizer whose state a checkpoint
+    holds under global names (AdamW; Adafactor's is kept per (TP, PP) rank, so its runs keep the
+    SC-only balance throughout, as :func:`spactor_mega.checkpoint.store.check_resumable` requires)."""
+    return (cfg.parallel.pipeline_model_parallel_size > 1 and not cfg.parallel.pipeline_layout
+            and 0 < cfg.spactor.tau < cfg.train.steps and cfg.optim.optimizer == "adamw")
+
+
+def config_layout(cfg: Config, vocab_size: int = DEFAULT_VOCAB_SIZE, phase: Phase = Phase.SC_ONLY) -> PipelineLayout:
     """:func:`resolve_layout` at the config's own lengths (the encoder length and the decoder
-    length its span corruption gives): the one layout validation, ``--dry-run`` and training use."""
+    length its span corruption gives): the one layout validation, ``--dry-run`` and training use.
+    ``phase`` HYBRID, when :func:`replans_at_tau` or the run never leaves the hybrid phase:
+    balanced with G's FLOPs on stage 0 and the RTD head's on the last stage (per sample,
+    :func:`~spactor_mega.plan.flops.sample_flops`)."""
     s = cfg.spactor
-    _, decoder_length = random_spans_helper(cfg.data.encoder_seq_length, s.noise_density, s.mean_noise_span_length)
-    return resolve_layout(cfg, cfg.data.encoder_seq_length, decoder_length, vocab_size=vocab_size)
+    encoder_length = cfg.data.encoder_seq_length
+    raw_length, decoder_length = random_spans_helper(encoder_length, s.noise_density, s.mean_noise_span_length)
+    extra = {}
+    if phase is Phase.HYBRID and (replans_at_tau(cfg) or s.tau >= cfg.train.steps):
+        _, spans = noise_counts(raw_length, s.noise_density, s.mean_noise_span_length)
+        flops = sample_flops(cfg, encoder_length, decoder_length, vocab_size,
+                             mlm_capacity(encoder_length, spans, s.mlm_fraction))
+        extra = dict(first_stage_extra_flops=flops.generator, last_stage_extra_flops=flops.rtd_head)
+    return resolve_layout(cfg, encoder_length, decoder_length, vocab_size=vocab_size, **extra)
 
 
 def bubble_fraction(num_stages: int, num_microbatches: int, virtual_stages: int = 1) -> float:

@@ -46,13 +46,17 @@ def activation_bytes(cfg: Config, encoder_length: int, decoder_length: int, reco
     ``11 s b h + 5 a s s_kv b`` (the last term: scores, softmax and its dropout, which selective
     recompute drops), gated-GELU MLP ``3 s b h + 6 s b f``, two norms ``4 s b h``; decoder layers add a
     cross-attention block over the ``s_enc`` encoder tokens. Full recompute keeps each layer's input
-    (``2 s b h``) and recomputes the rest. Approximate by design: the dry run's guide, not a bound.
+    (``2 s b h``) and recomputes the rest. ``parallel.sequence_parallel`` keeps the ``s b h`` parts
+    (norms, dropout, the linears' inputs) on a 1/TP shard of the sequence as well (Korthikanti et
+    al.'s ``/ t`` for every term). Approximate by design: the dry run's guide, not a bound.
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
     m, t, p = cfg.model, cfg.train, cfg.parallel
     b, h, tp = t.micro_batch_size, m.d_model, p.tensor_model_parallel_size
     a, f = m.num_heads / tp, m.d_ff / tp
+    if p.sequence_parallel:
+        h = h / tp  # every s b h term is on a sequence shard (h appears in no other term)
     heads_term = 0.0 if recompute == "selective" else 1.0
 
     def attention(s_q: int, s_kv: int) -> float:

@@ -66,6 +66,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          f"size = {t.micro_batch_size}x{dp}; change one of them")
     need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1 "
          "(it shards the sequence over the tensor-parallel group)")
+    need(not p.sequence_parallel or cfg.data.encoder_seq_length % tp == 0,
+         f"data.encoder_seq_length={cfg.data.encoder_seq_length} is not divisible by "
+         f"parallel.tensor_model_parallel_size={tp} (parallel.sequence_parallel shards the sequence); change one")
     need(p.bucket_size is None or p.bucket_size > 0, f"parallel.bucket_size must be positive (or unset), got {p.bucket_size}")
     need(not p.overlap_param_gather or p.distributed_optimizer, "parallel.overlap_param_gather needs "
          "parallel.distributed_optimizer: true (only the distributed optimizer gathers parameters)")

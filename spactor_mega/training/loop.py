@@ -47,7 +47,7 @@ from spactor_mega.plan.layout import config_layout
 from spactor_mega.plan.mfu import device_peak_tflops, mfu
 from spactor_mega.plan.validate import validate
 from spactor_mega.training.engines import Engine, build_engine
-from spactor_mega.training.metrics import RunLogger
+from spactor_mega.training.metrics import RunLogger, mean_over_data_parallel
 
 
 @dataclass
@@ -87,9 +87,10 @@ def train(cfg: Config) -> RunResult:
 
     # Model and engine -------------------------------------------------------------------
     vocab = model_vocab_size(cfg.model, tokenizer.model_vocab_size, p.tensor_model_parallel_size)
-    layout = config_layout(cfg, vocab)  # this rank builds its stage of it (all of D when PP = 1)
     checkpoint = find_checkpoint(t.resume, t.save_dir)
     record = read_record(checkpoint) if checkpoint else {"step": 0, "consumed_samples": 0}
+    # this rank builds its stage of it (all of D when PP = 1); balanced for the phase the run starts in
+    layout = config_layout(cfg, vocab, phase_at(int(record["step"]), cfg.spactor.tau))
     if checkpoint is not None:
         check_resumable(checkpoint, record, cfg, vocab, layout.describe())
     step, consumed = int(record["step"]), int(record["consumed_samples"])
@@ -147,14 +148,16 @@ def train(cfg: Config) -> RunResult:
         phase = phase_at(step, cfg.spactor.tau)
         hybrid = phase is Phase.HYBRID
         if not hybrid and engine.has_generator:
-            engine.release_generator()
+            engine.release_generator()  # and, when the SC-only balance differs, the stages rebuilt to it
+            layout = config_layout(cfg, vocab, phase)
             counts = engine.parameter_counts()
             log.line(f"[train] step {step}: tau reached, SC only from here; generator released "
-                     f"(G params {counts['generator']}, G optimizer state {counts['generator_optimizer_state']})")
+                     f"(G params {counts['generator']}, G optimizer state {counts['generator_optimizer_state']})"
+                     + (f"; pipeline layout {layout.describe()}" if p.pipeline_model_parallel_size > 1 else ""))
         wait_start = time.perf_counter()
-        micro_batches = [next(loader) for _ in range(accumulation)]
+        micro_batches = [on_device(next(loader)) for _ in range(accumulation)]
         data_wait = time.perf_counter() - wait_start  # time blocked on the input pipeline
-        metrics = engine.train_step(micro_batches, phase)
+        metrics = mean_over_data_parallel(engine.train_step(micro_batches, phase))
         step += 1
 
         now = time.perf_counter()
@@ -215,7 +218,7 @@ def evaluate(engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int, 
     micro_batches = []
     for indices in sampler:
         raw = collate_raw([valid_set[i] for i in indices])
-        micro_batches.append(builder(raw["raw"], raw["key"], with_mlm=hybrid))
+        micro_batches.append(on_device(builder(raw["raw"], raw["key"], with_mlm=hybrid)))
     micro_batches = micro_batches[: len(micro_batches) // multiple * multiple]
     if not micro_batches:
         return {}
@@ -225,7 +228,7 @@ def evaluate(engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int, 
         result.update({name: replaced[k] for k, name in HYBRID_EVAL_NAMES.items() if k in replaced})
     # The same batches: the SC-only objective reads their span-corruption fields, not the MLM ones.
     clean = engine.eval_step(micro_batches, Phase.SC_ONLY)
-    return {**{k: clean[k] for k in ("sc_loss", "z_loss") if k in clean}, **result}
+    return mean_over_data_parallel({**{k: clean[k] for k in ("sc_loss", "z_loss") if k in clean}, **result})
 
 
 def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: int, checkpoint, record) -> Engine:
@@ -245,6 +248,14 @@ def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: 
     if checkpoint is not None and not weights_only:
         engine.load(checkpoint)
     return engine
+
+
+def on_device(batch: dict) -> dict:
+    """A micro-batch on this rank's GPU (the input pipeline builds it on the CPU); as it is without CUDA."""
+    if not torch.cuda.is_available():
+        return batch
+    device = torch.cuda.current_device()
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _format_eval(step: int, evaluation: dict[str, float]) -> str:

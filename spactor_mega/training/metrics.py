@@ -6,6 +6,7 @@ import sys
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 
@@ -53,6 +54,19 @@ class RunLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def mean_over_data_parallel(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` averaged over the data-parallel group (one all-reduce), so a run reports the
+    loss of the whole global batch whatever its DP size, as Megatron-LM does, not its rank's share.
+    Collective over the DP group; every DP rank passes the same keys (they run the same phase)."""
+    if not metrics or not torch.distributed.is_initialized() or ps.get_data_parallel_world_size() == 1:
+        return metrics
+    names = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in names], dtype=torch.float64)
+    torch.distributed.all_reduce(values, group=ps.get_data_parallel_group())
+    values /= ps.get_data_parallel_world_size()
+    return dict(zip(names, values.tolist()))
 
 
 def average_metrics(outputs: list) -> dict:

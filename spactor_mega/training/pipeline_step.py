@@ -12,20 +12,27 @@ CE on the decoder part; in the hybrid phase the RTD head on the encoder part). S
 :meth:`~spactor_mega.model.t5.T5Discriminator.stage_forward`; the stages are built by
 :mod:`spactor_mega.model.stages`.
 
-The generator G (hybrid phase) lives on stage 0 with D's embedding. Stage 0 runs G for ALL
-micro-batches of the step BEFORE the D pipeline (:func:`run_generator`): forward, Gumbel-max
-replacements, and backward of ``mlm_weight * L_mlm / num_microbatches`` (the same scaling the
-schedule gives D's loss), so G's gradient and its share of the embedding gradient are in place
-before the schedule starts. It then broadcasts, per micro-batch, ``is_replaced`` and the MLM
-metrics over the pipeline group: the last stage needs ``is_replaced`` for the RTD loss and adds
-the (detached) MLM loss to the reported total. Stage 0 keeps ``d_input`` (only it embeds). Cost:
-stage 0 does G's work outside the 1F1B steady state (a longer warm-up bubble for the other
-stages); running G inside stage 0's forward step is the alternative to measure.
+The generator G (hybrid phase) lives on stage 0 (virtual stage 0) with D's embedding and runs
+INSIDE the schedule: stage 0's forward step for micro-batch ``i`` runs G's forward, samples the
+replacements and embeds D's input, and G's MLM loss joins the autograd graph of the stage's
+output (:class:`_PackWithGeneratorLoss`), so the schedule's backward of micro-batch ``i`` on
+stage 0 back-propagates D's stage-0 part and ``mlm_weight * L_mlm / num_microbatches`` together
+(the scaling the schedule gives D's loss). That is one backward per micro-batch, as with PP = 1:
+the shared embedding's gradient accumulates once per micro-batch (what Megatron DDP's grad-ready
+hooks expect with ``overlap_grad_reduce``), and G's activations live from a micro-batch's forward
+to its backward, like D's (at most PP micro-batches in flight under 1F1B).
+
+The last stage needs ``is_replaced`` (the RTD labels) of micro-batch ``i``: it rides in the
+packed tensor as ``side_rows(s_enc, hidden)`` extra rows after the ``s_enc + s_dec`` of D (0/1,
+exact in any float dtype); middle stages pass them through and the gradient they get is zero.
+Megatron's schedules send one tensor per micro-batch, so packing keeps every message in the
+schedule's own order. The (detached) MLM metrics stay on stage 0 and join the step's metrics after
+the schedule (:func:`_with_generator_metrics`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
 
 import torch
 import torch.distributed as dist
@@ -38,94 +45,155 @@ from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks
 from spactor_mega.training.metrics import average_metrics, metrics_reducer
 
 
-def run_generator(objective, micro_batches: list, d, g, *, backward: bool = True, config=None) -> list:
-    """Stage 0 runs G on every micro-batch (forward, sampling, and backward of its scaled MLM
-    loss); every pipeline rank gets, per micro-batch, ``is_replaced`` and the MLM metrics.
-    Returns one dict per micro-batch: ``is_replaced``, ``mlm_loss``, ``mlm_accuracy`` (floats
-    as 0-d tensors) and on stage 0 ``d_input``. Collective over the pipeline group."""
-    first = ps.is_pipeline_first_stage(ignore_virtual=True)
-    n = len(micro_batches)
-    scale = 1.0 / n
-    group, src = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_first_rank()
-    out = []
-    for i, batch in enumerate(micro_batches):
-        b, s = batch["enc_tokens"].shape
-        buf = torch.zeros(b * s + 2, dtype=torch.float64)
-        item = {}
-        if first:
-            gen = objective.generator_pass(batch, d, g)
-            if backward and torch.is_grad_enabled():
-                loss = objective.mlm_weight * gen["mlm_loss"] * scale
-                if config is not None and config.grad_scale_func is not None:
-                    loss = config.grad_scale_func(loss)
-                loss.backward()
-            item["d_input"] = gen["d_input"]
-            buf[: b * s] = gen["is_replaced"].reshape(-1).to(torch.float64)
-            buf[b * s] = gen["mlm_loss"].detach().to(torch.float64)
-            buf[b * s + 1] = gen["mlm_accuracy"].to(torch.float64)
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(buf, src=src, group=group)
-        item["is_replaced"] = buf[: b * s].view(b, s) > 0.5
-        item["mlm_loss"], item["mlm_accuracy"] = buf[b * s].float(), buf[b * s + 1].float()
-        out.append(item)
-    return out
+def side_rows(encoder_length: int, hidden: int) -> int:
+    """Rows of ``hidden`` values the packed tensor carries ``is_replaced`` ``[b, encoder_length]`` in."""
+    return math.ceil(encoder_length / hidden)
 
 
-def make_forward_step(objective, rtd_head=None, generated: Optional[list] = None):
-    """The ``forward_step_func`` for Megatron's schedule: this stage's (chunk's) part of D; on
-    the last stage D's losses (the returned loss excludes G's MLM term, already back-propagated
-    by :func:`run_generator`; the reported ``loss`` includes it). The data iterator yields
-    ``(micro-batch index, batch)``: with virtual stages each chunk reads its own iterator."""
+def _encode_replaced(is_replaced: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """``is_replaced [b, s]`` as ``[side_rows, b, hidden]`` rows of 0/1 (zero-padded)."""
+    b, s = is_replaced.shape
+    rows = side_rows(s, hidden)
+    flat = torch.zeros(b, rows * hidden, dtype=dtype, device=is_replaced.device)
+    flat[:, :s] = is_replaced.to(dtype)
+    return flat.view(b, rows, hidden).transpose(0, 1)
+
+
+def _decode_replaced(side: torch.Tensor, encoder_length: int) -> torch.Tensor:
+    """Inverse of :func:`_encode_replaced`: ``[side_rows, b, hidden]`` -> bool ``[b, s]``."""
+    rows, b, hidden = side.shape
+    return side.transpose(0, 1).reshape(b, rows * hidden)[:, :encoder_length] > 0.5
+
+
+class _PackWithGeneratorLoss(torch.autograd.Function):
+    """Stage 0's output: ``cat([d_part, side])``, with G's loss hung on its graph. Backward hands
+    ``d_part`` its rows of the output gradient and G's loss the constant ``loss_grad`` (the
+    derivative of the step's loss by it), so the schedule's one backward of the output runs D's
+    and G's backward together. Megatron's ``MoEAuxLossAutoScaler`` does the same for MoE's loss,
+    but with one process-wide scale that its schedules set only for MoE models, and it returns its
+    input (a view), which ``deallocate_pipeline_outputs`` refuses; the cat here is a new tensor."""
+
+    @staticmethod
+    def forward(ctx, d_part, side, generator_loss, loss_grad):
+        ctx.rows = d_part.size(0)
+        ctx.save_for_backward(loss_grad)
+        ctx.loss_shape = generator_loss.shape
+        return torch.cat([d_part, side], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (loss_grad,) = ctx.saved_tensors
+        return grad_output[: ctx.rows], None, loss_grad.expand(ctx.loss_shape), None
+
+
+def make_forward_step(objective, rtd_head=None, g=None, *, hybrid: bool, num_microbatches: int,
+                      generator_metrics: list):
+    """The ``forward_step_func`` for Megatron's schedule: this stage's (chunk's) part of D; in the
+    hybrid phase G on (virtual) stage 0 and the RTD labels carried to the last stage (see the
+    module docstring); on the last stage D's losses. ``generator_metrics`` collects stage 0's
+    detached ``(mlm_loss, mlm_accuracy)`` per micro-batch when it is not also the last stage. The
+    data iterator yields ``(micro-batch index, batch)``: with virtual stages each chunk reads its own."""
+
     def forward_step(data_iterator, model):
-        i, batch = next(data_iterator)
+        _, batch = next(data_iterator)
         d = unwrap(model)
-        gen = generated[i] if generated is not None else None  # None: the SC-only phase
-        tokens = None
-        if d.pre_process:
-            tokens = gen["d_input"] if gen is not None else batch["enc_tokens"]
-        out = d.stage_forward(tokens, batch["dec_input"], batch["enc_mask"])
+        gen = None
+        if not hybrid:
+            out = d.stage_forward(batch["enc_tokens"] if d.pre_process else None, batch["dec_input"], batch["enc_mask"])
+        elif d.pre_process:
+            gen = objective.generator_pass(batch, d, unwrap(g))
+            out = d.stage_forward(gen["d_input"], batch["dec_input"], batch["enc_mask"])
+            if not d.post_process:
+                generator_metrics.append(torch.stack([gen["mlm_loss"].detach().double(), gen["mlm_accuracy"].double()]))
+                out = _pack(out, gen, d.config, num_microbatches, objective.mlm_weight)
+        else:  # split the received tensor: D's rows into the stage, the RTD labels aside
+            received = d.input_tensor
+            rows = side_rows(batch["enc_tokens"].size(1), received.size(-1))
+            d.set_input_tensor(received[:-rows])
+            out = d.stage_forward(None, batch["dec_input"], batch["enc_mask"])
+            side = received[-rows:].detach()
+            if not d.post_process:
+                out = torch.cat([out, side], dim=0)
+            else:  # MLM placeholders: stage 0's values replace them after the schedule
+                zero = received.new_zeros((), dtype=torch.float32)
+                gen = {"is_replaced": _decode_replaced(side, batch["enc_tokens"].size(1)),
+                       "mlm_loss": zero, "mlm_accuracy": zero}
         if not d.post_process:
             return out, _no_loss
         loss, metrics = objective.discriminator_losses(batch, d, unwrap(rtd_head), *out, gen)
-
         return loss, metrics_reducer(metrics)
 
     return forward_step
+
+
+def _pack(d_part, gen: dict, config, num_microbatches: int, mlm_weight: float):
+    """Stage 0's output in the hybrid phase: D's rows, then ``is_replaced``; G's loss on the graph."""
+    side = _encode_replaced(gen["is_replaced"], d_part.size(-1), d_part.dtype)
+    loss = gen["mlm_loss"]
+    if not (torch.is_grad_enabled() and loss.requires_grad):  # forward only
+        return torch.cat([d_part, side], dim=0)
+    loss_grad = torch.tensor(mlm_weight / num_microbatches, dtype=loss.dtype, device=loss.device)
+    if config.grad_scale_func is not None:  # the loss scale the schedule applies to D's loss
+        loss_grad = config.grad_scale_func(loss_grad)
+    return _PackWithGeneratorLoss.apply(d_part, side, loss, loss_grad)
 
 
 def _no_loss(output_tensor):  # never called: Megatron applies loss functions on the last stage only
     raise RuntimeError("loss function called on a non-last pipeline stage")
 
 
+def _with_generator_metrics(metrics, generator_metrics: list, mlm_weight: float, device: torch.device):
+    """The last stage's averaged metrics with stage 0's MLM loss and accuracy in place of the
+    placeholders (and the MLM term added to ``loss``); collective over the pipeline group
+    (``device``: where its backend communicates, the parameters' device)."""
+    mean = torch.zeros(2, dtype=torch.float64, device=device)
+    if generator_metrics:
+        mean = torch.stack(generator_metrics).mean(dim=0)
+    dist.broadcast(mean, src=ps.get_pipeline_model_parallel_first_rank(), group=ps.get_pipeline_model_parallel_group())
+    if metrics is None:
+        return None
+    mlm_loss, mlm_accuracy = mean.tolist()
+    return {**metrics, "loss": metrics["loss"] + mlm_weight * mlm_loss, "mlm_loss": mlm_loss,
+            "mlm_accuracy": mlm_accuracy}
+
+
 def pipeline_step(objective, micro_batches: list, d, g=None, rtd_head=None, *, phase: Phase,
                   forward_only: bool = False, reduce_bias_grads: bool = True) -> dict:
-    """One step of D's pipeline (and G before it on stage 0 in the hybrid phase): gradients
+    """One step of D's pipeline (G inside it on stage 0 in the hybrid phase): gradients
     accumulate in place (not stepped). Returns the micro-batch-averaged metrics on every rank
     (broadcast from the last stage). ``d``: this rank's D stage, or its list of chunks (virtual
     stages, Megatron's interleaved schedule); either may be wrapped (DDP)."""
     chunks = as_chunks(d)
     inner = [unwrap(c) for c in chunks]
-    generated = None
-    if phase is Phase.HYBRID:
-        with torch.set_grad_enabled(not forward_only):
-            generated = run_generator(objective, micro_batches, inner[0], unwrap(g),
-                                      backward=not forward_only, config=inner[0].config)
+    hybrid = phase is Phase.HYBRID
+    pipelined = ps.get_pipeline_model_parallel_world_size() > 1
     b, s_enc = micro_batches[0]["enc_tokens"].shape
     s_dec = micro_batches[0]["dec_input"].shape[1]
+    extra_rows = side_rows(s_enc, inner[0].config.hidden_size) if hybrid and pipelined else 0
+    generator_metrics = []
     iterators = [iter(list(enumerate(micro_batches))) for _ in chunks]
     outputs = get_forward_backward_func()(
-        forward_step_func=make_forward_step(objective, rtd_head, generated),
+        forward_step_func=make_forward_step(objective, rtd_head, g, hybrid=hybrid,
+                                            num_microbatches=len(micro_batches),
+                                            generator_metrics=generator_metrics),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks,
         num_microbatches=len(micro_batches),
-        seq_length=s_enc + s_dec,
+        # Megatron divides seq_length by TP under sequence parallelism: D's rows are sequence
+        # shards (the decoder padded to a multiple of TP), the side rows whole on every TP rank
+        seq_length=inner[0].packed_length(s_enc, s_dec) + extra_rows * inner[0].sequence_shards,
         micro_batch_size=b,
         forward_only=forward_only,
     )
     if reduce_bias_grads and not forward_only:
         allreduce_relative_bias_grads(inner)
-    metrics = [average_metrics(outputs)] if ps.is_pipeline_last_stage(ignore_virtual=True) else [None]
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast_object_list(metrics, src=ps.get_pipeline_model_parallel_last_rank(),
-                                   group=ps.get_pipeline_model_parallel_group())
-    return metrics[0]
+    metrics = average_metrics(outputs) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+    if not pipelined:
+        return metrics
+    if hybrid:
+        device = next(inner[0].parameters()).device
+        metrics = _with_generator_metrics(metrics, generator_metrics, objective.mlm_weight, device)
+    box = [metrics]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]

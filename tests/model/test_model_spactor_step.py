@@ -159,18 +159,25 @@ def test_generator_mlm_gradient_reaches_shared_embedding(parallel):
     assert all(p.grad is None for n, p in d.named_parameters() if n != "embedding.weight")
 
 
-@pytest.mark.parametrize("granularity", ["full", "selective"])
+@pytest.mark.parametrize("granularity", ["full", "selective", "full-uniform-2", "full-block-1"])
 def test_activation_recompute_gives_identical_gradients(parallel, granularity):
-    """Megatron's recompute must carry the position-bias gradient (it rides in attention_mask)."""
+    """Megatron's recompute must carry the position-bias gradient (it rides in attention_mask);
+    ``full-<method>-<layers>``: full recompute with that method and layer count (4 encoder layers
+    there: G gets 2, which groups of 2 divide; the plan refuses groups that do not)."""
     from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.model.synthetic import synthetic_batch, tiny_config
     from spactor_mega.parallel.tensor_shards import gather_full_state_dict
 
     batch = synthetic_batch(3, 24, 8, sp_size=SP_SIZE, seed=9, pad_rows=1)
+    kind, _, method = granularity.partition("-")
+    shape = dict(num_encoder_layers=4) if method else {}
     out = {}
     for rg in (None, granularity):
         torch.manual_seed(5)
-        d, g, rtd = build_spactor_modules(tiny_config(recompute=rg or "none"), VOCAB)
+        overrides = dict(shape, recompute=kind if rg else "none")
+        if rg and method:
+            overrides.update(recompute_method=method.split("-")[0], recompute_num_layers=int(method.split("-")[1]))
+        d, g, rtd = build_spactor_modules(tiny_config(**overrides), VOCAB)
         loss, _ = _objective()(batch, d, g, rtd, phase=Phase.HYBRID)
         loss.backward()
         out[rg] = (loss.detach(), gather_full_state_dict(d, grads=True), gather_full_state_dict(g, grads=True, group=g.tp_group))

@@ -245,3 +245,36 @@ def test_bubble_fraction():
         bubble_fraction(0, 4)
     with pytest.raises(ValueError):
         bubble_fraction(2, 0)
+
+
+def test_hybrid_phase_balances_g_on_stage_0_and_replans_at_tau():
+    """The hybrid layout counts G's (and the RTD head's) FLOPs on the end stages: stage 0 gets
+    fewer layers and the hybrid phase's slowest stage is cheaper than under the SC-only split; a
+    run re-plans only with AdamW, without a given layout, when both phases occur (one that is
+    hybrid throughout keeps the hybrid balance)."""
+    from spactor_mega.curriculum import Phase
+    from spactor_mega.data.span_corruption import mlm_capacity, noise_counts, random_spans_helper
+    from spactor_mega.plan.flops import sample_flops
+    from spactor_mega.plan.layout import config_layout, replans_at_tau
+
+    cfg = _cfg(12, 12, pp=4)
+    cfg.spactor.tau, cfg.train.steps = 100, 1000
+    hybrid, sc = config_layout(cfg, phase=Phase.HYBRID), config_layout(cfg)
+    assert replans_at_tau(cfg) and sc == resolve_layout(cfg, 512, 114)
+    assert hybrid.stages[0].num_layers < sc.stages[0].num_layers
+    s = cfg.spactor
+    raw, dec = random_spans_helper(512, s.noise_density, s.mean_noise_span_length)
+    _, spans = noise_counts(raw, s.noise_density, s.mean_noise_span_length)
+    flops = sample_flops(cfg, 512, dec, 32128, mlm_capacity(512, spans, s.mlm_fraction))
+    costs = layer_costs(cfg, 512, dec, first_stage_extra_flops=flops.generator, last_stage_extra_flops=flops.rtd_head)
+    assert hybrid == balance(12, 12, 4, costs)
+    assert max(stage_costs(hybrid, costs)) < 0.95 * max(stage_costs(sc, costs))
+    for field, value in (("optim.optimizer", "adafactor"), ("parallel.pipeline_layout", "E6|E6|D6|D6"),
+                         ("spactor.tau", 0), ("spactor.tau", float("inf")), ("parallel.pipeline_model_parallel_size", 1)):
+        other = _cfg(12, 12, pp=4)
+        other.spactor.tau, other.train.steps = 100, 1000
+        section, name = field.split(".")
+        setattr(getattr(other, section), name, value)
+        assert not replans_at_tau(other), field
+        same = config_layout(other, phase=Phase.HYBRID) == config_layout(other)
+        assert same == (value != float("inf")), field  # hybrid throughout: G's balance throughout

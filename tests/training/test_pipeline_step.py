@@ -1,7 +1,9 @@
 """Pipeline parallelism of D (packed encoder-decoder tensor through Megatron's 1F1B, and its
 interleaved schedule with virtual stages), alone and with TP and DP, == TP=1 x PP=1: losses and (gathered, global-name) gradients of every stage, in
 the hybrid and the SC-only stage. Each DP rank is checked against the reference for its own
-micro-batches and sampling key (gradients before the DP all-reduce, which Megatron's DDP does)."""
+micro-batches and sampling key (gradients before the DP all-reduce, which Megatron's DDP does).
+G runs inside the schedule: on the rank holding it, micro-batch i's G forward comes right before
+its D forward, and one backward per micro-batch reaches the shared embedding."""
 
 import pytest
 import torch
@@ -86,7 +88,12 @@ def _run(tp, pp, vp, split, reference, n_micro):
         for m in (*chunks, g, rtd):
             if m is not None:
                 m.zero_grad(set_to_none=True)
+        events = _watch_stage0(chunks, g) if stage == "hybrid" else None
         metrics = pipeline_step(_objective(), _batches(n_micro), chunks, g, rtd, phase=PHASES[stage])
+        if events is not None:  # G inside the schedule: micro-batch i's G, then its D, then the next
+            assert "".join(events["order"]) == "GD" * n_micro, events["order"]
+            # one backward per micro-batch reaches the shared embedding (D's and G's parts together)
+            assert events["embedding_grads"] == n_micro, events["embedding_grads"]
         grads = {}
         for d in chunks:  # a bias table held by two chunks has the same (summed) grad in both
             grads.update({f"d.{k}": v for k, v in _grads(d, d.global_parameter_name).items()})
@@ -98,6 +105,23 @@ def _run(tp, pp, vp, split, reference, n_micro):
     gathered = [None] * pp
     dist.all_gather_object(gathered, out, group=ps.get_pipeline_model_parallel_group())
     return {"dp": ps.get_data_parallel_rank(), "per_stage": gathered}
+
+
+def _watch_stage0(chunks, g):
+    """On the rank holding G: the order of G's forwards ("G") and D's first-layer forwards
+    ("D"), and how often the shared embedding's gradient is accumulated."""
+    if g is None:
+        return None
+    d = next(c for c in chunks if c.pre_process)
+    events = {"order": [], "embedding_grads": 0}
+
+    def count(_):
+        events["embedding_grads"] += 1
+
+    g.register_forward_pre_hook(lambda *_: events["order"].append("G"))
+    d.encoder.layers[0].register_forward_pre_hook(lambda *_: events["order"].append("D"))
+    d.embedding.weight.register_post_accumulate_grad_hook(count)
+    return events
 
 
 def _reference(n_micro):

@@ -1,16 +1,19 @@
 """`spactor train` with pipeline parallelism, and checkpoints that do not depend on the layout:
 saved under TP=2 x PP=2, resumed under TP=1 x PP=1, under PP=4 and under TP=2 x PP=2 x V=2
 virtual stages (whose own checkpoint resumes under TP=1 x PP=1), the losses continue as in a
-run that never stopped (fp32; 1e-5 relative, the reduction order differs across layouts).
+run that never stopped (fp32; 1e-5 relative, the reduction order differs across layouts). A TP=2 x PP=2
+run through tau (G inside the schedule, then its stages re-planned in-process) has the PP=1 losses.
 Adafactor state (per (TP, PP) rank) and another model's checkpoint are refused with one line."""
 
 import pytest
 
+from spactor_mega.checkpoint.store import read_record
 from spactor_mega.parallel.testing import run_distributed
 from tests.training.test_training import tiny_config
 
 STOP = 3  # before tau = 4: the resumed runs reload G, the RTD head and their optimizer too
 VIRTUAL_STOP = 5  # the virtual-stage run saves here (after tau: D's chunks and their optimizer)
+REPLAN_SAVES = 3  # the PP = 2 run through tau saves before (step 3) and after (6) its re-plan
 LOSSES = ("loss", "sc_loss", "rtd_loss", "mlm_loss")
 
 
@@ -59,6 +62,11 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
         cfg("tp2pp2vp2", 2, 2, parallel__virtual_pipeline_model_parallel_size=2, train__resume=str(saved),
             train__exit_interval=VIRTUAL_STOP),
         cfg("adafactor", 2, 2, optim__optimizer="adafactor", train__exit_interval=1),
+        cfg("replan", 2, 2, train__save_interval=REPLAN_SAVES),
+        # PP = 2 x DP = 2: one backward per micro-batch reaches the shared embedding, which the
+        # overlapped gradient reduce-scatter needs; the re-plan reshards the distributed optimizer
+        cfg("replan_distributed", 1, 2, parallel__distributed_optimizer=True, parallel__overlap_grad_reduce=True,
+            parallel__overlap_param_gather=True),
     ], timeout=600)[0]
     one = run_distributed(_train_all, 1, [
         cfg("reference"),
@@ -67,7 +75,8 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
         cfg("other_model", model__d_ff=128, train__resume=str(saved)),
         cfg("from_virtual", train__resume=str(virtual_saved)),
     ], timeout=600)[0]
-    stopped, pp4, virtual, reference = four[0], four[1], four[2], one[0]
+    stopped, pp4, virtual, replan, reference = four[0], four[1], four[2], four[4], one[0]
+    replan_distributed = four[5]
     assert [h["phase"] for h in reference] == [1.0] * 4 + [2.0] * 4
     assert len(stopped) == STOP
     _close(reference, stopped)  # TP=2 x PP=2 == TP=1 x PP=1 step by step
@@ -78,5 +87,12 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
     _close(reference[STOP:], virtual)
     assert [h["step"] for h in one[4]] == list(range(VIRTUAL_STOP + 1, 9))
     _close(reference[VIRTUAL_STOP:], one[4])
+    # TP = 2 x PP = 2 re-plans its stages at tau (the hybrid balance E2|E2D2 gave stage 0 room for G) and
+    # keeps the losses of PP = 1 in both phases
+    for run in (replan, replan_distributed):
+        _close(reference, run)
+        assert len(run) == 8
+    layouts = [read_record(work / "replan" / "ckpt" / f"iter_{s:07d}")["pipeline_layout"] for s in (3, 6)]
+    assert layouts == ["E2|E2D2", "E3|E1D2"], layouts
     assert "Adafactor state is kept per (TP, PP) rank" in one[2] and "TP=2, PP=2" in one[2], one[2]
     assert "model.d_ff=64 but this run has model.d_ff=128" in one[3], one[3]

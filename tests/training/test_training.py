@@ -136,6 +136,16 @@ def test_config_rejections_name_the_field(tmp_path):
         ({"parallel__pipeline_model_parallel_size": 2, "parallel__virtual_pipeline_model_parallel_size": 2,
           "train__eval_interval": 4, "train__eval_batches": 3}, 2,
          "train.eval_batches=3 must be a multiple of parallel.pipeline_model_parallel_size=2"),
+        ({"model__recompute": "full", "model__recompute_num_layers": 3}, 1,
+         "model.recompute_num_layers=3 does not divide the 4 layers of the encoder"),
+        ({"model__recompute": "full", "model__recompute_method": "blocks"}, 1, "model.recompute_method must be uniform or block"),
+        ({"parallel__sequence_parallel": True}, 1, "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1"),
+        ({"parallel__overlap_param_gather": True}, 1, "parallel.overlap_param_gather needs parallel.distributed_optimizer"),
+        ({"parallel__distributed_optimizer": True, "optim__optimizer": "adafactor"}, 2,
+         "parallel.distributed_optimizer cannot shard optim.optimizer=adafactor"),
+        ({"parallel__distributed_optimizer": True, "train__engine": "deepspeed"}, 1,
+         "parallel.distributed_optimizer is a Megatron engine setting"),
+        ({"parallel__bucket_size": 0}, 1, "parallel.bucket_size must be positive"),
     ]
     for overrides, world, message in cases:
         cfg = tiny_config(tmp_path, **overrides)

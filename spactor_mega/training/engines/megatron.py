@@ -8,8 +8,9 @@ pipeline parallelism can plug into the same loop; both models' gradient syncs ar
 to the last micro-batch through the schedule's ``no_sync_func``/``finalize_model_grads_func``.
 
 With PP > 1 (:mod:`spactor_mega.training.pipeline_step`) this rank holds one stage of D; G only on
-stage 0 and the RTD head only on the last stage. G runs for all micro-batches before D's
-schedule; the losses exist on the last stage and are broadcast over the pipeline group for
+stage 0 and the RTD head only on the last stage. G runs inside D's schedule, in stage 0's
+forward step of each micro-batch (its loss back-propagated by that micro-batch's backward); the
+losses exist on the last stage (G's on stage 0) and are broadcast over the pipeline group for
 logging. Stages in between hold neither G nor the head: they get Megatron's stub optimizer (no
 parameters) in the G + RTD optimizer's place, as Megatron does for ranks without trainable
 parameters, so every rank takes part in its collectives (the world-wide param-group alignment
@@ -25,10 +26,13 @@ saved with V chunks resumes under any other layout.
 from __future__ import annotations
 
 import contextlib
+import gc
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.distributed import DistributedDataParallel as DDP
@@ -49,7 +53,8 @@ from spactor_mega.config import Config
 from spactor_mega.curriculum import Phase
 from spactor_mega.model.generator import GeneratorDDP
 from spactor_mega.model.spactor import SpactorObjective
-from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks
+from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks, build_stage_chunks
+from spactor_mega.plan.layout import config_layout, replans_at_tau
 from spactor_mega.training.engines.base import eval_mode, torch_adafactor
 from spactor_mega.training.engines.released import (
     ReleasedTensors,
@@ -60,12 +65,31 @@ from spactor_mega.training.metrics import average_metrics, metrics_reducer
 from spactor_mega.training.pipeline_step import pipeline_step
 
 
-def _ddp_config():
-    # fp32 gradient buffers and a plain all-reduce: exact on CPU, and what bf16 runs want too.
-    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
+def _ddp_config(cfg: Config, sharded: bool):
+    """fp32 gradient buffers (reduced in fp32, what bf16 runs want too). ``sharded``: the
+    distributed optimizer's layout, a reduce-scatter into per-DP-rank shards instead of an all-reduce
+    and the parameters all-gathered after the step; both can overlap the backward / next forward
+    (``parallel.overlap_*``)."""
+    p = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=sharded, overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather and sharded, bucket_size=p.bucket_size,
+    )
 
 
-def _optimizer(cfg: Config, modules: list, bf16: bool):
+def _aux_ddp_config(cfg: Config):
+    """G's and the RTD head's: never the distributed optimizer's layout. Megatron's distributed
+    optimizer shards over its DP group, but G's replicas span TP x DP (each TP rank runs G on its
+    own rows, :class:`GeneratorDDP`); and one checkpoint format for their optimizer under every
+    layout keeps a checkpoint taken before tau resumable under any TP/PP/DP. They are about a tenth
+    of D and leave at tau. Under TP > 1 G's gradients are scaled before their reduction, which an
+    overlapped reduction started during the backward would precede: no overlap there."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=False, bucket_size=cfg.parallel.bucket_size,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and cfg.parallel.tensor_model_parallel_size == 1)
+
+
+def _optimizer(cfg: Config, modules: list, bf16: bool, distributed: bool = False):
     """Megatron's optimizer for AdamW; Adafactor (which megatron-core lacks) from torch. In bf16 both
     are Megatron's mixed-precision optimizer: fp32 main params (the optimizer steps them, so its state
     is fp32 too), copied to the bf16 model after each step. Modules without trainable parameters give
@@ -74,7 +98,7 @@ def _optimizer(cfg: Config, modules: list, bf16: bool):
     config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=distributed,
     )
     if o.optimizer == "adamw":
         return get_megatron_optimizer(config, modules)
@@ -89,6 +113,16 @@ def _optimizer(cfg: Config, modules: list, bf16: bool):
     if bf16:
         return Float16OptimizerWithFloat16Params(adafactor, config, None, None)  # no grad scaler in bf16
     return FP32Optimizer(adafactor, config, None)
+
+
+# The distributed optimizer's state in a checkpoint: per parameter, under the parameter's global
+# name and shape (Megatron's "fully_reshardable"), so it loads under any TP/PP/DP layout. Its
+# memory-efficient variant gathers each DP group's shards on DP rank 0 over gloo, one bucket at a
+# time; the other variant all-gathers whole buffers to every rank (an XL model's fp32 state per rank).
+# megatron-core 0.16.1 refuses its fully parallel per-rank format ("fully_sharded_model_space":
+# flattened_range is no longer supported), and "dp_reshardable" reshards over DP only.
+DISTRIBUTED_OPTIMIZER_CHECKPOINT = {"distrib_optim_sharding_type": "fully_reshardable",
+                                    "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 class _NoParameters(torch.nn.Module):
@@ -110,10 +144,9 @@ class MegatronEngine:
         self.cfg = cfg
         self.objective = objective
         self.pp = ps.get_pipeline_model_parallel_world_size()
-        self.d_chunks = [DDP(c.config, _ddp_config(), c) for c in as_chunks(discriminator)]
-        self.d = self.d_chunks[0]  # the first chunk's config drives the schedule
-        self.d_optimizer = _optimizer(cfg, self.d_chunks, bf16)
-        self.d_scheduler = build_lr_scheduler(self.d_optimizer, cfg)
+        self.bf16 = bf16
+        self._wrap_discriminator(as_chunks(discriminator))
+        aux_ddp = _aux_ddp_config(cfg)
         self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
         self.released = ReleasedTensors()
         # Whether the run still has the hybrid stage's modules somewhere (on some stage with PP).
@@ -121,16 +154,24 @@ class MegatronEngine:
         if self.pp > 1:
             self.has_generator = _any_rank(self.has_generator)
         if generator is not None:
-            self.g = GeneratorDDP(generator, _ddp_config())  # reduces over TP x DP (G's copies)
+            self.g = GeneratorDDP(generator, aux_ddp)  # reduces over TP x DP (G's copies)
         if rtd_head is not None:
-            self.rtd = DDP(rtd_head.config, _ddp_config(), rtd_head)
+            self.rtd = DDP(rtd_head.config, aux_ddp, rtd_head)
         if self.has_generator:
             aux = [m for m in (self.g, self.rtd) if m is not None]
             if not aux:  # a middle pipeline stage
-                aux = [DDP(discriminator.config, _ddp_config(), _NoParameters(discriminator.config))]
+                aux = [DDP(self.d.config, aux_ddp, _NoParameters(self.d.config))]
             self.aux_optimizer = _optimizer(cfg, aux, bf16)
             self.aux_scheduler = build_lr_scheduler(self.aux_optimizer, cfg)
         self._install_schedule_hooks()
+
+    def _wrap_discriminator(self, chunks: list) -> None:
+        """D's DDP (one per chunk), optimizer and LR schedule; built again by a re-plan at tau."""
+        d_ddp = _ddp_config(self.cfg, self.cfg.parallel.distributed_optimizer)
+        self.d_chunks = [DDP(c.config, d_ddp, c) for c in chunks]
+        self.d = self.d_chunks[0]  # the first chunk's config drives the schedule
+        self.d_optimizer = _optimizer(self.cfg, self.d_chunks, self.bf16, d_ddp.use_distributed_optimizer)
+        self.d_scheduler = build_lr_scheduler(self.d_optimizer, self.cfg)
 
     # Schedule plumbing ----------------------------------------------------------------
     def _models(self) -> list:
@@ -164,6 +205,41 @@ class MegatronEngine:
         self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
         self.has_generator = False
         self.released.collect()  # here, where no local holds a strong reference to them
+        self._replan_stages()
+
+    def _replan_stages(self) -> None:
+        """At tau (:func:`~spactor_mega.plan.layout.replans_at_tau`): D's stages rebuilt for the
+        SC-only phase's FLOPs balance (the hybrid phase's gave stage 0 fewer layers, as it also ran
+        G). Through a dist-checkpoint of D, its optimizer and LR schedule, which holds every tensor
+        under its global name and shape, so it loads under the new split, as a resume does; written
+        under ``train.save_dir`` (which every rank must see) and removed after. Collective."""
+        if not replans_at_tau(self.cfg):
+            return
+        vocab = self.d_chunks[0].module.vocab_size
+        split = config_layout(self.cfg, vocab, Phase.SC_ONLY).stage_split()
+        rank = ps.get_pipeline_model_parallel_rank()
+        held = [(_bounds(c.module.encoder_layers), _bounds(c.module.decoder_layers)) for c in self.d_chunks]
+        planned = [split[chunk * self.pp + rank] for chunk in range(len(self.d_chunks))]
+        if not _any_rank(held != planned):
+            return
+        path = Path(self.cfg.train.save_dir) / ".replan-at-tau"
+        first = torch.distributed.get_rank() == 0
+        if first:
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+        torch.distributed.barrier()
+        self._gather_updated_params()
+        dist_checkpointing.save(self.sharded_state_dict(), str(path))
+        self.d_chunks = self.d = self.d_optimizer = self.d_scheduler = None  # the old stages go first
+        gc.collect()
+        chunks, _, _ = build_stage_chunks(self.cfg, vocab, split, with_generator=False,
+                                          params_dtype=torch.bfloat16 if self.bf16 else torch.float32)
+        self._wrap_discriminator(chunks)
+        self._install_schedule_hooks()
+        self.load(path)
+        torch.distributed.barrier()
+        if first:
+            shutil.rmtree(path)
 
     def _track_released(self) -> None:
         """Weak references to G's and the head's parameters and optimizer state (with the fp32
@@ -206,8 +282,17 @@ class MegatronEngine:
             metrics["skipped"] = 1.0
         return metrics
 
+    def _gather_updated_params(self) -> None:
+        """With ``parallel.overlap_param_gather`` the all-gather of the parameters the distributed
+        optimizer just updated waits for the next training forward (Megatron's forward pre-hooks);
+        an evaluation or a save before it would read the previous step's weights."""
+        for model in self._models():
+            if model.ddp_config.overlap_param_gather:
+                model.start_param_sync(force_sync=True)
+
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
+        self._gather_updated_params()
         with eval_mode(self._models()):
             return self._run_schedule(micro_batches, phase, forward_only=True)
 
@@ -240,6 +325,7 @@ class MegatronEngine:
     # Checkpoints --------------------------------------------------------------------------
     def save(self, save_dir, step: int, record: dict, tokenizer_file) -> Path:
         """A dist-checkpoint (:mod:`spactor_mega.checkpoint.megatron`) of everything below."""
+        self._gather_updated_params()
         return save_checkpoint(save_dir, step, self.sharded_state_dict(), record, tokenizer_file)
 
     def load(self, path) -> None:
@@ -269,7 +355,13 @@ class MegatronEngine:
 
     def _optimizer_state(self, key: str, optimizer, model_state: dict, is_loading: bool):
         if self.cfg.optim.optimizer == "adamw":
-            return {} if _is_stub(optimizer) else optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+            if is_loading:
+                _give_fresh_adam_state(optimizer)
+            if _is_stub(optimizer):
+                return {}
+            with _padding_counted_as_payload(optimizer):
+                return optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                    metadata=DISTRIBUTED_OPTIMIZER_CHECKPOINT)
         # Adafactor's factored moments are not parameter-shaped, which Megatron's resharding
         # optimizer checkpoint requires: keep them (and in bf16 the fp32 main params, which
         # Megatron's state_dict adds) per (TP, PP) rank, written by DP rank 0.
@@ -293,7 +385,14 @@ class MegatronEngine:
         if _is_stub(optimizer):
             return
         if self.cfg.optim.optimizer == "adamw":
-            optimizer.load_state_dict(state)
+            parts = getattr(optimizer, "chained_optimizers", [optimizer])
+            if not any(_is_distributed(part) for part in parts):
+                optimizer.load_state_dict(state)
+                return
+            with _padding_counted_as_payload(optimizer):
+                for part, part_state in zip(parts, [state] if len(parts) == 1 else [v for _, v in sorted(state.items())],
+                                            strict=True):
+                    _load_distributed_optimizer(part, part_state)
             return
         # Adafactor, saved whole (see _optimizer_state): fp32 runs saved the torch optimizer's state
         # dict, bf16 runs Megatron's mixed-precision one ({"optimizer", "fp32_from_fp16_params"}).
@@ -332,6 +431,74 @@ class MegatronEngine:
             sum(t.numel() for t in optimizer_state_tensors(self._aux_torch_optimizers())) if self.aux_optimizer
             else self.released.alive("generator_optimizer_state"))
         return counts
+
+
+def _is_distributed(optimizer) -> bool:
+    """A part of a chained optimizer that is Megatron's ``DistributedOptimizer``."""
+    return not getattr(optimizer, "is_stub_optimizer", False) and hasattr(optimizer, "shard_fp32_groups")
+
+
+def _load_distributed_optimizer(optimizer, state: dict) -> None:
+    """Megatron's ``DistributedOptimizer.load_state_dict`` in its two halves. megatron-core 0.16.1
+    (without Apex/TE) adds torch AdamW's per-parameter ``step`` to the state in the first half, then
+    in the second copies *every* state entry of a parameter from the checkpoint's, which has no
+    ``step`` (it keeps one per param group): the step is set aside while the second half runs. The
+    first half also gives every parameter the *same* step tensor, which torch's AdamW then increments
+    in place once per parameter: each gets its own copy back."""
+    param_state = state.pop("param_state")
+    assert state.pop("param_state_sharding_type") == DISTRIBUTED_OPTIMIZER_CHECKPOINT["distrib_optim_sharding_type"]
+    optimizer.load_state_dict(state)  # param groups, step, and the per-parameter state allocated
+    torch_state = optimizer.optimizer.state
+    steps = {param: entry.pop("step") for param, entry in torch_state.items() if "step" in entry}
+    optimizer.load_parameter_state_from_fully_reshardable(param_state)
+    for param, step in steps.items():
+        torch_state[param]["step"] = step.clone()
+
+
+@contextlib.contextmanager
+def _padding_counted_as_payload(optimizer):
+    """megatron-core 0.16.1's "fully_reshardable" distributed-optimizer checkpoint concatenates a
+    buffer's buckets without their end padding, then slices that concatenation at each parameter's
+    *padded* offset (its own comment: "this is a bug in the param ranges logic"): with several
+    buckets (``overlap_grad_reduce``) every bucket after the first is read shifted, and the saved
+    state is wrong. Counting the padding as payload while the checkpoint is built or loaded keeps the
+    offsets and the data aligned (the padding entries are zeros, stored and never read back)."""
+    restore = []
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for buffer in part.buffers if _is_distributed(part) else []:
+            restore.append((buffer, buffer.numel_unpadded, [b.numel_unpadded for b in buffer.buckets]))
+            buffer.numel_unpadded = buffer.numel
+            for bucket in buffer.buckets:
+                bucket.numel_unpadded = bucket.grad_data.numel()
+    try:
+        yield
+    finally:
+        for buffer, numel, per_bucket in restore:
+            buffer.numel_unpadded = numel
+            for bucket, n in zip(buffer.buckets, per_bucket):
+                bucket.numel_unpadded = n
+
+
+def _give_fresh_adam_state(optimizer) -> None:
+    """Zero moments and step for every parameter a distributed optimizer has not stepped yet: the
+    load template of megatron-core's ``DistributedOptimizer`` (0.16.1, without Apex/TE) reads torch
+    AdamW's per-parameter ``step``, which a fresh torch optimizer creates only at its first step
+    (Megatron's ``init_state_fn`` makes the moments but no ``step``). The checkpoint overwrites all."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not _is_distributed(part):
+            continue  # Megatron's template for its other optimizers needs nothing
+        for group in part.optimizer.param_groups:
+            for param in group["params"]:
+                state = part.optimizer.state[param]
+                if not state:
+                    state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param),
+                                 step=torch.tensor(0.0))
+
+
+def _bounds(layers) -> tuple[int, int]:
+    """A chunk's ``[start, end)`` of one stack as the layout's ``stage_split`` writes it."""
+    start, end = layers
+    return (start, end) if end > start else (0, 0)
 
 
 def _any_rank(flag: bool) -> bool:

@@ -1,0 +1,125 @@
+"""Megatron's distributed optimizer (``parallel.distributed_optimizer``), fp32 and bf16 on CPU.
+
+One 2-process launch (DP = 2, 2 micro-batches per rank) trains, 10 steps across tau = 5: the plain
+optimizer; the distributed one with overlapped gradient reduce-scatter and parameter all-gather in
+small buckets (several per model); the same stopped at step 3 (before tau: the checkpoint holds G,
+the RTD head and their optimizer); and both optimizers in bf16. The stopped run is then resumed at
+DP = 1 (one process) and under TP = 2 (two processes, DP = 1), and bitwise at DP = 2.
+
+Reported losses are the global batch's (averaged over DP), so runs of any DP size compare directly.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spactor_mega.parallel.testing import run_distributed
+from tests.training.test_training import tiny_config
+
+STEPS, TAU, STOP = 10, 5, 3
+TOL = 1e-6  # relative; measured: 1e-8 between the optimizers, 5e-8 after a resume under another layout
+BF16_REL = 2e-3  # as tests/training/test_bf16.py
+DISTRIBUTED = dict(parallel__distributed_optimizer=True, parallel__overlap_grad_reduce=True,
+                   parallel__overlap_param_gather=True, parallel__bucket_size=2000)
+
+
+def _config(work: Path, name: str, **overrides):
+    return tiny_config(work / name, train__steps=STEPS, spactor__tau=TAU, train__micro_batch_size=2, **overrides)
+
+
+def _train_and_inspect(rank, world_size, runs):
+    """Each (name, config) in turn: its losses, final checkpoint and what D's optimizer holds."""
+    from spactor_mega.parallel.state import destroy_parallel
+    from spactor_mega.training import loop
+
+    built = []
+    original = loop.build_engine
+
+    def keep(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    loop.build_engine = keep
+    out = {}
+    try:
+        for name, cfg in runs:
+            try:
+                result = loop.train(cfg)
+                parts = built[-1].d_optimizer.chained_optimizers
+                out[name] = {
+                    "losses": [h["loss"] for h in result.history], "checkpoint": str(result.checkpoint),
+                    "sharded": all(hasattr(p, "shard_fp32_groups") for p in parts),
+                    "masters": sorted({str(t.dtype) for p in parts for g in p.optimizer.param_groups for t in g["params"]}),
+                    "master_numel": sum(t.numel() for p in parts for g in p.optimizer.param_groups for t in g["params"]),
+                    "model_numel": sum(t.numel() for c in built[-1].d_chunks for t in c.module.parameters()),
+                }
+            finally:
+                built.clear()
+                destroy_parallel(destroy_process_group=False)
+    finally:
+        loop.build_engine = original
+        destroy_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("distopt")
+    stop = dict(DISTRIBUTED, train__exit_interval=STOP)
+    dp2 = run_distributed(_train_and_inspect, 2, [
+        ("plain", _config(work, "plain")),
+        ("distributed", _config(work, "distributed", **DISTRIBUTED)),
+        ("stopped", _config(work, "stopped", **stop)),
+        ("resumed_dp2", _config(work, "stopped", **DISTRIBUTED, train__resume="auto")),
+        ("plain_bf16", _config(work, "plain_bf16", train__precision="bf16")),
+        ("distributed_bf16", _config(work, "distributed_bf16", train__precision="bf16", **DISTRIBUTED)),
+    ], timeout=900)[0]
+    checkpoint = str(work / "stopped" / "ckpt" / f"iter_{STOP:07d}")  # the stopped run's, not the resumed one's
+    resumed = dict(DISTRIBUTED, train__resume=checkpoint)
+    dp1 = run_distributed(_train_and_inspect, 1, [
+        ("resumed_dp1", _config(work, "dp1", **resumed))], timeout=600)[0]
+    tp2 = run_distributed(_train_and_inspect, 2, [
+        ("resumed_tp2", _config(work, "tp2", parallel__tensor_model_parallel_size=2, **resumed))], timeout=600)[0]
+    return {**dp2, **dp1, **tp2}
+
+
+def _close(have: list, want: list, rel: float) -> None:
+    assert len(have) == len(want)
+    for step, (a, b) in enumerate(zip(have, want), start=1):
+        assert math.isfinite(a) and abs(a - b) <= rel * abs(b), (step, a, b)
+
+
+def test_distributed_optimizer_gives_the_plain_optimizers_losses_and_weights(runs):
+    from spactor_mega.checkpoint.megatron import read_weights
+
+    plain, distributed = runs["plain"], runs["distributed"]
+    assert distributed["sharded"] and not plain["sharded"]
+    # each DP rank's optimizer steps its half of D (bucket padding aside), the plain one all of it
+    assert plain["master_numel"] == plain["model_numel"]
+    assert distributed["master_numel"] <= 0.55 * distributed["model_numel"]
+    _close(distributed["losses"], plain["losses"], TOL)
+    # what `spactor convert to-hf` reads: every module's full tensors from the checkpoint
+    modules = ("discriminator",)
+    want = read_weights(Path(plain["checkpoint"]), {}, modules)["discriminator"]
+    have = read_weights(Path(distributed["checkpoint"]), {}, modules)["discriminator"]
+    assert have.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(have[name], want[name], rtol=0, atol=TOL * (1 + want[name].abs().max())), name
+
+
+@pytest.mark.parametrize("name, rel", [("resumed_dp2", 0.0), ("resumed_dp1", TOL), ("resumed_tp2", TOL)])
+def test_distributed_checkpoint_resumes_under_another_layout(runs, name, rel):
+    uninterrupted = runs["distributed"]["losses"]
+    stopped = runs["stopped"]["losses"]
+    assert stopped == uninterrupted[:STOP]
+    _close(stopped + runs[name]["losses"], uninterrupted, rel)
+
+
+def test_distributed_optimizer_in_bf16_keeps_fp32_masters(runs):
+    bf16 = runs["distributed_bf16"]
+    assert bf16["sharded"] and bf16["masters"] == ["torch.float32"]
+    _close(bf16["losses"], runs["plain"]["losses"], BF16_REL)
+    _close(bf16["losses"], runs["plain_bf16"]["losses"], BF16_REL)
+    assert bf16["losses"] != runs["distributed"]["losses"]  # it did train in bf16
