@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -35,6 +36,7 @@ with warnings.catch_warnings():
     from megatron.core.datasets.megatron_dataset import MegatronDataset
     from megatron.core.datasets.utils import Split
 
+from spactor_mega.data.index_cache import cache_key, cached_array
 from spactor_mega.data.span_corruption import (
     SpanCorruption,
     mlm_capacity,
@@ -78,17 +80,37 @@ def open_indexed_dataset(prefix: str) -> IndexedDataset:
     return dataset
 
 
+# Elements per temporary array when building an index (32 MB of int64): building the index of
+# C4's 365M documents then takes about as much private memory as that of a small corpus.
+INDEX_BLOCK = 1 << 22
+
+
 class SpactorDataset(MegatronDataset):
-    """Raw T5 chunks of one indexed dataset's split, shuffled per epoch."""
+    """Raw T5 chunks of one indexed dataset's split, shuffled per epoch.
+
+    The index (each document's token offset in the split, each epoch's chunk order) lives in
+    ``.npy`` files of ``config.path_to_cache`` (``data.cache_dir``; unset: Megatron's default
+    for ``GPTDataset``, ``<prefix>/cache/SpactorDataset_indices``), built by one process and
+    memory-mapped by all (``index_cache``); each file's name is a digest of what it depends on.
+    """
 
     def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         self.chunk_length = config.sequence_length
-        docs = np.asarray(indices, dtype=np.int64)
-        lengths = dataset.sequence_lengths[docs].astype(np.int64) if len(docs) else np.zeros(0, np.int64)
-        self.documents = docs
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.chunks_per_epoch = int(self.offsets[-1] // self.chunk_length)
+        self.documents = _document_range(indices)
+        self.indices = self.documents  # not the builder's int32 array (1.5 GB for C4), freed once it moves on
+        self.cache_dir = Path(
+            config.path_to_cache or Path(dataset.path_prefix, "cache", f"{type(self).__name__}_indices")
+        )
+        idx = Path(dataset.path_prefix + ".idx").stat()
+        self.index_key = cache_key(
+            layout=1,  # bump when the files' content for the same inputs changes
+            prefix=str(Path(dataset.path_prefix).resolve()), idx_bytes=idx.st_size, idx_mtime_ns=idx.st_mtime_ns,
+            documents=[self.documents.start, self.documents.stop],
+        )
+        self.index_builds = 0  # index files this object built rather than mapped (tests, tools/bench_data_index.py)
+        self.offsets = self._cached(f"{self.index_key}-offsets.npy", len(self.documents) + 1, np.int64, self._fill_offsets)
+        self.chunks_per_epoch = int(self.offsets[-1]) // self.chunk_length
         if self.chunks_per_epoch == 0:
             raise DataError(
                 f"{dataset_path}: the {index_split.name} split has {int(self.offsets[-1])} tokens, fewer than one "
@@ -110,14 +132,40 @@ class SpactorDataset(MegatronDataset):
     def __len__(self) -> int:
         return self.length
 
-    def _order(self, epoch: int) -> np.ndarray:
-        """The chunk order of one epoch: a permutation seeded by (seed, salt, epoch)."""
+    def _cached(self, name: str, length: int, dtype, fill) -> np.ndarray:
+        path = self.cache_dir / name
+        try:
+            array, built = cached_array(path, (length,), dtype, fill)
+        except OSError as e:
+            raise DataError(
+                f"{path}: cannot write the dataset index cache ({e.strerror or e}); set data.cache_dir to a writable folder"
+            ) from None
+        self.index_builds += built
+        return array
+
+    def _fill_offsets(self, offsets: np.ndarray) -> None:
+        """Token offset of each split document in the split's concatenation, and the total."""
+        lengths = self.dataset.sequence_lengths[self.documents.start : self.documents.stop]  # a view of the mapped .idx
+        offsets[0] = 0
+        # In blocks: cumsum copies its int32 input to int64 first (8 bytes per document at once).
+        for first in range(0, len(lengths), INDEX_BLOCK):
+            last = min(first + INDEX_BLOCK, len(lengths))
+            np.cumsum(lengths[first:last], dtype=np.int64, out=offsets[first + 1 : last + 1])
+            offsets[first + 1 : last + 1] += offsets[first]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The chunk order of one epoch: a permutation seeded by (seed, salt, epoch).
+
+        Built when an epoch is first reached, by whichever process (rank or DataLoader worker)
+        gets there first; the others wait for its file."""
         order = self._epoch_orders.get(epoch)
         if order is None:
-            rng = np.random.default_rng([self.config.random_seed, self.salt, epoch])
+            rng_seed = [self.config.random_seed, self.salt, epoch]
+            key = cache_key(index=self.index_key, chunk_length=self.chunk_length, rng_seed=rng_seed)
             dtype = np.int32 if self.chunks_per_epoch < 2**31 else np.int64
-            order = rng.permutation(self.chunks_per_epoch).astype(dtype)
-            self._epoch_orders = {epoch: order}  # consumption is sequential: keep one epoch
+            order = self._cached(f"{key}-order-epoch{epoch}.npy", self.chunks_per_epoch, dtype,
+                                 partial(write_permutation, rng_seed=rng_seed))
+            self._epoch_orders = {epoch: order}  # consumption is sequential: keep one epoch mapped
         return order
 
     def raw_chunk(self, chunk: int) -> np.ndarray:
@@ -129,7 +177,7 @@ class SpactorDataset(MegatronDataset):
         while filled < self.chunk_length:
             take = min(self.chunk_length - filled, int(self.offsets[doc + 1] - self.offsets[doc]) - offset)
             if take > 0:
-                out[filled : filled + take] = self.dataset.get(int(self.documents[doc]), offset, take)
+                out[filled : filled + take] = self.dataset.get(self.documents[doc], offset, take)
                 filled += take
             doc, offset = doc + 1, 0
         return out
@@ -137,9 +185,30 @@ class SpactorDataset(MegatronDataset):
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         idx = int(idx)
         epoch, position = divmod(idx, self.chunks_per_epoch)
-        chunk = int(self._order(epoch)[position])
+        chunk = int(self.epoch_order(epoch)[position])
         key = sample_keys(self.config.random_seed, np.array([idx]), self.salt)[0]
         return {"raw": self.raw_chunk(chunk), "key": np.uint64(key)}
+
+
+def write_permutation(out: np.ndarray, rng_seed: list[int]) -> None:
+    """``out[:] = default_rng(rng_seed).permutation(len(out))``, in place in ``out``'s dtype.
+
+    ``Generator.permutation(n)`` is ``shuffle(arange(n))``, whose swaps do not depend on the
+    dtype: the same order as an int64 permutation cast down, without the int64 copy."""
+    for first in range(0, len(out), INDEX_BLOCK):
+        out[first : first + INDEX_BLOCK] = np.arange(first, min(first + INDEX_BLOCK, len(out)), dtype=out.dtype)
+    np.random.default_rng(rng_seed).shuffle(out)
+
+
+def _document_range(indices: np.ndarray) -> range:
+    """A split's documents as a range: Megatron's builder passes ``np.arange(begin, end)``, and
+    a range costs nothing per document where an array costs 4-8 bytes each."""
+    if len(indices) == 0:
+        return range(0)
+    first, last = int(indices[0]), int(indices[-1])
+    if last - first + 1 != len(indices):
+        raise ValueError(f"SpactorDataset needs a contiguous run of documents, got {len(indices)} in [{first}, {last}]")
+    return range(first, last + 1)
 
 
 def collate_raw(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

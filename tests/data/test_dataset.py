@@ -57,7 +57,7 @@ def test_chunks_are_the_concatenated_split_documents(corpus):
     for chunk in (0, 5, dataset.chunks_per_epoch - 1):
         np.testing.assert_array_equal(dataset.raw_chunk(chunk), stream[chunk * length : (chunk + 1) * length])
     # One epoch visits every chunk once.
-    first_epoch = {int(dataset._order(0)[i]) for i in range(dataset.chunks_per_epoch)}
+    first_epoch = {int(dataset.epoch_order(0)[i]) for i in range(dataset.chunks_per_epoch)}
     assert first_epoch == set(range(dataset.chunks_per_epoch))
 
 
@@ -136,8 +136,8 @@ def test_samples_beyond_one_epoch_reshuffle(corpus):
     train, _ = build(prefix, train_samples=5000)
     n = train.chunks_per_epoch
     assert len(train) >= 5000 > n
-    epoch0 = [int(train._order(0)[i]) for i in range(n)]
-    epoch1 = [int(train._order(1)[i]) for i in range(n)]
+    epoch0 = [int(train.epoch_order(0)[i]) for i in range(n)]
+    epoch1 = [int(train.epoch_order(1)[i]) for i in range(n)]
     assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
 
 
