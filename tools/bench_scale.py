@@ -86,6 +86,50 @@ def recompute_times(cfg, steps: int) -> dict[tuple[str, str], float]:
     return {key: statistics.median(v) for key, v in times.items()}
 
 
+def saved_activation_bytes(cfg) -> dict[str, float]:
+    """Bytes D's forward keeps for its backward per ``model.recompute`` (SC only, one micro-batch):
+    the distinct storages autograd saves (``saved_tensors_hooks``), weights excluded. Exact on any
+    device; the measured counterpart of the dry run's activation estimate."""
+    import torch
+
+    from spactor_mega.model.spactor import SpactorObjective
+    from spactor_mega.model.stages import build_spactor_modules
+    from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
+
+    initialize_parallel(1, 1, seed=1)
+    batch = batches(cfg, 1, False)[0][0]
+    out = {}
+    for mode in RECOMPUTE:
+        c = with_fields(cfg, "model", recompute=mode)
+        d, _, _ = build_spactor_modules(c, VOCAB, with_generator=False)
+        weights = {p.untyped_storage().data_ptr() for p in d.parameters()}
+        saved = {}
+
+        def keep(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        objective = SpactorObjective.from_config(c, mask_id=SP_SIZE + 100, sample_vocab_size=SP_SIZE)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss, _ = objective(batch, d, phase=Phase.SC_ONLY)
+        out[mode] = float(sum(saved.values()))
+        del loss, d
+    destroy_parallel()
+    return out
+
+
+def activation_rows(cfg) -> list[list]:
+    from spactor_mega.plan.memory import activation_bytes
+
+    measured = saved_activation_bytes(cfg)
+    decoder_length = batches(cfg, 1, False)[1].decoder_length
+    estimate = {r: activation_bytes(cfg, cfg.data.encoder_seq_length, decoder_length, r) for r in RECOMPUTE}
+    return [[r, f"{measured[r] / 2**20:,.1f}", f"{measured[r] / measured['none']:.3f}",
+             f"{estimate[r] / estimate['none']:.3f}"] for r in RECOMPUTE]
+
+
 def recompute_rows(cfg, steps: int) -> list[list]:
     measured = recompute_times(cfg, steps)
     model = {r: predict(with_fields(cfg, "model", recompute=r), 1, CPU, VOCAB).times for r in RECOMPUTE}
@@ -168,6 +212,11 @@ def main() -> int:
               f"(median of {args.steps})",
               ["stage", "model.recompute", "CPU s/step", "measured ratio", "scale model ratio (compute)"],
               recompute_rows(cfg, args.steps))
+        table(f"(a) recompute: activations D's forward keeps for its backward, SC only, one micro-batch of {args.batch} "
+              "(weights excluded; fp32 here, the estimate assumes 2-byte activations: compare the ratios; measured includes the "
+              "LM head's logits, batch x decoder length x vocab x 4 bytes, which the estimate of D's layers leaves out)",
+              ["model.recompute", "measured MiB", "measured over none", "dry-run estimate over none"],
+              activation_rows(cfg))
     if "b" in parts:
         pipe = with_fields(cfg, "train", micro_batch_size=args.pipeline_batch)
         table(f"(b) pipeline bubble: idle fraction of the step, micro-batch {args.pipeline_batch}, one process per "
