@@ -96,6 +96,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(t.peak_tflops is None or t.peak_tflops > 0,
          f"train.peak_tflops must be positive (or unset for the known GPUs' peaks), got {t.peak_tflops}")
     need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0: no clipping), got {o.clip_grad}")
+    need(t.hang_factor == 0 or t.hang_factor > 1,
+         f"train.hang_factor must be 0 (off) or above 1 (a multiple of the median step), got {t.hang_factor}")
     stacks = [("the encoder", m.num_encoder_layers), ("the decoder", m.num_decoder_layers),
               ("the generator", generator_num_layers(cfg))]
     if pp > 1 or p.pipeline_layout:  # also refuses more stages than layers, naming both

@@ -48,6 +48,7 @@ from spactor_mega.plan.mfu import device_peak_tflops, mfu
 from spactor_mega.plan.validate import validate
 from spactor_mega.training.engines import Engine, build_engine
 from spactor_mega.training.metrics import RunLogger, mean_over_data_parallel
+from spactor_mega.training.watchdog import HangWatchdog
 
 
 @dataclass
@@ -144,6 +145,7 @@ def train(cfg: Config) -> RunResult:
         run_eval(0)
 
     last_time = time.perf_counter()
+    watchdog = HangWatchdog(t.hang_factor, rank)
     while step < t.steps:
         phase = phase_at(step, cfg.spactor.tau)
         hybrid = phase is Phase.HYBRID
@@ -154,11 +156,13 @@ def train(cfg: Config) -> RunResult:
             log.line(f"[train] step {step}: tau reached, SC only from here; generator released "
                      f"(G params {counts['generator']}, G optimizer state {counts['generator_optimizer_state']})"
                      + (f"; pipeline layout {layout.describe()}" if p.pipeline_model_parallel_size > 1 else ""))
+        watchdog.start_step(step + 1)
         wait_start = time.perf_counter()
         micro_batches = [on_device(next(loader)) for _ in range(accumulation)]
         data_wait = time.perf_counter() - wait_start  # time blocked on the input pipeline
         metrics = mean_over_data_parallel(engine.train_step(micro_batches, phase))
         step += 1
+        watchdog.end_step()
 
         now = time.perf_counter()
         seconds, last_time = now - last_time, now
@@ -188,6 +192,7 @@ def train(cfg: Config) -> RunResult:
             log.line(f"[train] exit interval reached at step {step}; resume with --train.resume auto")
             break
 
+    watchdog.close()
     log.close()
     result.step = step
     if rank == 0:
