@@ -106,6 +106,9 @@ class DataConfig:
     # workers do not speed the demo up: README, Benchmarks)
     num_workers: int = 0
     prefetch_factor: int = 2  # micro-batches each worker builds ahead (with num_workers > 0)
+    # Passes over each training dataset the run may make (train.steps x global_batch_size samples); more is
+    # refused before the model is built, naming the dataset: T5 pretraining reads its corpus once
+    max_epochs: float = 1.0
 
 
 @dataclass
@@ -163,7 +166,9 @@ class TrainConfig:
     # Checkpoints kept: the newest keep_last_checkpoints (0: all), plus every multiple of keep_every
     keep_last_checkpoints: int = 0
     keep_every: Optional[int] = None
-    async_save: bool = False  # write checkpoint shards in the background (Megatron engine)
+    # Write checkpoint shards in a background process while training goes on (Megatron engine only:
+    # the DeepSpeed engine saves synchronously)
+    async_save: bool = False
     # A step whose loss or gradient norm is not finite changes nothing and is counted; this many
     # in a row stop the run
     max_skipped_steps: int = 10
@@ -281,6 +286,16 @@ def config_from_dict(doc: Any, where: str, cfg: Optional[Config] = None) -> Conf
     return cfg
 
 
+# What --help says of a field besides its default, where the name alone does not tell
+FIELD_HELP = {
+    "train.resume": "auto (the latest complete checkpoint), auto-previous (or, if it is damaged, the newest "
+                    "complete one before it) or a checkpoint folder",
+    "train.async_save": "write checkpoint shards in a background process while training goes on (Megatron "
+                        "engine; the DeepSpeed engine saves synchronously)",
+    "train.keep_last_checkpoints": "checkpoints kept: the newest N (0: all), plus train.keep_every's multiples",
+}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``--config`` and one ``--section.field`` flag per config field."""
     parser.add_argument("--config", help="YAML preset (see configs/); flags below override it")
@@ -294,7 +309,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 dest=f"cfg:{section}.{f.name}",
                 metavar="VALUE",
                 default=argparse.SUPPRESS,
-                help=f"(default: {default})",
+                help=" ".join(filter(None, (FIELD_HELP.get(f"{section}.{f.name}"), f"(default: {default})"))),
             )
 
 

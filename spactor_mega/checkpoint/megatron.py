@@ -12,21 +12,61 @@ from pathlib import Path
 from typing import Optional
 
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from spactor_mega.checkpoint.store import (
     CheckpointError,
+    checkpoint_dir,
     commit_checkpoint,
     prepare_checkpoint_dir,
+    save_fault_point,
     strip_prefix,
 )
 from spactor_mega.parallel.state import single_process_parallel
 
 
 def save_checkpoint(save_dir: str | Path, step: int, sharded_state: dict, record: dict, tokenizer_file: Optional[Path]) -> Path:
-    path = prepare_checkpoint_dir(save_dir, step)
-    dist_checkpointing.save(sharded_state, str(path))
-    commit_checkpoint(save_dir, path, record, tokenizer_file)
-    return path
+    """A complete checkpoint, written now (collective)."""
+    return CheckpointWriter(asynchronous=False).save(save_dir, step, sharded_state, record, tokenizer_file)
+
+
+class CheckpointWriter:
+    """Writes the checkpoints of one run, synchronously or, with ``asynchronous``, through Megatron's
+    async dist-checkpointing: ``save`` returns once the shards are planned and handed to a forked
+    writer process, and training goes on while it writes them. The checkpoint is published
+    (``run.json``, the rename, ``latest``: :func:`~spactor_mega.checkpoint.store.commit_checkpoint`)
+    by a finalize step that Megatron runs only once every rank's writer has finished, in
+    :meth:`complete` (every step) or before the next save. Both ways run the same dist-checkpoint
+    request (Megatron's own synchronous save is that request run in place), so they write the same
+    bytes.
+
+    The writer is forked (Megatron's ``TemporalAsyncCaller``), not the persistent spawned worker:
+    on the CPU Megatron's copy of the tensors to host memory is no copy, and a fork is what gives the
+    writer the tensors as they were at the save while training changes them (copy-on-write)."""
+
+    def __init__(self, asynchronous: bool):
+        self.calls = AsyncCallsQueue(persistent=False) if asynchronous else None
+
+    def save(self, save_dir: str | Path, step: int, sharded_state: dict, record: dict,
+             tokenizer_file: Optional[Path]) -> Path:
+        """Writes (or starts writing) ``save_dir/iter_NNNNNNN``; returns that path (collective)."""
+        self.complete(wait=True)
+        path = prepare_checkpoint_dir(save_dir, step)
+        request = dist_checkpointing.save(sharded_state, str(path), async_sharded_save=True)
+        # Megatron's finalize steps write the dist-checkpoint's metadata (what makes it loadable)
+        # after every rank's shards; ours publish it after that.
+        request.finalize_fns.insert(0, lambda: save_fault_point("between_shards", step))
+        request.finalize_fns.append(lambda: commit_checkpoint(save_dir, path, record, tokenizer_file))
+        if self.calls is None:
+            request.execute_sync()
+        else:
+            self.calls.schedule_async_request(request)
+        return checkpoint_dir(save_dir, step)
+
+    def complete(self, wait: bool) -> None:
+        """Publishes the saves every rank has finished writing; with ``wait``, waits for all (collective)."""
+        if self.calls is not None:
+            self.calls.maybe_finalize_async_calls(blocking=wait)
 
 
 def load_checkpoint(path: Path, sharded_state: dict) -> dict:

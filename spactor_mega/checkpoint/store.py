@@ -3,9 +3,14 @@
 A checkpoint is ``SAVE_DIR/iter_NNNNNNN/``: the engine's own files (Megatron's
 ``dist_checkpointing`` tensors, :mod:`spactor_mega.checkpoint.megatron`; DeepSpeed's per-engine
 folders, :mod:`spactor_mega.checkpoint.deepspeed`) plus ``run.json``, the run's own record (step,
-consumed samples, curriculum phase, layout, config), written last. ``latest`` names the newest
-complete checkpoint; it is replaced atomically after ``run.json``, so a crash mid-save leaves the
-previous checkpoint as the one ``--train.resume auto`` picks.
+consumed samples, curriculum phase, layout, config, and the size of every file of the checkpoint),
+written last. Every rank writes into ``iter_NNNNNNN.partial/``; once all have written, rank 0
+writes ``run.json``, renames the folder to ``iter_NNNNNNN`` and then replaces ``latest`` (the
+newest complete checkpoint) atomically. A process killed at any moment of a save therefore
+leaves the previous checkpoint as the one ``--train.resume auto`` picks; the ``.partial`` folder
+is reported and removed by the next save. A checkpoint whose files do not match ``run.json``
+(a missing or truncated file) is refused naming the file; ``--train.resume auto-previous`` then
+resumes from the newest complete checkpoint before it.
 
 A record with ``"weights_only": true`` (an imported HF model, ``spactor convert from-hf``) holds
 D's weights and nothing else: training starts from them with a fresh G and optimizer.
@@ -16,25 +21,48 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from spactor_mega.config import ConfigError
 from spactor_mega.curriculum import Phase, phase_at
 from spactor_mega.errors import UserError
 from spactor_mega.plan.derived import uses_bf16
 
 RUN_RECORD = "run.json"
 LATEST = "latest"
+FILES = "files"  # run.json's {path relative to the checkpoint: size in bytes}
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be loaded here; the message names it and what to do."""
 
 
+PARTIAL = ".partial"  # the suffix of a folder still being written
+# Test-only fault injection: "<point>@<step>" kills the process (SIGKILL, as a node failure or the
+# OOM killer would) at that point of the save of that step; read here and nowhere else.
+KILL_IN_SAVE = "SPACTOR_TEST_KILL_IN_SAVE"
+SAVE_POINTS = ("before_shards", "between_shards", "before_record", "before_latest")
+
+
 def checkpoint_dir(save_dir: str | Path, step: int) -> Path:
     return Path(save_dir) / f"iter_{step:07d}"
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step of an ``iter_NNNNNNN`` folder (None for any other name, ``.partial`` ones too)."""
+    name = path.name
+    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
+
+
+def save_fault_point(point: str, step: int) -> None:
+    """Dies here when the test hook :data:`KILL_IN_SAVE` names this point of this step's save."""
+    if os.environ.get(KILL_IN_SAVE) == f"{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _rank() -> int:
@@ -47,27 +75,68 @@ def _barrier() -> None:
 
 
 def prepare_checkpoint_dir(save_dir: str | Path, step: int) -> Path:
-    """An empty ``iter_NNNNNNN`` directory for every rank to write into (collective)."""
-    path = checkpoint_dir(save_dir, step)
+    """An empty ``iter_NNNNNNN.partial`` directory for every rank to write into (collective). The
+    ``.partial`` folders of interrupted saves go first: no other save is in flight now."""
+    save_dir = Path(save_dir)
+    path = save_dir / f"{checkpoint_dir(save_dir, step).name}{PARTIAL}"
     if _rank() == 0:
-        if path.exists():
-            shutil.rmtree(path)  # an incomplete earlier attempt at this step
+        for stale in save_dir.glob(f"iter_*{PARTIAL}"):
+            shutil.rmtree(stale)
         path.mkdir(parents=True)
     _barrier()
+    save_fault_point("before_shards", step)
     return path
 
 
-def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_file: Optional[Path]) -> None:
-    """After every rank wrote its part (collective): tokenizer, run.json, then ``latest``."""
+def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_file: Optional[Path]) -> Path:
+    """After every rank wrote its part of ``path`` (a :func:`prepare_checkpoint_dir` folder;
+    collective): tokenizer, ``run.json`` with every file's size, the folder renamed to
+    ``iter_NNNNNNN``, then ``latest``; then the retention policy of ``record``'s config. Returns
+    the published folder."""
     _barrier()
+    step = int(record["step"])
+    final = checkpoint_dir(save_dir, step)
     if _rank() == 0:
         if tokenizer_file is not None:
             shutil.copy(tokenizer_file, path / "spiece.model")
-        (path / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str))
+        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+        save_fault_point("before_record", step)
+        _write_durably(path / RUN_RECORD, json.dumps({**record, FILES: files}, indent=2, default=str))
+        if final.exists():  # a complete checkpoint of this step that never became `latest`
+            shutil.rmtree(final)
+        os.replace(path, final)
+        save_fault_point("before_latest", step)
         tmp = Path(save_dir) / f".{LATEST}.tmp"
-        tmp.write_text(path.name + "\n")
+        _write_durably(tmp, final.name + "\n")
         os.replace(tmp, Path(save_dir) / LATEST)
+        train = record.get("config", {}).get("train", {})
+        apply_retention(save_dir, step, train.get("keep_last_checkpoints", 0), train.get("keep_every"))
     _barrier()
+    return final
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def apply_retention(save_dir: str | Path, written: int, keep_last: int, keep_every: Optional[int]) -> list[Path]:
+    """Deletes the complete checkpoints before step ``written`` that are neither among the newest
+    ``keep_last`` (0: all are kept; the one just written counts) nor a multiple of ``keep_every``;
+    returns them. Only complete ones (with ``run.json``) are candidates: never a ``.partial``
+    folder, the one just written, nor one of a later step (left by an interrupted earlier run)."""
+    if keep_last <= 0:
+        return []
+    complete = sorted((step, path) for path in Path(save_dir).iterdir()
+                      if (step := checkpoint_step(path)) is not None and step < written
+                      and (path / RUN_RECORD).is_file())
+    kept = {step for step, _ in complete[max(0, len(complete) - (keep_last - 1)):]} if keep_last > 1 else set()
+    doomed = [path for step, path in complete if step not in kept and not (keep_every and step % keep_every == 0)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
 
 
 def make_record(cfg, step: int, vocab_size: int, **extra) -> dict:
@@ -104,22 +173,90 @@ def read_record(path: str | Path) -> dict:
         raise CheckpointError(f"{record}: corrupt ({e.msg} at line {e.lineno}); pick another checkpoint") from None
 
 
+def verify_files(path: Path, record: dict) -> None:
+    """Refuses a checkpoint one of whose files is missing or of another size than ``run.json``
+    records (a truncated shard, a deleted file), naming the file. Records written before the
+    sizes were recorded are not checked."""
+    for name, size in record.get(FILES, {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing, so the checkpoint is damaged")
+        if (actual := file.stat().st_size) != size:
+            raise CheckpointError(f"{file}: {actual} bytes but {size} were written (truncated or altered), "
+                                  "so the checkpoint is damaged")
+
+
+def complete_checkpoint(path: Path) -> dict:
+    """``path``'s record, once its files are checked against it (:func:`verify_files`)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    record = read_record(path)
+    verify_files(path, record)
+    return record
+
+
 def find_checkpoint(resume: Optional[str], save_dir: str | Path) -> Optional[Path]:
-    """``auto``: the latest complete checkpoint under save_dir, or None; else the path given."""
+    """The checkpoint to resume, checked complete (:func:`complete_checkpoint`), or None.
+
+    ``auto``: the one ``save_dir/latest`` names, or None without ``latest``. ``auto-previous``:
+    the same, or, when it is damaged, the newest complete one before it. Anything else: the
+    checkpoint folder given, or a save dir's latest."""
     if not resume:
         return None
-    if resume != "auto":
+    if resume not in ("auto", "auto-previous"):
         path = Path(resume)
         if not (path / RUN_RECORD).is_file() and (path / LATEST).is_file():
             path = path / (path / LATEST).read_text().strip()  # a save dir: its latest checkpoint
-        read_record(path)
+        complete_checkpoint(path)
         return path
-    latest = Path(save_dir) / LATEST
+    save_dir = Path(save_dir)
+    latest = save_dir / LATEST
     if not latest.is_file():
         return None
-    path = Path(save_dir) / latest.read_text().strip()
-    read_record(path)
-    return path
+    path = save_dir / latest.read_text().strip()
+    for partial in sorted(save_dir.glob(f"iter_*{PARTIAL}")):
+        _say(f"[checkpoint] ignoring {partial}: a save that did not complete (the next save removes it)")
+    try:
+        complete_checkpoint(path)
+        return path
+    except CheckpointError as damaged:
+        if resume == "auto":
+            raise CheckpointError(f"{damaged}; resume with --train.resume auto-previous (the newest complete "
+                                  "checkpoint before it) or delete it") from None
+        newest = checkpoint_step(path)
+        earlier = sorted((step, p) for p in save_dir.iterdir()
+                         if (step := checkpoint_step(p)) is not None and (newest is None or step < newest))
+        for _, candidate in reversed(earlier):
+            try:
+                complete_checkpoint(candidate)
+            except CheckpointError as e:
+                _say(f"[checkpoint] skipping {e}")
+                continue
+            _say(f"[checkpoint] {damaged}; resuming from the newest complete checkpoint before it, {candidate}")
+            return candidate
+        raise CheckpointError(f"{damaged}; and no complete checkpoint before it under {save_dir}") from None
+
+
+def _say(line: str) -> None:
+    if _rank() == 0:
+        print(line, flush=True)
+
+
+def check_save_dir(save_dir: str | Path, checkpoint_bytes: float) -> None:
+    """Refuses, before training, a ``train.save_dir`` that cannot be created or written, or whose
+    file system has less free space than one checkpoint (``checkpoint_bytes``, estimated)."""
+    path = Path(save_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"train.save_dir={path}: not writable ({e.strerror or type(e).__name__}); "
+                              "pick a directory this user can write") from None
+    free = shutil.disk_usage(path).free
+    if free < checkpoint_bytes:
+        raise ConfigError(f"train.save_dir={path}: {free / 1e9:.2f} GB free but one checkpoint needs about "
+                              f"{checkpoint_bytes / 1e9:.2f} GB; free space there or pick another train.save_dir")
 
 
 # The fields that fix the parameters' shapes (and what they mean): a checkpoint written with
@@ -133,8 +270,9 @@ _DEFAULTS = {"init": "megatron"}  # what a field added later meant in checkpoint
 
 def check_resumable(path: Path, record: dict, cfg, vocab_size: int, pipeline_layout: str) -> None:
     """Refuses, before anything is built, a checkpoint of another engine or model (naming the field)
-    and one whose optimizer state cannot be resharded to this run's layout (Adafactor's is kept per
-    (TP, PP) rank); model weights and AdamW state load under any TP/PP/DP layout. A weights-only
+    and one whose optimizer state cannot be resharded to this run's layout (Adafactor's factored
+    moments are per TP shard); model weights and AdamW state load under any TP/PP/DP layout,
+    Adafactor state under any PP split and DP size. A weights-only
     checkpoint (``spactor convert from-hf``) is checked for D's shape alone: G and the optimizers
     start afresh from it."""
     saved = record.get("config", {})
@@ -169,14 +307,12 @@ def check_resumable(path: Path, record: dict, cfg, vocab_size: int, pipeline_lay
         raise CheckpointError(f"{path}: written with optim.optimizer={theirs!r} but this run has "
                               f"optim.optimizer={cfg.optim.optimizer!r}; resume with the same optimizer")
     if cfg.optim.optimizer == "adafactor":
-        p = cfg.parallel
-        then = (record.get("tensor_model_parallel_size"), record.get("pipeline_model_parallel_size"),
-                record.get("pipeline_layout"))
-        now = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, pipeline_layout)
+        then, now = record.get("tensor_model_parallel_size"), cfg.parallel.tensor_model_parallel_size
         if then != now:
             raise CheckpointError(
-                f"{path}: Adafactor state is kept per (TP, PP) rank and was written under TP={then[0]}, PP={then[1]}, "
-                f"layout {then[2]}; resume with that layout (this run: TP={now[0]}, PP={now[1]}, layout {now[2]})")
+                f"{path}: Adafactor's factored moments are kept per tensor-parallel shard and were written under "
+                f"TP={then}; resume with parallel.tensor_model_parallel_size={then} (this run: TP={now}; "
+                "any pipeline split and DP size work)")
 
 
 def strip_prefix(state: dict, prefix: str) -> dict:

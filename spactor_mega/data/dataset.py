@@ -44,13 +44,9 @@ from spactor_mega.data.span_corruption import (
     sample_keys,
 )
 from spactor_mega.data.special_tokens import PAD_ID, special_mask
-from spactor_mega.errors import UserError
+from spactor_mega.data.validation import DataError, check_bin_matches_index
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(UserError):
-    """Data that cannot be read or used; the message names the file and the fix."""
 
 
 @dataclass
@@ -68,15 +64,8 @@ def open_indexed_dataset(prefix: str) -> IndexedDataset:
         dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
     except Exception as e:  # Megatron raises assertion/struct/value errors on bad headers
         raise DataError(f"{idx}: not a readable Megatron index ({type(e).__name__}: {e}); rebuild with `spactor preprocess`") from None
-    lengths = dataset.index.sequence_lengths
-    pointers = dataset.index.sequence_pointers
-    if len(lengths):
-        need = int(pointers[-1]) + int(lengths[-1]) * np.dtype(dataset.index.dtype).itemsize
-        have = bin_.stat().st_size
-        if have < need:
-            raise DataError(
-                f"{bin_}: truncated ({have} bytes, index needs {need}); rebuild with `spactor preprocess`"
-            )
+    check_bin_matches_index(bin_, idx, dataset.index.sequence_pointers, dataset.index.sequence_lengths,
+                            np.dtype(dataset.index.dtype).itemsize)
     return dataset
 
 

@@ -99,7 +99,8 @@ def initialize_parallel(
     Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK (torchrun); without them it makes a
     one-process group. ``world_size`` must be a multiple of ``tp * pp`` (the plan's validation
     refuses other layouts); DP is the rest. ``vp``: virtual pipeline stages (model chunks) per
-    pipeline rank (Megatron's interleaved schedule).
+    pipeline rank (Megatron's interleaved schedule). ``timeout_s``: how long any collective waits for
+    a rank that does not come (then it fails, and the launcher can restart the job).
     """
     apply_cpu_compat()
     _init_process_group(backend, timeout_s)
@@ -108,6 +109,7 @@ def initialize_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
+        distributed_timeout_minutes=timeout_s / 60,  # its TP/PP/DP groups: the same timeout as the world's
     )
     apply_cpu_compat()  # modules imported by initialize_model_parallel
     seed_everything(seed)

@@ -301,11 +301,10 @@ def resolve_layout(cfg: Config, encoder_length: int, decoder_length: int, **bala
 
 def replans_at_tau(cfg: Config) -> bool:
     """Whether the run balances its stages for each phase and rebuilds them at tau: a pipeline,
-    both phases, no given ``parallel.pipeline_layout``, and an optimizer whose state a checkpoint
-    holds under global names (AdamW; Adafactor's is kept per (TP, PP) rank, so its runs keep the
-    SC-only balance throughout, as :func:`spactor_mega.checkpoint.store.check_resumable` requires)."""
+    both phases and no given ``parallel.pipeline_layout`` (the optimizers' checkpoints hold their
+    state under global parameter names, so it moves between stages)."""
     return (cfg.parallel.pipeline_model_parallel_size > 1 and not cfg.parallel.pipeline_layout
-            and 0 < cfg.spactor.tau < cfg.train.steps and cfg.optim.optimizer == "adamw")
+            and 0 < cfg.spactor.tau < cfg.train.steps)
 
 
 def config_layout(cfg: Config, vocab_size: int = DEFAULT_VOCAB_SIZE, phase: Phase = Phase.SC_ONLY) -> PipelineLayout:

@@ -9,6 +9,12 @@ from __future__ import annotations
 from spactor_mega.config import Config
 from spactor_mega.plan.derived import uses_bf16
 from spactor_mega.plan.engines import engine_spec
+from spactor_mega.plan.inventory import (
+    count,
+    generator_parameter_shapes,
+    rtd_head_parameter_shapes,
+    t5_parameter_shapes,
+)
 
 GIB = 1024 ** 3
 
@@ -17,6 +23,15 @@ def model_state_bytes(cfg: Config, params_per_rank: int, dp: int) -> dict[str, d
     """``{"gpu": {...}, "cpu": {...}}`` bytes of params / grads / optimizer on one rank.
     ``params_per_rank``: parameters this rank holds before any ZeRO split (after TP)."""
     return engine_spec(cfg.train.engine).plan.model_state_bytes(cfg, params_per_rank, dp)
+
+
+def checkpoint_bytes(cfg: Config, vocab_size: int) -> float:
+    """About the bytes of one checkpoint: the weights and optimizer state of D, G and the RTD head
+    as the engine keeps them (Adafactor's factored moments not counted)."""
+    n = sum(count(shapes) for shapes in (t5_parameter_shapes(cfg.model, vocab_size), generator_parameter_shapes(cfg),
+                                         rtd_head_parameter_shapes(cfg.model.d_model)))
+    est = model_state_bytes(cfg, n, 1)
+    return sum(est[where]["params"] + est[where]["optimizer"] for where in ("gpu", "cpu"))
 
 
 def describe_memory(cfg: Config, params_per_rank: int, dp: int) -> list[str]:

@@ -35,6 +35,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(cfg.data.encoder_seq_length >= 8, f"data.encoder_seq_length must be >= 8, got {cfg.data.encoder_seq_length}")
     need(cfg.data.num_workers >= 0 and cfg.data.prefetch_factor >= 1, "data.num_workers must be >= 0 and "
          f"data.prefetch_factor >= 1, got {cfg.data.num_workers} and {cfg.data.prefetch_factor}")
+    need(cfg.data.max_epochs > 0, f"data.max_epochs must be positive, got {cfg.data.max_epochs}")
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     need(tp >= 1 and pp >= 1, "parallel sizes must be >= 1")
@@ -98,6 +99,16 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0: no clipping), got {o.clip_grad}")
     need(t.hang_factor == 0 or t.hang_factor > 1,
          f"train.hang_factor must be 0 (off) or above 1 (a multiple of the median step), got {t.hang_factor}")
+    need(t.exit_duration_minutes is None or t.exit_duration_minutes > 0,
+         f"train.exit_duration_minutes must be positive (or unset: no wall-clock stop), got {t.exit_duration_minutes}")
+    need(t.distributed_timeout_minutes > 0,
+         f"train.distributed_timeout_minutes must be positive, got {t.distributed_timeout_minutes}")
+    need(t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1 (non-finite steps in a row that stop "
+         f"the run), got {t.max_skipped_steps}")
+    need(t.keep_last_checkpoints >= 0,
+         f"train.keep_last_checkpoints must be >= 0 (0: keep every checkpoint), got {t.keep_last_checkpoints}")
+    need(t.keep_every is None or t.keep_every > 0,
+         f"train.keep_every must be positive (keep the checkpoints of its multiples) or unset, got {t.keep_every}")
     stacks = [("the encoder", m.num_encoder_layers), ("the decoder", m.num_decoder_layers),
               ("the generator", generator_num_layers(cfg))]
     if pp > 1 or p.pipeline_layout:  # also refuses more stages than layers, naming both

@@ -21,6 +21,7 @@ from megatron.core import parallel_state as ps
 from spactor_mega.checkpoint.megatron import load_model_weights
 from spactor_mega.checkpoint.store import (
     check_resumable,
+    check_save_dir,
     find_checkpoint,
     make_record,
     read_record,
@@ -36,6 +37,7 @@ from spactor_mega.data.dataset import (
 from spactor_mega.data.loader import MicroBatchDataset, micro_batch_loader
 from spactor_mega.data.prepare import ensure_data
 from spactor_mega.data.span_corruption import SpanCorruption
+from spactor_mega.data.validation import check_passes
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
 from spactor_mega.model.spactor import SpactorObjective
 from spactor_mega.model.stages import as_chunks, build_spactor_modules
@@ -44,10 +46,13 @@ from spactor_mega.parallel.state import initialize_parallel
 from spactor_mega.plan.derived import generator_num_layers, uses_bf16
 from spactor_mega.plan.flops import format_flops, sample_flops
 from spactor_mega.plan.layout import config_layout
+from spactor_mega.plan.memory import checkpoint_bytes
 from spactor_mega.plan.mfu import device_peak_tflops, mfu
 from spactor_mega.plan.validate import validate
 from spactor_mega.training.engines import Engine, build_engine
 from spactor_mega.training.metrics import RunLogger, mean_over_data_parallel
+from spactor_mega.training.nonfinite import SkippedSteps, inject_test_nan
+from spactor_mega.training.preemption import StopRequests, inject_test_fault
 from spactor_mega.training.watchdog import HangWatchdog
 
 
@@ -65,8 +70,10 @@ def train(cfg: Config) -> RunResult:
     without it). The config is validated here, once, before any process group exists."""
     p, t = cfg.parallel, cfg.train
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    # From here on SIGTERM/SIGUSR1/SIGINT (and train.exit_duration_minutes) stop the run after a step, saved
+    stop_requests = StopRequests(t.exit_duration_minutes)
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed,
-                        vp=p.virtual_pipeline_model_parallel_size)
+                        vp=p.virtual_pipeline_model_parallel_size, timeout_s=t.distributed_timeout_minutes * 60)
     world = torch.distributed.get_world_size()
     rank = torch.distributed.get_rank()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -85,9 +92,11 @@ def train(cfg: Config) -> RunResult:
         cfg.data.train_data, cfg.data.valid_data, cfg.data.split, corruption, t.seed,
         t.steps * t.global_batch_size, max(t.eval_batches * t.micro_batch_size * dp_size, 1), cfg.data.cache_dir,
     )
+    check_passes(train_set, cfg.data.max_epochs)
 
     # Model and engine -------------------------------------------------------------------
     vocab = model_vocab_size(cfg.model, tokenizer.model_vocab_size, p.tensor_model_parallel_size)
+    check_save_dir(t.save_dir, checkpoint_bytes(cfg, vocab))  # before anything is built
     checkpoint = find_checkpoint(t.resume, t.save_dir)
     record = read_record(checkpoint) if checkpoint else {"step": 0, "consumed_samples": 0}
     # this rank builds its stage of it (all of D when PP = 1); balanced for the phase the run starts in
@@ -126,6 +135,7 @@ def train(cfg: Config) -> RunResult:
         cfg.data.num_workers, cfg.data.prefetch_factor,
     )
     result = RunResult(step=step, checkpoint=checkpoint, tensorboard_dir=cfg.logging.tensorboard_dir)
+    skipped_steps = SkippedSteps(t.max_skipped_steps)  # non-finite steps, counted from this launch
 
     def save(at_step: int) -> Path:
         return engine.save(t.save_dir, at_step, make_record(cfg, at_step, vocab, pipeline_layout=layout.describe()),
@@ -160,8 +170,11 @@ def train(cfg: Config) -> RunResult:
         wait_start = time.perf_counter()
         micro_batches = [on_device(next(loader)) for _ in range(accumulation)]
         data_wait = time.perf_counter() - wait_start  # time blocked on the input pipeline
+        inject_test_fault(step + 1)
+        inject_test_nan(step + 1, micro_batches, dp_rank)
         metrics = mean_over_data_parallel(engine.train_step(micro_batches, phase))
         step += 1
+        engine.complete_saves(wait=False)  # publishes an asynchronous save once every rank has written it
         watchdog.end_step()
 
         now = time.perf_counter()
@@ -178,23 +191,39 @@ def train(cfg: Config) -> RunResult:
         )
         if peak_tflops:
             metrics["mfu"] = mfu(sample_cost * t.global_batch_size, seconds, world, peak_tflops)
+        skipped_steps.count(metrics["skipped"] > 0)
+        metrics["skipped_steps"] = float(skipped_steps.total)
         result.history.append({"step": step, **metrics})
         log.scalars(step, metrics)
         log.advance(phase.name, metrics["loss"])
         if step % cfg.logging.log_interval == 0 or step == t.steps:
             log.line(_format(step, phase, metrics))
+        if metrics["skipped"] > 0:
+            log.line(f"[train] step {step} skipped: non-finite loss or gradient norm, nothing updated "
+                     f"({skipped_steps.in_a_row} in a row, at most train.max_skipped_steps={t.max_skipped_steps})")
+        if skipped_steps.exceeded:
+            break  # raised below, once the saves started are complete
         if t.eval_interval > 0 and (step % t.eval_interval == 0 or step == t.steps) and valid_set is not None:
             run_eval(step)
         exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.steps
-        if (t.save_interval > 0 and step % t.save_interval == 0) or step == t.steps or exiting:
+        stopping = stop_requests.agreed_stop() if step < t.steps else None  # the same on every rank
+        if (t.save_interval > 0 and step % t.save_interval == 0) or step == t.steps or exiting or stopping:
             result.checkpoint = save(step)
         if exiting:
             log.line(f"[train] exit interval reached at step {step}; resume with --train.resume auto")
             break
+        if stopping:
+            log.line(f"[train] {stopping}: stopped after step {step}, saved {result.checkpoint}; "
+                     "resume with --train.resume auto")
+            break
 
     watchdog.close()
+    engine.complete_saves(wait=True)
+    stop_requests.close()
     log.close()
     result.step = step
+    if skipped_steps.exceeded:
+        raise skipped_steps.error(step, result.checkpoint)
     if rank == 0:
         print(f"[train] done: checkpoint {result.checkpoint}, TensorBoard logs {cfg.logging.tensorboard_dir} "
               f"(tensorboard --logdir {cfg.logging.tensorboard_dir})", flush=True)
@@ -269,6 +298,6 @@ def _format_eval(step: int, evaluation: dict[str, float]) -> str:
 
 def _format(step: int, phase: Phase, m: dict) -> str:
     keys = ["loss", "sc_loss", "rtd_loss", "mlm_loss", "rtd_accuracy", "mlm_accuracy", "replaced_fraction",
-            "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"]
+            "lr", "grad_norm", "skipped_steps", "tokens_per_s", "mfu", "data_wait_s"]
     parts = [f"{k}={m[k]:.4g}" for k in keys if k in m and not math.isnan(m[k])]
     return f"[train] step {step} {phase.name}: " + " ".join(parts)

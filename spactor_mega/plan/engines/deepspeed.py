@@ -178,6 +178,9 @@ def validate(cfg: Config, dp: int) -> None:
         if getattr(p, name):
             raise ConfigError(f"parallel.{name} is a Megatron engine setting; with train.engine=deepspeed use "
                               "deepspeed.zero_stage (1-3 shard optimizer state, gradients, parameters) instead")
+    if cfg.train.async_save:
+        raise ConfigError("train.async_save is a Megatron engine setting: the DeepSpeed engine writes its checkpoints "
+                          "synchronously (training waits for them); set train.async_save=false or use train.engine=megatron")
     tp = p.tensor_model_parallel_size
     if tp > 1 and cfg.train.micro_batch_size < tp:
         raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be >= parallel.tensor_model_parallel_size={tp} "

@@ -25,7 +25,9 @@ class Engine(Protocol):
 
     def train_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; their averaged metrics, plus
-        ``grad_norm``, ``lr`` (and ``generator_grad_norm`` in the hybrid phase)."""
+        ``grad_norm``, ``lr`` (and ``generator_grad_norm`` in the hybrid phase) and ``skipped``
+        (1.0, the same on every rank, when a non-finite loss or gradient norm left everything
+        unchanged: :mod:`spactor_mega.training.nonfinite`)."""
 
     def eval_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
         """The objective's averaged metrics on ``micro_batches``, no gradients, nothing changed."""
@@ -34,7 +36,12 @@ class Engine(Protocol):
         """Drops G, the RTD head, their gradients and optimizer state (tau reached)."""
 
     def save(self, save_dir: str | Path, step: int, record: dict, tokenizer_file: Optional[Path]) -> Path:
-        """Writes ``save_dir/iter_NNNNNNN`` (collective) through :mod:`spactor_mega.checkpoint.store`."""
+        """Writes ``save_dir/iter_NNNNNNN`` (collective) through :mod:`spactor_mega.checkpoint.store`,
+        or starts writing it (``train.async_save``; :meth:`complete_saves` publishes it)."""
+
+    def complete_saves(self, wait: bool) -> None:
+        """Publishes the saves whose files every rank has written (``latest`` then names the newest);
+        with ``wait``, first waits for all saves started (collective; a no-op for synchronous saves)."""
 
     def load(self, path: Path) -> None:
         """Restores modules, optimizers and schedules from a checkpoint this engine wrote."""

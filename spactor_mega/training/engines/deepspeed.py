@@ -42,6 +42,7 @@ from spactor_mega.checkpoint.store import (
     CheckpointError,
     commit_checkpoint,
     prepare_checkpoint_dir,
+    save_fault_point,
 )
 from spactor_mega.config import Config
 from spactor_mega.curriculum import Phase
@@ -56,6 +57,7 @@ from spactor_mega.training.engines.released import (
 )
 from spactor_mega.training.lr_schedule import build_lr_scheduler
 from spactor_mega.training.metrics import average_metrics
+from spactor_mega.training.nonfinite import NonFiniteStepsError, any_rank_nonfinite
 
 # deepspeed itself is imported where it is used, through import_deepspeed: it picks its
 # accelerator once, at import, and on CPU that must be set first.
@@ -219,21 +221,30 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
         hybrid = phase is Phase.HYBRID
         engines = [self.d] + ([self.aux] if hybrid else [])
-        outputs = []
+        outputs, nonfinite_loss = [], False
         for batch in micro_batches:
             loss, metrics = self._micro_step(batch, phase)
+            outputs.append(metrics)
+            if len(outputs) == len(micro_batches) and any_rank_nonfinite(m["loss"] for m in outputs):
+                # before the last backward, so no engine has stepped yet
+                nonfinite_loss, loss = True, _overflowing(loss, engines)
             self.d.backward(loss)
             if hybrid and not self._aux_in_forward:
                 self.aux.allreduce_gradients()
             for engine in engines:
                 engine.step()  # the optimizer steps at the accumulation boundary (the last micro-batch)
-            outputs.append(metrics)
-        self.d_scheduler.step(increment=1)
+        # Each engine's overflow flag is agreed over its own ranks, so this is the same on every rank.
+        skipped = not all(engine.was_step_applied() for engine in engines)
+        if nonfinite_loss and any(engine.was_step_applied() for engine in engines):
+            raise NonFiniteStepsError("DeepSpeed applied a step whose loss is not finite (is bf16.check_grad_overflow "
+                                      "off in deepspeed.config?); resume from the last checkpoint with it on")
         result = average_metrics(outputs)
-        result["grad_norm"] = _norm(self.d)
-        result["lr"] = self.d.optimizer.param_groups[0]["lr"]
+        if not skipped:
+            self.d_scheduler.step(increment=1)
+            if hybrid:
+                self.aux_scheduler.step(increment=1)
+        result.update(grad_norm=_norm(self.d), lr=self.d.optimizer.param_groups[0]["lr"], skipped=float(skipped))
         if hybrid:
-            self.aux_scheduler.step(increment=1)
             result["generator_grad_norm"] = _norm(self.aux)
         return result
 
@@ -248,15 +259,20 @@ class DeepSpeedEngine:
         checkpoints, our LR schedulers in their client state, the TP layout that consolidation merges
         shards by) plus our run.json and ``latest``."""
         path = prepare_checkpoint_dir(save_dir, step)
-        for engine, scheduler, tag in self._engines():
+        for i, (engine, scheduler, tag) in enumerate(self._engines()):
+            if i:
+                save_fault_point("between_shards", step)
             with _global_mpu(engine):
                 engine.save_checkpoint(str(path), tag=tag, client_state={"lr_scheduler": scheduler.state_dict()},
                                        save_latest=False)
             tp = engine.mpu.get_model_parallel_world_size()
             if tp > 1 and torch.distributed.get_rank() == 0:
                 write_tp_layout(path / tag, engine.module, tp)
-        commit_checkpoint(save_dir, path, record, tokenizer_file)
-        return path
+        return commit_checkpoint(save_dir, path, record, tokenizer_file)
+
+    def complete_saves(self, wait: bool) -> None:
+        """Nothing to do: DeepSpeed's checkpoints are written synchronously (``train.async_save`` is
+        refused for this engine)."""
 
     def load(self, path: Path) -> None:
         for engine, scheduler, tag in self._engines():
@@ -305,6 +321,21 @@ def _forget_zero3_engine(module: torch.nn.Module) -> None:
     for cached in [method, *cells]:
         if hasattr(cached, "cache_clear"):
             cached.cache_clear()
+
+
+def _overflowing(loss: torch.Tensor, engines: list) -> torch.Tensor:
+    """``loss`` times NaN: DeepSpeed skips an update only when its optimizer wrapper finds a gradient
+    overflow (the ``overflow`` flag its engine reads after each step: ZeRO-1/2/3 in fp32, ZeRO-0 to 3 in
+    bf16 with ``bf16.check_grad_overflow``, DeepSpeed's default), so a step whose loss is not finite on some
+    rank is made to overflow on every rank, in both engines (G's gradients may be finite when D's loss
+    is not), and each skips it as it skips an overflow. ZeRO-0 in fp32 steps a plain torch optimizer,
+    which has no such check: the run stops before the update instead."""
+    if not all(hasattr(engine.optimizer, "overflow") for engine in engines):
+        raise NonFiniteStepsError(
+            "a step's loss is not finite and DeepSpeed cannot skip it under deepspeed.zero_stage=0 in fp32 "
+            "(its plain optimizer checks no overflow): stopped before applying it; resume from the last "
+            "checkpoint with deepspeed.zero_stage >= 1 or train.precision=bf16")
+    return loss * float("nan")
 
 
 def _norm(engine) -> float:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +35,8 @@ from typing import Iterator
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.distributed import DistributedDataParallel as DDP
 from megatron.core.distributed import (
@@ -41,13 +44,14 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer.optimizer import (
     Float16OptimizerWithFloat16Params,
     FP32Optimizer,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from spactor_mega.checkpoint.megatron import load_checkpoint, save_checkpoint
+from spactor_mega.checkpoint.megatron import CheckpointWriter, load_checkpoint
 from spactor_mega.checkpoint.store import CheckpointError, strip_prefix
 from spactor_mega.config import Config
 from spactor_mega.curriculum import Phase
@@ -62,6 +66,7 @@ from spactor_mega.training.engines.released import (
 )
 from spactor_mega.training.lr_schedule import build_lr_scheduler
 from spactor_mega.training.metrics import average_metrics, metrics_reducer
+from spactor_mega.training.nonfinite import any_rank_nonfinite
 from spactor_mega.training.pipeline_step import pipeline_step
 
 
@@ -145,6 +150,7 @@ class MegatronEngine:
         self.objective = objective
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.bf16 = bf16
+        self.checkpoints = CheckpointWriter(cfg.train.async_save)
         self._wrap_discriminator(as_chunks(discriminator))
         aux_ddp = _aux_ddp_config(cfg)
         self.g = self.rtd = self.aux_optimizer = self.aux_scheduler = None
@@ -229,6 +235,7 @@ class MegatronEngine:
             path.mkdir(parents=True)
         torch.distributed.barrier()
         self._gather_updated_params()
+        self.checkpoints.complete(wait=True)  # Megatron's writers share one results queue: one save at a time
         dist_checkpointing.save(self.sharded_state_dict(), str(path))
         self.d_chunks = self.d = self.d_optimizer = self.d_scheduler = None  # the old stages go first
         gc.collect()
@@ -270,16 +277,22 @@ class MegatronEngine:
             if optimizer is not None:
                 optimizer.zero_grad()
         metrics = self._run_schedule(micro_batches, phase, forward_only=False)
-        ok, grad_norm, _ = self.d_optimizer.step()
-        self.d_scheduler.step(increment=1)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["lr"] = self.d_optimizer.param_groups[0]["lr"]
+        # Megatron's step() skips only on fp16 loss scaling's overflow and applies the update as soon
+        # as it has the norm: its halves let the loss and both norms be checked on every rank first
+        # (training.nonfinite), so a non-finite step changes no weight, optimizer state or schedule.
+        stepped = [(self.d_optimizer, self.d_scheduler)]
         if phase is Phase.HYBRID and self.aux_optimizer is not None:
-            _, g_norm, _ = self.aux_optimizer.step()
-            self.aux_scheduler.step(increment=1)
-            metrics["generator_grad_norm"] = float(g_norm) if g_norm is not None else float("nan")
-        if not ok:
-            metrics["skipped"] = 1.0
+            stepped.append((self.aux_optimizer, self.aux_scheduler))
+        found_inf = any([optimizer.prepare_grads() for optimizer, _ in stepped])  # fp16 only: never in bf16/fp32
+        norms = [float(optimizer.get_grad_norm()) for optimizer, _ in stepped]
+        skipped = any_rank_nonfinite([metrics["loss"], *norms, math.inf if found_inf else 0.0])
+        if not skipped:
+            for (optimizer, scheduler), norm in zip(stepped, norms):
+                _clip_and_step(optimizer, norm)
+                scheduler.step(increment=1)
+        metrics.update(grad_norm=norms[0], lr=self.d_optimizer.param_groups[0]["lr"], skipped=float(skipped))
+        if len(norms) > 1:
+            metrics["generator_grad_norm"] = norms[1]
         return metrics
 
     def _gather_updated_params(self) -> None:
@@ -326,7 +339,10 @@ class MegatronEngine:
     def save(self, save_dir, step: int, record: dict, tokenizer_file) -> Path:
         """A dist-checkpoint (:mod:`spactor_mega.checkpoint.megatron`) of everything below."""
         self._gather_updated_params()
-        return save_checkpoint(save_dir, step, self.sharded_state_dict(), record, tokenizer_file)
+        return self.checkpoints.save(save_dir, step, self.sharded_state_dict(), record, tokenizer_file)
+
+    def complete_saves(self, wait: bool) -> None:
+        self.checkpoints.complete(wait)
 
     def load(self, path) -> None:
         self.load_state_dict(load_checkpoint(path, self.sharded_state_dict(is_loading=True)))
@@ -341,14 +357,11 @@ class MegatronEngine:
 
     def sharded_state_dict(self, is_loading: bool = False) -> dict:
         """Everything a checkpoint holds; ``is_loading`` builds the template to load into."""
-        state = {}
-        for key, prefix, model in self._parts():
-            state[key] = model.module.sharded_state_dict(prefix=prefix)
-        d_state = {key: state[key] for key, prefix, _ in self._parts() if prefix == "discriminator."}
+        state = self._module_states()
+        d_state, aux_state = _optimizer_model_states(state)
         state["d_optimizer"] = self._optimizer_state("d_optimizer", self.d_optimizer, d_state, is_loading)
         state["d_scheduler"] = self.d_scheduler.state_dict()
         if self.aux_optimizer is not None:
-            aux_state = {**state.get("generator", {}), **state.get("rtd_head", {})}
             state["aux_optimizer"] = self._optimizer_state("aux_optimizer", self.aux_optimizer, aux_state, is_loading)
             state["aux_scheduler"] = self.aux_scheduler.state_dict()
         return state
@@ -363,25 +376,33 @@ class MegatronEngine:
                 return optimizer.sharded_state_dict(model_state, is_loading=is_loading,
                                                     metadata=DISTRIBUTED_OPTIMIZER_CHECKPOINT)
         # Adafactor's factored moments are not parameter-shaped, which Megatron's resharding
-        # optimizer checkpoint requires: keep them (and in bf16 the fp32 main params, which
-        # Megatron's state_dict adds) per (TP, PP) rank, written by DP rank 0.
-        return ShardedObject(
-            f"{key}.adafactor", {} if _is_stub(optimizer) else optimizer.state_dict(),
-            (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()),
-            (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
-            replica_id=ps.get_data_parallel_rank(),
-        )
+        # optimizer checkpoint requires: each parameter's state (and in bf16 its fp32 main copy) is
+        # one object under the parameter's global name and offsets, so it moves between pipeline
+        # stages and DP sizes (a resume under another split, the re-plan at tau); the factored
+        # row/column moments of a TP shard are not those of another TP size, so TP stays.
+        if _is_stub(optimizer):
+            return {}
+        stepped = _adafactor_params(optimizer)
+        return {name: ShardedObject(f"{key}.adafactor.{name}",
+                                    None if is_loading else _adafactor_entry(optimizer, param, stepped[param]),
+                                    (1,), (0,), replica_id=replica)
+                for name, (param, replica) in _global_names(model_state, stepped).items()}
+
+    def _module_states(self) -> dict:
+        """The modules' sharded state dicts, by state key (global tensor names)."""
+        return {key: model.module.sharded_state_dict(prefix=prefix) for key, prefix, model in self._parts()}
 
     def load_state_dict(self, state: dict) -> None:
         for key, prefix, model in self._parts():
             model.module.load_state_dict(strip_prefix(state[key], prefix), strict=True)
-        self._load_optimizer(self.d_optimizer, state["d_optimizer"])
+        d_state, aux_state = _optimizer_model_states(self._module_states())
+        self._load_optimizer(self.d_optimizer, state["d_optimizer"], d_state)
         self.d_scheduler.load_state_dict(state["d_scheduler"])
         if self.aux_optimizer is not None:
-            self._load_optimizer(self.aux_optimizer, state["aux_optimizer"])
+            self._load_optimizer(self.aux_optimizer, state["aux_optimizer"], aux_state)
             self.aux_scheduler.load_state_dict(state["aux_scheduler"])
 
-    def _load_optimizer(self, optimizer, state: dict) -> None:
+    def _load_optimizer(self, optimizer, state: dict, model_state: dict) -> None:
         if _is_stub(optimizer):
             return
         if self.cfg.optim.optimizer == "adamw":
@@ -394,22 +415,22 @@ class MegatronEngine:
                                             strict=True):
                     _load_distributed_optimizer(part, part_state)
             return
-        # Adafactor, saved whole (see _optimizer_state): fp32 runs saved the torch optimizer's state
-        # dict, bf16 runs Megatron's mixed-precision one ({"optimizer", "fp32_from_fp16_params"}).
-        # Loaded by hand: Megatron's load_state_dict matches param groups by keys of its own
-        # (wd_mult, lr_mult, ...) that Adafactor's groups lack.
-        bf16 = hasattr(optimizer, "fp32_from_float16_groups")
-        if bf16 != ("fp32_from_fp16_params" in state):
-            written, ours = ("fp32", "bf16") if bf16 else ("bf16", "fp32")
-            raise CheckpointError(f"this Adafactor checkpoint was written in {written} but this run trains in {ours}; "
-                                  f"resume it with train.precision={written}")
-        if not bf16:
-            optimizer.optimizer.load_state_dict(state)
-            return
-        optimizer.optimizer.load_state_dict(state["optimizer"])
-        for current, saved in zip(optimizer.fp32_from_float16_groups, state["fp32_from_fp16_params"], strict=True):
-            for main_param, saved_param in zip(current, saved, strict=True):
-                main_param.data.copy_(saved_param)
+        # Adafactor, one entry per parameter (see _optimizer_state). Loaded by hand: Megatron's
+        # load_state_dict matches param groups by keys of its own (wd_mult, lr_mult, ...) that
+        # Adafactor's groups lack; the groups' hyperparameters come from the config and the LR
+        # schedule's state.
+        stepped = _adafactor_params(optimizer)
+        for name, (param, _) in _global_names(model_state, stepped).items():
+            entry = state[name]
+            main = stepped[param]
+            if (entry["main"] is None) != (main is param):
+                written, ours = ("fp32", "bf16") if entry["main"] is None else ("bf16", "fp32")
+                raise CheckpointError(f"this Adafactor checkpoint was written in {written} but this run trains in "
+                                      f"{ours}; resume it with train.precision={written}")
+            optimizer.optimizer.state[main] = {k: v.to(main.device) if torch.is_tensor(v) else v
+                                               for k, v in entry["state"].items()}
+            if entry["main"] is not None:
+                main.data.copy_(entry["main"])
 
     def _aux_torch_optimizers(self) -> list:
         """The torch optimizers inside the G + RTD head optimizer (none on stages without them)."""
@@ -431,6 +452,58 @@ class MegatronEngine:
             sum(t.numel() for t in optimizer_state_tensors(self._aux_torch_optimizers())) if self.aux_optimizer
             else self.released.alive("generator_optimizer_state"))
         return counts
+
+
+def _optimizer_model_states(module_states: dict) -> tuple[dict, dict]:
+    """(D's, G's + the RTD head's) sharded state dicts: what each optimizer's checkpoint refers to."""
+    d_state = {k: v for k, v in module_states.items() if k.startswith("discriminator")}
+    return d_state, {**module_states.get("generator", {}), **module_states.get("rtd_head", {})}
+
+
+def _adafactor_params(optimizer) -> dict:
+    """``{model parameter: the tensor Adafactor steps}``: the parameter itself in fp32, its fp32
+    main copy under Megatron's bf16 wrapper."""
+    if hasattr(optimizer, "fp32_from_float16_groups"):
+        pairs = {model: main for models, mains in zip(optimizer.float16_groups, optimizer.fp32_from_float16_groups,
+                                                      strict=True) for model, main in zip(models, mains, strict=True)}
+        pairs.update((p, p) for group in optimizer.fp32_from_fp32_groups for p in group)
+        return pairs
+    return {p: p for group in optimizer.optimizer.param_groups for p in group["params"]}
+
+
+def _global_names(model_state: dict, params: dict) -> dict:
+    """``{name: (parameter, replica id)}`` for the parameters in ``params``: the name is the
+    parameter's global checkpoint key and offsets (a stacked layer's offset is its global index,
+    a TP shard's its position), the same under any pipeline split; the replica id is its
+    ShardedTensor's, so a table held by several stages is written once."""
+    tensors, _ = extract_sharded_tensors_and_factories(model_state)
+    wanted = {id(p) for p in params}
+    out = {}
+    for sharded in nested_values(tensors):
+        if id(sharded.data) in wanted:
+            # a factory (Megatron's gated-MLP weight) names its place through the tensors it builds
+            placed = sharded if hasattr(sharded, "global_offset") else next(iter(nested_values(sharded.build())))
+            offsets = "_".join(map(str, placed.global_offset))
+            out[f"{sharded.key}.{offsets}"] = (sharded.data, sharded.replica_id)
+    if len(out) != len(wanted):  # a parameter without a checkpoint name would lose its state
+        raise CheckpointError(f"{len(wanted) - len(out)} optimizer parameters have no tensor in the model's checkpoint")
+    return out
+
+
+def _adafactor_entry(optimizer, param, main) -> dict:
+    """One parameter's Adafactor state and, in bf16, its fp32 main copy ``main`` (None in fp32)."""
+    return {"state": dict(optimizer.optimizer.state.get(main, {})), "main": None if main is param else main}
+
+
+def _clip_and_step(optimizer, grad_norm: float) -> None:
+    """The rest of Megatron's ``step()`` after ``prepare_grads()`` and the norm: each part's
+    gradients clipped by the total norm (as its ``ChainedOptimizer.step`` does), then the update."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = part.get_parameters()
+        if part.config.clip_grad > 0.0 and params and not getattr(part, "is_stub_optimizer", False):
+            clip_grad_by_total_norm_fp32(params, part.config.clip_grad, grad_norm,
+                                         part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    optimizer.step_with_ready_grads()
 
 
 def _is_distributed(optimizer) -> bool:

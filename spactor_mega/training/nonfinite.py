@@ -1,0 +1,74 @@
+"""Non-finite steps: a step whose loss or gradient norm is not finite changes nothing.
+
+The engines decide it (:func:`any_rank_nonfinite`, agreed over every rank, since a pipeline's
+loss exists on its last stage only and a NaN can start on one data-parallel rank) before any
+optimizer applies an update, and report ``skipped`` 1.0 for it; such a step also leaves the LR
+schedules where they were (as Megatron-LM does for its fp16 overflow skips), so the schedule
+counts applied updates. :class:`SkippedSteps` counts them in the loop and stops the run after
+``train.max_skipped_steps`` in a row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from spactor_mega.errors import UserError
+
+# Test-only fault injection: comma-separated step numbers (1-based) whose loss is made NaN.
+TEST_NAN_STEPS_ENV = "SPACTOR_TEST_NAN_AT_STEP"
+
+
+class NonFiniteStepsError(UserError):
+    """Non-finite steps stopped the run (the CLI prints it as one line)."""
+
+
+def any_rank_nonfinite(values: Iterable[float]) -> bool:
+    """True on every rank when any of ``values`` is not finite on any rank (collective over the world)."""
+    bad = any(not math.isfinite(float(v)) for v in values)
+    # on the GPU where there is one: NCCL (the backend then) reduces CUDA tensors only
+    flag = torch.tensor([1 if bad else 0], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def inject_test_nan(step: int, micro_batches: list[dict], data_parallel_rank: int) -> None:
+    """Test-only: when ``step`` is listed in ``$SPACTOR_TEST_NAN_AT_STEP``, data-parallel rank 0
+    gets NaN span-corruption loss weights, so its loss and every gradient that loss reaches are NaN,
+    as a bad batch's would be (the other ranks see it only through the gradient reduction)."""
+    listed = os.environ.get(TEST_NAN_STEPS_ENV, "")
+    if data_parallel_rank != 0 or str(step) not in listed.split(","):
+        return
+    for batch in micro_batches:
+        batch["dec_loss_mask"] = batch["dec_loss_mask"] * float("nan")
+
+
+class SkippedSteps:
+    """Counts skipped steps (``total``, for the logs) and how many of them came in a row."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.total = 0
+        self.in_a_row = 0
+
+    def count(self, skipped: bool) -> None:
+        self.total += int(skipped)
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+
+    @property
+    def exceeded(self) -> bool:
+        """``train.max_skipped_steps`` steps in a row were skipped: the run stops."""
+        return self.in_a_row >= self.limit
+
+    def error(self, step: int, last_checkpoint: Optional[Path]) -> NonFiniteStepsError:
+        where = (f"resume from the last good checkpoint {last_checkpoint}" if last_checkpoint
+                 else "no checkpoint was written before it")
+        return NonFiniteStepsError(
+            f"stopped at step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient norm "
+            f"and were skipped (train.max_skipped_steps={self.limit}); {where}, with a lower optim.lr or "
+            "other data")

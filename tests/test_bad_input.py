@@ -1,0 +1,140 @@
+"""Bad input through the ``spactor`` command: one ``spactor CMD: error:`` line naming the field or
+file and the fix, no traceback, and (for data) nothing built first. The README's "Bad input" table
+lists these beside the classes other tests cover."""
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spactor_mega.cli import main
+from spactor_mega.data.prepare import ensure_data
+from tests.training.test_training import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    """A tiny training preset whose tokenizer and dataset exist (as tests/training's tiny_config)."""
+    work = tmp_path_factory.mktemp("bad_input") / "run"
+    cfg = tiny_config(work)
+    ensure_data(cfg)
+    path = work.parent / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    return path, Path(cfg.data.train_data[0])
+
+
+def refused(capsys, *argv: str) -> str:
+    """Runs ``spactor ARGV`` in this process; returns its one error line (asserting there is one)."""
+    rc = main(list(argv))
+    err = capsys.readouterr()
+    errors = [line for line in err.err.splitlines() if ": error: " in line]
+    assert rc == 2 and len(errors) == 1, err.err
+    assert "Traceback" not in err.err + err.out
+    assert "[train] world" not in err.err + err.out  # refused before any model was built
+    return errors[0]
+
+
+def test_an_unknown_field_in_a_preset_is_named(tmp_path, capsys):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    assert refused(capsys, "train", "--config", str(bad)).startswith(
+        f"spactor train: error: {bad}: unknown field train.stepz; known: ")
+
+
+def test_a_missing_preset_is_named(tmp_path, capsys):
+    assert refused(capsys, "train", "--config", str(tmp_path / "nope.yaml")) == \
+        f"spactor train: error: {tmp_path / 'nope.yaml'}: config file not found"
+
+
+def test_a_flag_value_of_the_wrong_type_names_the_flag(preset, capsys):
+    line = refused(capsys, "train", "--config", str(preset[0]), "--train.steps", "ten")
+    assert line.startswith("spactor train: error: --train.steps: invalid literal for int() with base 10: 'ten'")
+
+
+def test_a_world_size_that_tp_x_pp_does_not_divide(preset, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert refused(capsys, "train", "--config", str(preset[0]), "--parallel.tensor_model_parallel_size", "2") == (
+        "spactor train: error: world size 3 is not divisible by tensor x pipeline parallel size 2x1; "
+        "launch a multiple of TP*PP processes")
+
+
+def test_a_hang_factor_that_is_no_multiple_of_the_median(preset, capsys):
+    assert refused(capsys, "train", "--config", str(preset[0]), "--train.hang_factor", "0.5") == (
+        "spactor train: error: train.hang_factor must be 0 (off) or above 1 (a multiple of the median step), got 0.5")
+
+
+def test_lr_below_the_default_min_lr_is_our_line_not_megatrons_assert(preset):
+    """As a user runs it: a fresh `spactor` process (before the check, Megatron's scheduler died in
+    `assert self.max_lr >= self.min_lr`)."""
+    run = subprocess.run([sys.executable, "-m", "spactor_mega.cli", "train", "--config", str(preset[0]),
+                          "--optim.lr", "1e-9"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "spactor train: error: optim.min_lr=1e-05 must be in [0, optim.lr=1e-09]; lower optim.min_lr")
+    assert "Traceback" not in run.stderr and "assert" not in run.stderr
+
+
+def test_a_blend_prefix_that_does_not_exist_is_named(preset, capsys, tmp_path):
+    blend = f"[0.5, {preset[1]}, 0.5, {tmp_path / 'c4_typo'}]"
+    assert refused(capsys, "train", "--config", str(preset[0]), "--data.train_data", blend) == (
+        f"spactor train: error: {tmp_path / 'c4_typo.idx'}: indexed dataset file not found; "
+        "build it with `spactor preprocess`")
+
+
+def test_blend_weights_that_are_not_numbers(preset, capsys):
+    line = refused(capsys, "train", "--config", str(preset[0]), "--data.train_data", f"[{preset[1]}, 0.5]")
+    assert "weights must be numbers ('0.7 prefixA 0.3 prefixB')" in line
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cut", "truncated ({size} bytes, index needs {need}); rebuild with `spactor preprocess`"),
+    ("grown", "{size} bytes, but its index other.idx describes {need}: the two files are not from the same "
+              "`spactor preprocess` run; rebuild both with `spactor preprocess`"),
+])
+def test_a_bin_that_does_not_match_its_index(preset, capsys, tmp_path, damage, message):
+    prefix = tmp_path / "other"
+    shutil.copy(f"{preset[1]}.idx", f"{prefix}.idx")
+    data = Path(f"{preset[1]}.bin").read_bytes()
+    damaged = data[: len(data) // 2] if damage == "cut" else data + data[:64]  # the .bin of a larger dataset
+    Path(f"{prefix}.bin").write_bytes(damaged)
+    line = refused(capsys, "train", "--config", str(preset[0]), "--data.train_data", str(prefix))
+    assert line == f"spactor train: error: {prefix}.bin: " + message.format(size=len(damaged), need=len(data))
+
+
+def test_a_dataset_too_small_for_the_requested_steps(preset, capsys):
+    line = refused(capsys, "train", "--config", str(preset[0]), "--train.steps", "5000")
+    assert line.startswith(f"spactor train: error: {preset[1]}: the run needs 40000 samples of its train split, "
+                           "which holds ")
+    assert line.endswith("add data, lower train.steps or train.global_batch_size, or raise data.max_epochs to "
+                         "repeat it")
+
+
+def test_a_missing_tokenizer_is_named(preset, capsys, tmp_path):
+    line = refused(capsys, "train", "--config", str(preset[0]), "--data.tokenizer", str(tmp_path / "tok"),
+                   "--data.train_corpus", "[]")
+    assert line.startswith(f"spactor train: error: {tmp_path / 'tok'}")
+    assert "not found" in line
+
+
+def test_resuming_from_a_folder_that_is_no_checkpoint(preset, capsys, tmp_path):
+    assert refused(capsys, "train", "--config", str(preset[0]), "--train.resume", str(tmp_path)) == (
+        f"spactor train: error: {tmp_path}: not a complete checkpoint (no run.json); pick another or start afresh")
+
+
+def test_bad_input_table_lists_twenty_classes_each_with_a_test():
+    """The README's table: at least 20 rows, and every test it names exists."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| class")]
+    assert len(rows) >= 20
+    for row in rows:
+        test = row.rstrip(" |").rsplit("|", 1)[1].strip().strip("`")
+        path, _, name = test.partition("::")
+        source = (ROOT / path).read_text()
+        assert f"def {name.split('[')[0]}(" in source, test

@@ -1,0 +1,98 @@
+"""The launchers as a cluster runs them: launch/torchrun.sh as two nodes on loopback (train, stop,
+resume), and launch/slurm.sbatch's node and rank arithmetic with a stand-in srun and torchrun."""
+
+import dataclasses
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from spactor_mega.data.prepare import ensure_data
+from spactor_mega.parallel.state import free_port
+from spactor_mega.parallel.testing import run_distributed
+from tests.training.test_training import _train, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin")
+
+
+def _launch_two_nodes(preset: Path, *args: str) -> list[subprocess.CompletedProcess]:
+    """launch/torchrun.sh started twice, node ranks 0 and 1, one process each, the same master."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "GPUS_PER_NODE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    nodes = [subprocess.Popen(["bash", "launch/torchrun.sh", "--config", str(preset), *args], cwd=ROOT,
+                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
+    done = []
+    for node in nodes:
+        out, _ = node.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(node.args, node.returncode, out))
+    return done
+
+
+def _tensorboard_losses(directory: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(directory)
+    events.Reload()
+    return [e.value for e in sorted(events.Scalars("train/loss"), key=lambda e: e.step)]
+
+
+def test_two_nodes_on_loopback_train_stop_and_resume(tmp_path):
+    cfg = tiny_config(tmp_path / "nodes", train__steps=4, spactor__tau=3.0)
+    ensure_data(cfg)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+
+    first = _launch_two_nodes(preset, "--train.exit_interval", "2")
+    assert [node.returncode for node in first] == [0, 0], first[0].stdout[-3000:] + first[1].stdout[-3000:]
+    assert "[train] world 2 = TP 1 x PP 1 x DP 2" in first[0].stdout
+    assert (Path(cfg.train.save_dir) / "iter_0000002").is_dir()
+    second = _launch_two_nodes(preset)  # the launcher resumes by itself (--train.resume auto)
+    assert [node.returncode for node in second] == [0, 0], second[0].stdout[-3000:] + second[1].stdout[-3000:]
+    assert "resumed from" in second[0].stdout and "at step 2" in second[0].stdout
+
+    # the same run on one machine, never stopped: the two nodes' losses, stop and resume included
+    reference = run_distributed(_train, 2, tiny_config(tmp_path / "one_machine", train__steps=4, spactor__tau=3.0),
+                                timeout=600)[0]["history"]
+    assert _tensorboard_losses(cfg.logging.tensorboard_dir) == [np.float32(h["loss"]) for h in reference]
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun with --ntasks-per-node=1: the command once per node, each with its SLURM_NODEID
+while [[ "$1" == --* ]]; do shift; done
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" || exit $?; done
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[[ "$1 $2 $3" == "show hostnames gpu[07-08]" ]] && printf 'gpu07\\ngpu08\\n'
+"""
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+echo "$@" >> "$RECORD"
+"""
+
+
+@pytest.mark.parametrize("gpus", ["4", None])
+def test_slurm_script_gives_each_node_its_rank_and_the_first_node_as_master(tmp_path, gpus):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("torchrun", FAKE_TORCHRUN)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(stat.S_IRWXU)
+    record = tmp_path / "torchrun.args"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "RECORD": str(record),
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "1234"}
+    env.pop("MASTER_PORT", None)
+    if gpus:
+        env["SLURM_GPUS_ON_NODE"] = gpus
+    run = subprocess.run(["bash", "launch/slurm.sbatch", "--config", "configs/t5-xl.yaml", "--train.steps", "10"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    calls = record.read_text().splitlines()
+    assert calls == [
+        f"--nnodes 2 --nproc-per-node {gpus or 8} --rdzv-backend c10d --rdzv-endpoint gpu07:29500 --rdzv-id 1234 "
+        "--max-restarts 3 -m spactor_mega.cli train --train.resume auto --config configs/t5-xl.yaml --train.steps 10"
+    ] * 2  # c10d's rendezvous numbers the nodes
