@@ -21,12 +21,12 @@ VENV_BIN = str(Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin")
 
 
 def _launch_two_nodes(preset: Path, *args: str) -> list[subprocess.CompletedProcess]:
-    """launch/torchrun.sh started twice, node ranks 0 and 1, one process each, the same master."""
+    """launch/torchrun.sh started twice, one process each, the same rendezvous endpoint (c10d numbers the nodes)."""
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "GPUS_PER_NODE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     nodes = [subprocess.Popen(["bash", "launch/torchrun.sh", "--config", str(preset), *args], cwd=ROOT,
-                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in (0, 1)]
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
     done = []
     for node in nodes:
         out, _ = node.communicate(timeout=300)
@@ -76,7 +76,7 @@ echo "$@" >> "$RECORD"
 
 
 @pytest.mark.parametrize("gpus", ["4", None])
-def test_slurm_script_gives_each_node_its_rank_and_the_first_node_as_master(tmp_path, gpus):
+def test_slurm_script_starts_every_node_against_the_first_node(tmp_path, gpus):
     fake = tmp_path / "bin"
     fake.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("torchrun", FAKE_TORCHRUN)):

@@ -9,9 +9,11 @@ known in advance from tau), and the batches are the same with any number of work
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator, Optional
 
 import numpy as np
+
 import torch
 
 from spactor_mega.curriculum import Phase, phase_at
@@ -49,6 +51,13 @@ def _arrays(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: tensor.numpy() for name, tensor in batch.items()}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A SIGTERM sent to the whole job (a scheduler's preemption) must not kill the input workers:
+    torch gives them a handler that exits; the trainer decides when to stop and then ends them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def micro_batch_loader(micro_batches: MicroBatchDataset, num_workers: int,
                        prefetch_factor: Optional[int]) -> Iterator[dict[str, torch.Tensor]]:
     """``micro_batches`` in order; with workers, ``prefetch_factor`` micro-batches per worker are
@@ -69,5 +78,6 @@ def micro_batch_loader(micro_batches: MicroBatchDataset, num_workers: int,
         micro_batches, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_arrays,
         prefetch_factor=prefetch_factor if num_workers else None,
         multiprocessing_context="fork" if num_workers else None,
+        worker_init_fn=_ignore_stop_signals if num_workers else None,
     ))
     return ({name: torch.from_numpy(array) for name, array in batch.items()} for batch in batches)

@@ -269,7 +269,10 @@ def test_hybrid_phase_balances_g_on_stage_0_and_replans_at_tau():
     costs = layer_costs(cfg, 512, dec, first_stage_extra_flops=flops.generator, last_stage_extra_flops=flops.rtd_head)
     assert hybrid == balance(12, 12, 4, costs)
     assert max(stage_costs(hybrid, costs)) < 0.95 * max(stage_costs(sc, costs))
-    for field, value in (("optim.optimizer", "adafactor"), ("parallel.pipeline_layout", "E6|E6|D6|D6"),
+    adafactor = _cfg(12, 12, pp=4)
+    adafactor.spactor.tau, adafactor.train.steps, adafactor.optim.optimizer = 100, 1000, "adafactor"
+    assert replans_at_tau(adafactor)  # its state is checkpointed per parameter, so it moves between stages
+    for field, value in (("parallel.pipeline_layout", "E6|E6|D6|D6"),
                          ("spactor.tau", 0), ("spactor.tau", float("inf")), ("parallel.pipeline_model_parallel_size", 1)):
         other = _cfg(12, 12, pp=4)
         other.spactor.tau, other.train.steps = 100, 1000

@@ -3,11 +3,13 @@
 Faults come through the test-only hook of spactor_mega/training/preemption.py (inject_test_fault):
 SPACTOR_TEST_SIGNAL_AT_STEP sends the last rank SIGTERM inside a step; SPACTOR_TEST_EXIT_AT_STEP
 kills it there on the job's first attempt. Losses are read back from the runs' TensorBoard logs.
-About 7 torchrun launches: the slowest tests of the suite's training part (~1 min each engine).
+Eight torchrun launches (one restarts) and one plain run: about 2.5 min on 2 CPU cores.
 """
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +18,17 @@ import pytest
 import yaml
 
 from spactor_mega.parallel.state import free_port
-from tests.training.test_training import tiny_config
+from spactor_mega.parallel.testing import run_distributed
+from tests.training.test_training import _train, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+LAUNCHER = REPO / "launch" / "torchrun.sh"
 STEPS, TAU = 8, 4  # steps 1-4 hybrid, 5-8 SC only
 
 
 def _config_file(work: Path, engine: str, **overrides) -> Path:
-    cfg = tiny_config(work, train__steps=STEPS, spactor__tau=TAU, logging__log_interval=1, **overrides)
+    cfg = tiny_config(work, **{"train__steps": STEPS, "spactor__tau": TAU, "logging__log_interval": 1, **overrides})
     if engine == "deepspeed":
         cfg.train.engine = "deepspeed"
         cfg.deepspeed.config = str(work.parent / "torch_adam.json")  # torch's AdamW: no JIT build of DeepSpeed's
@@ -34,16 +38,19 @@ def _config_file(work: Path, engine: str, **overrides) -> Path:
     return path
 
 
+def _environment(**env: str) -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "MASTER_PORT": str(free_port()), "GPUS_PER_NODE": "2", **env}
+
+
 def _torchrun(config: Path, *flags: str, env: dict | None = None, launcher: str = "torchrun") -> str:
     """Runs `spactor train` on 2 processes; returns its output, asserting exit status 0."""
     if launcher == "torchrun":
         command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2"]
         command += ["-m", "spactor_mega.cli", "train"]
     else:
-        command = [str(REPO / "launch" / "torchrun.sh")]
-    environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-                   "MASTER_PORT": str(free_port()), "GPUS_PER_NODE": "2", **(env or {})}
-    done = subprocess.run([*command, "--config", str(config), *flags], cwd=REPO, env=environment,
+        command = [str(LAUNCHER)]
+    done = subprocess.run([*command, "--config", str(config), *flags], cwd=REPO, env=_environment(**(env or {})),
                           capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -118,3 +125,30 @@ def test_torchrun_restarts_a_dead_rank_from_the_last_checkpoint(work):
     assert {step: losses[step] for step in range(5, STEPS + 1)} == {
         step: reference[step] for step in range(5, STEPS + 1)}
     assert _latest(run / "ckpt") == f"iter_{STEPS:07d}"
+
+
+def test_exit_duration_saves_and_stops_after_the_step_that_passes_it(work):
+    """train.exit_duration_minutes: the first step that ends past it is saved and the run stops (one process)."""
+    cfg = tiny_config(work / "duration", train__steps=STEPS, spactor__tau=TAU, train__exit_duration_minutes=1e-9)
+    result = run_distributed(_train, 1, cfg, timeout=600)[0]
+    assert [h["step"] for h in result["history"]] == [1]
+    assert result["checkpoint"].endswith("iter_0000001") and _latest(work / "duration" / "ckpt") == "iter_0000001"
+
+
+def test_launcher_hands_sigusr1_to_every_worker(work):
+    """SIGUSR1 to launch/torchrun.sh (as SLURM's --signal sends it) once training runs: the workers get it
+    (torchrun, which would die of it, does not), save the step they stop after and the job exits 0."""
+    run = work / "launcher_signal"
+    launcher = subprocess.Popen([str(LAUNCHER), "--config", str(_config_file(run, "megatron", train__steps=400))],
+                                cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = ""
+    for line in launcher.stdout:
+        output += line
+        if line.startswith("[train] step 1 "):
+            launcher.send_signal(signal.SIGUSR1)
+            break
+    output += launcher.stdout.read()
+    assert launcher.wait(timeout=300) == 0, output[-4000:]
+    stopped = re.search(r"\[train\] SIGUSR1 received: stopped after step (\d+)", output)
+    assert stopped, output[-3000:]
+    assert _latest(run / "ckpt") == f"iter_{int(stopped.group(1)):07d}"
