@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
-from bench_train import SP_SIZE, VOCAB, _bubble_worker, batches, make_config  # noqa: E402
+from bench_train import SP_SIZE, VOCAB, _bubble_worker, add_model_arguments, batches, make_config  # noqa: E402
 from benchlib import table  # noqa: E402
 
 from spactor_mega.curriculum import Phase  # noqa: E402
@@ -191,12 +191,8 @@ def traffic_rows(tp: int, dp: int) -> list[list]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4, help="encoder layers = decoder layers")
+    add_model_arguments(parser, encoder_length=128)
     parser.add_argument("--batch", type=int, default=8, help="(a) micro-batch = batch")
-    parser.add_argument("--encoder-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
     parser.add_argument("--parts", default="a,b,c")
     parser.add_argument("--pipeline-stages", default="2,4", help="(b) PP sizes")

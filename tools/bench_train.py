@@ -50,6 +50,15 @@ SP_SIZE = 32000
 VOCAB = 32128
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, encoder_length: int) -> None:
+    """The model-shape flags :func:`make_config` reads (shared with tools/bench_scale.py)."""
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4, help="encoder layers = decoder layers")
+    parser.add_argument("--encoder-length", type=int, default=encoder_length)
+
+
 def make_config(args) -> Config:
     cfg = Config()
     cfg.model = dataclasses.replace(
@@ -233,12 +242,8 @@ def bench_bubble(cfg: Config, stages: list[int], microbatches: list[int], steps:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4, help="encoder layers = decoder layers")
+    add_model_arguments(parser, encoder_length=512)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--encoder-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--parts", default="a,b,c", help="which tables: a (vs HF), b (stage 1 vs 2), c (bubble)")
     parser.add_argument("--precisions", default="fp32,bf16", help="(a, b) our engine's precisions; fp32 is the baseline")

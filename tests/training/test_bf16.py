@@ -29,6 +29,7 @@ from spactor_mega.plan.derived import uses_bf16
 
 from spactor_mega.plan.validate import validate
 from spactor_mega.parallel.testing import run_distributed
+from tests.training.engine_runs import train_and_inspect
 from tests.training.test_training import tiny_config
 
 STEPS, TAU, STOP = 20, 10, 7
@@ -122,36 +123,16 @@ def _deepspeed_precision(engine) -> list[dict]:
     return found
 
 
+def _inspect(cfg, result, engine) -> dict:
+    """This rank's losses and stages and, for bf16 runs, what its live engine holds."""
+    history = result.history
+    inspect = _deepspeed_precision if cfg.train.engine == "deepspeed" else _megatron_precision
+    return {"steps": [h["step"] for h in history], "stages": [h["phase"] for h in history],
+            "losses": [h["loss"] for h in history], "precision": inspect(engine) if uses_bf16(cfg) else None}
+
+
 def _train_and_inspect(rank, world_size, runs):
-    """Trains each (name, config) of ``runs`` in turn on this launch's processes; per run, this
-    rank's losses and stages and, for bf16 runs, what its live engine holds."""
-    from spactor_mega.parallel.state import destroy_parallel
-    from spactor_mega.training import loop
-
-    built = []
-    original = loop.build_engine  # the loop's name for it: wrapped to keep each run's engine
-
-    def keep(*args, **kwargs):
-        built.append(original(*args, **kwargs))
-        return built[-1]
-
-    loop.build_engine = keep
-    out = {}
-    try:
-        for name, cfg in runs:
-            try:
-                history = loop.train(cfg).history
-                inspect = _deepspeed_precision if cfg.train.engine == "deepspeed" else _megatron_precision
-                out[name] = {"steps": [h["step"] for h in history], "stages": [h["phase"] for h in history],
-                             "losses": [h["loss"] for h in history],
-                             "precision": inspect(built[-1]) if uses_bf16(cfg) else None}
-            finally:
-                built.clear()
-                destroy_parallel(destroy_process_group=False)
-    finally:
-        loop.build_engine = original
-        destroy_parallel()
-    return out
+    return train_and_inspect(runs, _inspect)
 
 
 @pytest.fixture(scope="module")

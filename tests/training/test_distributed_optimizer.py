@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from spactor_mega.parallel.testing import run_distributed
+from tests.training.engine_runs import train_and_inspect
 from tests.training.test_training import tiny_config
 
 STEPS, TAU, STOP = 10, 5, 3
@@ -29,39 +30,18 @@ def _config(work: Path, name: str, **overrides):
     return tiny_config(work / name, train__steps=STEPS, spactor__tau=TAU, train__micro_batch_size=2, **overrides)
 
 
+def _inspect(cfg, result, engine) -> dict:
+    """The run's losses, final checkpoint and what D's optimizer holds."""
+    parts = engine.d_optimizer.chained_optimizers
+    stepped = [t for p in parts for g in p.optimizer.param_groups for t in g["params"]]
+    return {"losses": [h["loss"] for h in result.history], "checkpoint": str(result.checkpoint),
+            "sharded": all(hasattr(p, "shard_fp32_groups") for p in parts),
+            "masters": sorted({str(t.dtype) for t in stepped}), "master_numel": sum(t.numel() for t in stepped),
+            "model_numel": sum(t.numel() for c in engine.d_chunks for t in c.module.parameters())}
+
+
 def _train_and_inspect(rank, world_size, runs):
-    """Each (name, config) in turn: its losses, final checkpoint and what D's optimizer holds."""
-    from spactor_mega.parallel.state import destroy_parallel
-    from spactor_mega.training import loop
-
-    built = []
-    original = loop.build_engine
-
-    def keep(*args, **kwargs):
-        built.append(original(*args, **kwargs))
-        return built[-1]
-
-    loop.build_engine = keep
-    out = {}
-    try:
-        for name, cfg in runs:
-            try:
-                result = loop.train(cfg)
-                parts = built[-1].d_optimizer.chained_optimizers
-                out[name] = {
-                    "losses": [h["loss"] for h in result.history], "checkpoint": str(result.checkpoint),
-                    "sharded": all(hasattr(p, "shard_fp32_groups") for p in parts),
-                    "masters": sorted({str(t.dtype) for p in parts for g in p.optimizer.param_groups for t in g["params"]}),
-                    "master_numel": sum(t.numel() for p in parts for g in p.optimizer.param_groups for t in g["params"]),
-                    "model_numel": sum(t.numel() for c in built[-1].d_chunks for t in c.module.parameters()),
-                }
-            finally:
-                built.clear()
-                destroy_parallel(destroy_process_group=False)
-    finally:
-        loop.build_engine = original
-        destroy_parallel()
-    return out
+    return train_and_inspect(runs, _inspect)
 
 
 @pytest.fixture(scope="module")
