@@ -139,7 +139,12 @@ class _NoParameters(torch.nn.Module):
 
 
 def _is_stub(optimizer) -> bool:
-    return all(getattr(part, "is_stub_optimizer", False) for part in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return all(getattr(part, "is_stub_optimizer", False) for part in _optimizer_parts(optimizer))
+
+
+def _optimizer_parts(optimizer) -> list:
+    """The Megatron optimizers inside ``optimizer``: a ChainedOptimizer's parts, or itself."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
 class MegatronEngine:
@@ -406,7 +411,7 @@ class MegatronEngine:
         if _is_stub(optimizer):
             return
         if self.cfg.optim.optimizer == "adamw":
-            parts = getattr(optimizer, "chained_optimizers", [optimizer])
+            parts = _optimizer_parts(optimizer)
             if not any(_is_distributed(part) for part in parts):
                 optimizer.load_state_dict(state)
                 return
@@ -419,14 +424,11 @@ class MegatronEngine:
         # load_state_dict matches param groups by keys of its own (wd_mult, lr_mult, ...) that
         # Adafactor's groups lack; the groups' hyperparameters come from the config and the LR
         # schedule's state.
+        # A checkpoint of the other precision never gets here (checkpoint.store.check_resumable).
         stepped = _adafactor_params(optimizer)
         for name, (param, _) in _global_names(model_state, stepped).items():
             entry = state[name]
             main = stepped[param]
-            if (entry["main"] is None) != (main is param):
-                written, ours = ("fp32", "bf16") if entry["main"] is None else ("bf16", "fp32")
-                raise CheckpointError(f"this Adafactor checkpoint was written in {written} but this run trains in "
-                                      f"{ours}; resume it with train.precision={written}")
             optimizer.optimizer.state[main] = {k: v.to(main.device) if torch.is_tensor(v) else v
                                                for k, v in entry["state"].items()}
             if entry["main"] is not None:
@@ -436,7 +438,7 @@ class MegatronEngine:
         """The torch optimizers inside the G + RTD head optimizer (none on stages without them)."""
         if self.aux_optimizer is None:
             return []
-        return [part.optimizer for part in getattr(self.aux_optimizer, "chained_optimizers", [self.aux_optimizer])
+        return [part.optimizer for part in _optimizer_parts(self.aux_optimizer)
                 if not getattr(part, "is_stub_optimizer", False)]
 
     def parameter_counts(self) -> dict[str, int]:
@@ -498,7 +500,7 @@ def _adafactor_entry(optimizer, param, main) -> dict:
 def _clip_and_step(optimizer, grad_norm: float) -> None:
     """The rest of Megatron's ``step()`` after ``prepare_grads()`` and the norm: each part's
     gradients clipped by the total norm (as its ``ChainedOptimizer.step`` does), then the update."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for part in _optimizer_parts(optimizer):
         params = part.get_parameters()
         if part.config.clip_grad > 0.0 and params and not getattr(part, "is_stub_optimizer", False):
             clip_grad_by_total_norm_fp32(params, part.config.clip_grad, grad_norm,
@@ -537,7 +539,7 @@ def _padding_counted_as_payload(optimizer):
     state is wrong. Counting the padding as payload while the checkpoint is built or loaded keeps the
     offsets and the data aligned (the padding entries are zeros, stored and never read back)."""
     restore = []
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for part in _optimizer_parts(optimizer):
         for buffer in part.buffers if _is_distributed(part) else []:
             restore.append((buffer, buffer.numel_unpadded, [b.numel_unpadded for b in buffer.buckets]))
             buffer.numel_unpadded = buffer.numel
@@ -557,7 +559,7 @@ def _give_fresh_adam_state(optimizer) -> None:
     load template of megatron-core's ``DistributedOptimizer`` (0.16.1, without Apex/TE) reads torch
     AdamW's per-parameter ``step``, which a fresh torch optimizer creates only at its first step
     (Megatron's ``init_state_fn`` makes the moments but no ``step``). The checkpoint overwrites all."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for part in _optimizer_parts(optimizer):
         if not _is_distributed(part):
             continue  # Megatron's template for its other optimizers needs nothing
         for group in part.optimizer.param_groups:
