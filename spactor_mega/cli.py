@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from spactor_mega.errors import UserError
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "prepare": ("spactor_mega.prepare_cli", "build the tokenizer and datasets a config needs, show a batch"),
     "train": ("spactor_mega.training.cli", "pretrain a T5 with SpacTor (Megatron-Core or DeepSpeed engine)"),
     "convert": ("spactor_mega.convert.cli", "convert checkpoints to and from Hugging Face T5"),
+    "study": ("spactor_mega.study.cli", "SC only vs SpacTor(tau) vs SpacTor(inf) over seeds: table and plots"),
 }
 
 
@@ -47,11 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as e:
-        print(f"spactor {args.command}: error: {e}", file=sys.stderr)
+        _print_error(args.command, e)
         return 2
     except KeyboardInterrupt:
         print(f"spactor {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _print_error(command: str, error: UserError) -> None:
+    """One line, once: under a launcher (``RANK`` set) an error every rank raises alike is rank 0's
+    to print, and one that may be a single rank's is printed by every rank that has it, naming it."""
+    rank = os.environ.get("RANK")
+    if rank is None or error.same_on_every_rank:
+        if rank in (None, "0"):
+            print(f"spactor {command}: error: {error}", file=sys.stderr)
+        return
+    print(f"spactor {command}: error: [rank {rank}] {error}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from spactor_mega.errors import UserError
 class ConfigError(UserError):
     """A configuration that cannot work; the message names the field and the fix."""
 
+    same_on_every_rank = True
+
 
 INIT_SCHEMES = ("megatron", "t5")  # ModelConfig.init
 
@@ -98,6 +100,9 @@ class DataConfig:
     tokenizer_vocab_size: int = 32000
     preprocess_workers: int = 2
     encoder_seq_length: int = 512
+    # Extra held-out indexed datasets (prefixes), evaluated like the validation split (clean SC loss and
+    # accuracy) at every evaluation and reported under their file names: text the model never trains on
+    eval_data: list = field(default_factory=list)
     # Index files of the datasets (built once, memory-mapped by every rank; a folder all ranks of a node
     # can write); None: Megatron's default, <prefix>/cache/SpactorDataset_indices beside the data.
     cache_dir: Optional[str] = None
@@ -197,6 +202,9 @@ class DeepSpeedConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard_dir: str = "runs/default/tensorboard"
+    # JSON lines, one per step ({"split": "train", "step", metrics}) and per evaluation ("valid", or the
+    # extra set's name): what `spactor study` reads, and a plain-text record of the run (None: not written)
+    metrics_file: Optional[str] = None
     progress: bool = True
 
 

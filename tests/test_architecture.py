@@ -18,7 +18,7 @@ LAYERS = {
     "model": 4,
     "checkpoint": 5,
     "training": 6,
-    "convert": 7,
+    "convert": 7, "study": 7,
     "cli": 8, "prepare_cli": 8,
 }
 

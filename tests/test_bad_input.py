@@ -127,6 +127,27 @@ def test_resuming_from_a_folder_that_is_no_checkpoint(preset, capsys, tmp_path):
         f"spactor train: error: {tmp_path}: not a complete checkpoint (no run.json); pick another or start afresh")
 
 
+def test_an_extra_evaluation_set_that_does_not_exist_is_named(preset, capsys, tmp_path):
+    assert refused(capsys, "train", "--config", str(preset[0]), "--data.eval_data", str(tmp_path / "held_out")) == (
+        f"spactor train: error: {tmp_path / 'held_out.idx'}: indexed dataset file not found; "
+        "build it with `spactor preprocess`")
+
+
+def test_extra_evaluation_sets_named_like_a_split_are_refused(preset, capsys, tmp_path):
+    line = refused(capsys, "train", "--config", str(preset[0]), "--data.eval_data", f"[{tmp_path / 'valid'}]")
+    assert "each extra evaluation set is reported under its file name" in line and "data.eval_data" in line
+
+
+def test_a_study_config_with_an_unknown_field_or_arm_is_named(preset, capsys, tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"base": str(preset[0]), "taus": [4], "sedes": [1]}))
+    assert refused(capsys, "study", "--config", str(study)).startswith(
+        f"spactor study: error: {study}: unknown study field(s) sedes; known: ")
+    study.write_text(yaml.safe_dump({"base": str(preset[0]), "taus": [4], "out_dir": str(tmp_path / "out")}))
+    assert refused(capsys, "study", "--config", str(study), "--arms", "spactor-tau5") == (
+        "spactor study: error: --arms: no arm spactor-tau5 in this study; its arms: sc, spactor-tau4, spactor-inf")
+
+
 def test_bad_input_table_lists_twenty_classes_each_with_a_test():
     """The README's table: at least 20 rows, and every test it names exists."""
     readme = (ROOT / "README.md").read_text()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from spactor_mega.config import ConfigError
 from spactor_mega.curriculum import Phase, phase_at
@@ -34,12 +35,19 @@ from spactor_mega.errors import UserError
 from spactor_mega.plan.derived import uses_bf16
 
 RUN_RECORD = "run.json"
+# run.json's "format": 2 since Adafactor's state is kept per parameter (commit 0fc54ae; Megatron
+# engine). Records without it are older: format 1, or 2 written the day it came (the files tell).
+CHECKPOINT_FORMAT = 2
+# The last commit whose code wrote Adafactor's state as one object per (TP, PP) rank and runs.
+ADAFACTOR_PER_RANK_UNTIL = "4773a7c"
 LATEST = "latest"
 FILES = "files"  # run.json's {path relative to the checkpoint: size in bytes}
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be loaded here; the message names it and what to do."""
+
+    same_on_every_rank = True
 
 
 PARTIAL = ".partial"  # the suffix of a folder still being written
@@ -144,7 +152,7 @@ def make_record(cfg, step: int, vocab_size: int, **extra) -> dict:
     layout, padded vocab, the config."""
     p = cfg.parallel
     return {
-        "step": step, "consumed_samples": step * cfg.train.global_batch_size,
+        "format": CHECKPOINT_FORMAT, "step": step, "consumed_samples": step * cfg.train.global_batch_size,
         "phase": phase_at(step, cfg.spactor.tau).name, "precision": "bf16" if uses_bf16(cfg) else "fp32",
         "tensor_model_parallel_size": p.tensor_model_parallel_size,
         "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
@@ -155,6 +163,12 @@ def make_record(cfg, step: int, vocab_size: int, **extra) -> dict:
 def recorded_phase(record: dict) -> Optional[str]:
     """The record's curriculum phase name; records written before the rename call it ``"stage"``."""
     return record.get("phase", record.get("stage"))
+
+
+def recorded_skipped_steps(record: dict) -> tuple[int, int]:
+    """(skipped steps in all, of them in a row at the record's step) of the run that wrote the record;
+    (0, 0) for records written before these were kept (and for imported models)."""
+    return int(record.get("skipped_steps", 0)), int(record.get("skipped_in_a_row", 0))
 
 
 def recorded_engine(record: dict) -> str:
@@ -307,12 +321,31 @@ def check_resumable(path: Path, record: dict, cfg, vocab_size: int, pipeline_lay
         raise CheckpointError(f"{path}: written with optim.optimizer={theirs!r} but this run has "
                               f"optim.optimizer={cfg.optim.optimizer!r}; resume with the same optimizer")
     if cfg.optim.optimizer == "adafactor":
+        if engine == "megatron" and _adafactor_state_per_rank(path, record):
+            tp, pp = record.get("tensor_model_parallel_size", 1), record.get("pipeline_model_parallel_size", 1)
+            raise CheckpointError(
+                f"{path}: holds Adafactor state in the layout before commit 0fc54ae (one object per TP/PP rank, "
+                "now one per parameter), which this version cannot load; keep its weights and start G, the RTD "
+                f"head and the optimizers afresh: spactor convert to-hf {path} HF_DIR, then spactor convert "
+                f"from-hf HF_DIR NEW_SAVE_DIR --tp {tp} --pp {pp} and train with --train.resume NEW_SAVE_DIR "
+                f"(from step 0), or resume it with the code of commit {ADAFACTOR_PER_RANK_UNTIL}")
         then, now = record.get("tensor_model_parallel_size"), cfg.parallel.tensor_model_parallel_size
         if then != now:
             raise CheckpointError(
                 f"{path}: Adafactor's factored moments are kept per tensor-parallel shard and were written under "
                 f"TP={then}; resume with parallel.tensor_model_parallel_size={then} (this run: TP={now}; "
                 "any pipeline split and DP size work)")
+
+
+def _adafactor_state_per_rank(path: Path, record: dict) -> bool:
+    """A Megatron checkpoint whose Adafactor state is one object per (TP, PP) rank (keys
+    ``d_optimizer.adafactor`` and ``aux_optimizer.adafactor``, before format 2): read from its
+    dist-checkpoint metadata, since records before the ``format`` field hold either layout."""
+    if record.get("format", 1) >= 2:
+        return False
+    metadata = FileSystemReader(str(path)).read_metadata()
+    return any(key.split("/shard_")[0] in ("d_optimizer.adafactor", "aux_optimizer.adafactor")
+               for key in metadata.state_dict_metadata)
 
 
 def strip_prefix(state: dict, prefix: str) -> dict:

@@ -313,6 +313,10 @@ def build_datasets(
     if train is None:
         raise DataError("data.train_data is empty; give an indexed dataset prefix (see `spactor preprocess`)")
     valid = parse_blend(valid_blend)
+    # Megatron's builder opens the datasets on rank 0 first while the others wait: opened (and
+    # checked) here on every rank, a missing or damaged file is every rank's error, not rank 0's alone.
+    for prefix in train[0] + (valid[0] if valid else []):
+        open_indexed_dataset(prefix)
     common = dict(
         random_seed=seed,
         sequence_length=corruption.raw_length,
@@ -329,3 +333,17 @@ def build_datasets(
             SpactorDataset, [train_samples, valid_samples, 0], lambda: True, config
         ).build()
     return datasets[Split.train.value], datasets[Split.valid.value]
+
+
+def build_eval_dataset(
+    prefix: str, corruption: SpanCorruption, seed: int, samples: int, cache_dir: Optional[str] = None
+) -> torch.utils.data.Dataset:
+    """All of one indexed dataset as a validation split (an extra held-out set, ``data.eval_data``)."""
+    config = SpactorDatasetConfig(
+        blend_per_split=[None, ([prefix], None), None], random_seed=seed, sequence_length=corruption.raw_length,
+        path_to_cache=cache_dir, mid_level_dataset_surplus=0.005,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        datasets = BlendedMegatronDatasetBuilder(SpactorDataset, [0, samples, 0], lambda: True, config).build()
+    return datasets[Split.valid.value]

@@ -17,6 +17,8 @@ from spactor_mega.errors import UserError
 class DataError(UserError):
     """Data that cannot be read or used; the message names the file and the fix."""
 
+    same_on_every_rank = True
+
 
 def check_bin_matches_index(bin_path: Path, idx_path: Path, pointers: np.ndarray, lengths: np.ndarray,
                             itemsize: int) -> None:

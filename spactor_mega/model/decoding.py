@@ -13,7 +13,7 @@ import torch
 
 from spactor_mega.data.special_tokens import EOS_ID, PAD_ID
 
-from .generator import vocab_parallel_argmax, vocab_range
+from .losses import vocab_parallel_argmax, vocab_range
 from .t5 import T5Discriminator
 
 

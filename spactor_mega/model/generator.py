@@ -58,6 +58,7 @@ from megatron.core.transformer.module import MegatronModule
 from ..parallel.row_shards import gather_rows, row_slice, split_rows
 from ..parallel.state import ROW_SHARD_RNG, self_group
 from .heads import MLMHead
+from .losses import vocab_parallel_argmax, vocab_range
 from .init import initialize_generator, mark_tensor_parallel, tied_logits_scale
 from .spec import t5_encoder_layer_spec, t5_transformer_config
 from .t5 import T5Stack, padding_mask_or_none
@@ -218,31 +219,6 @@ def _set_tp_replica(tree, tp_rank: int) -> None:
 
 
 # ---- vocab-parallel sampling ------------------------------------------------------------------
-
-_INT64_MAX = torch.iinfo(torch.int64).max
-
-
-def vocab_range(local_vocab: int) -> tuple[int, int]:
-    """This TP rank's [start, end) of the global vocabulary for a shard of ``local_vocab`` rows."""
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    return rank * local_vocab, (rank + 1) * local_vocab
-
-
-@torch.no_grad()
-def vocab_parallel_argmax(scores: torch.Tensor, vocab_start: Optional[int] = None) -> torch.Tensor:
-    """Global argmax (smallest id on ties) over a vocab-parallel last dim; ``[..., V/tp]`` -> ``[...]``."""
-    if vocab_start is None:
-        vocab_start = vocab_range(scores.size(-1))[0]
-    local_max, local_arg = scores.max(dim=-1)
-    group = parallel_state.get_tensor_model_parallel_group()
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return local_arg
-    global_max = local_max.clone()
-    torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
-    cand = torch.where(local_max == global_max, local_arg + vocab_start, torch.full_like(local_arg, _INT64_MAX))
-    torch.distributed.all_reduce(cand, op=torch.distributed.ReduceOp.MIN, group=group)
-    return cand
-
 
 def allowed_vocab_bias(
     vocab_start: int,

@@ -26,6 +26,31 @@ def vocab_parallel_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
 
 
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def vocab_range(local_vocab: int) -> tuple[int, int]:
+    """This TP rank's [start, end) of the global vocabulary for a shard of ``local_vocab`` rows."""
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return rank * local_vocab, (rank + 1) * local_vocab
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(scores: torch.Tensor, vocab_start: Optional[int] = None) -> torch.Tensor:
+    """Global argmax (smallest id on ties) over a vocab-parallel last dim; ``[..., V/tp]`` -> ``[...]``."""
+    if vocab_start is None:
+        vocab_start = vocab_range(scores.size(-1))[0]
+    local_max, local_arg = scores.max(dim=-1)
+    group = parallel_state.get_tensor_model_parallel_group()
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return local_arg
+    global_max = local_max.clone()
+    torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    cand = torch.where(local_max == global_max, local_arg + vocab_start, torch.full_like(local_arg, _INT64_MAX))
+    torch.distributed.all_reduce(cand, op=torch.distributed.ReduceOp.MIN, group=group)
+    return cand
+
+
 def vocab_parallel_log_z(logits: torch.Tensor) -> torch.Tensor:
     """``log sum_v exp(logits)`` over a vocab-parallel last dim, differentiable: ``[..., V/tp]`` ->
     ``[...]``. Megatron offers no differentiable vocab-parallel logsumexp (its cross entropy keeps
@@ -60,6 +85,15 @@ def sc_loss(
         lm_logits_sbv = lm_logits_sbv.clone()
     ce = vocab_parallel_ce(lm_logits_sbv, labels.transpose(0, 1).contiguous())  # [s, b]
     return masked_mean(ce, mask), z_term
+
+
+@torch.no_grad()
+def sc_accuracy(lm_logits_sbv: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of SC target tokens D's greedy prediction gets right (the study's second quality
+    curve beside the loss). Same layouts as :func:`sc_loss`; must run before it (its CE consumes
+    the logits)."""
+    predicted = vocab_parallel_argmax(lm_logits_sbv[: labels.size(1)].detach())  # [s, b]
+    return masked_mean((predicted == labels.transpose(0, 1)).float(), loss_mask.transpose(0, 1))
 
 
 def rtd_loss(rtd_logits: torch.Tensor, is_replaced: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:

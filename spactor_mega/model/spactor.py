@@ -34,9 +34,9 @@ import torch
 from spactor_mega.curriculum import Phase
 from spactor_mega.seeding import seed_from
 
-from .generator import T5Generator, gumbel_max_sample, vocab_parallel_argmax
+from .generator import T5Generator, gumbel_max_sample
 from .heads import RTDHead
-from .losses import masked_mean, rtd_loss, rtd_stats, sc_loss, vocab_parallel_ce
+from .losses import masked_mean, rtd_loss, rtd_stats, sc_accuracy, sc_loss, vocab_parallel_argmax, vocab_parallel_ce
 from .t5 import T5Discriminator
 
 
@@ -140,15 +140,17 @@ class SpactorObjective:
         the output of :meth:`generator_pass` (or its broadcast: ``is_replaced``, ``mlm_loss``,
         ``mlm_accuracy``); a ``mlm_loss`` with a graph is part of the returned loss, a detached
         one (a pipeline, where G's backward already ran on stage 0) only of the reported total."""
-        l_sc, l_z = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"], self.z_loss)
+        lm_logits = d.lm_logits(decoder_hidden)
+        sc_metrics = {"sc_accuracy": sc_accuracy(lm_logits, batch["labels"], batch["dec_loss_mask"]).item()}
+        l_sc, l_z = sc_loss(lm_logits, batch["labels"], batch["dec_loss_mask"], self.z_loss)
         if l_z is not None:
             l_sc_total = l_sc + l_z
-            z_metric = {"z_loss": l_z.detach().float().item()}
+            sc_metrics["z_loss"] = l_z.detach().float().item()
         else:
-            l_sc_total, z_metric = l_sc, {}
+            l_sc_total = l_sc
         if gen is None:
             return l_sc_total, {"loss": l_sc_total.detach().float().item(), "sc_loss": l_sc.detach().float().item(),
-                                **z_metric}
+                                **sc_metrics}
         enc_mask = batch["enc_mask"].bool()
         is_replaced = gen["is_replaced"]
         rtd_logits = rtd_head(encoder_hidden).transpose(0, 1)  # [b, s]
@@ -169,7 +171,7 @@ class SpactorObjective:
             "rtd_accuracy", "rtd_precision", "rtd_recall", "replaced_fraction",
             "mlm_accuracy",
         )
-        return loss, {**dict(zip(names, values)), **z_metric}
+        return loss, {**dict(zip(names, values)), **sc_metrics}
 
     def hybrid_step(self, batch: dict, d, g, rtd_head):
         gen = self.generator_pass(batch, d, g)

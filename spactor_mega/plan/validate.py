@@ -6,6 +6,7 @@ fix, before any process group or model exists. ``spactor train`` (and ``--dry-ru
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from spactor_mega.config import INIT_SCHEMES, Config, ConfigError
 from spactor_mega.plan.derived import generator_num_layers, uses_bf16
@@ -36,6 +37,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(cfg.data.num_workers >= 0 and cfg.data.prefetch_factor >= 1, "data.num_workers must be >= 0 and "
          f"data.prefetch_factor >= 1, got {cfg.data.num_workers} and {cfg.data.prefetch_factor}")
     need(cfg.data.max_epochs > 0, f"data.max_epochs must be positive, got {cfg.data.max_epochs}")
+    # an extra evaluation set is reported under its file name: it must not collide with another's or a split's
+    eval_names = [Path(str(prefix)).name for prefix in cfg.data.eval_data]
+    need(len(set(eval_names)) == len(eval_names) and not {"train", "valid"} & set(eval_names),
+         f"data.eval_data {cfg.data.eval_data}: each extra evaluation set is reported under its file name, so the "
+         "names must differ from each other and from `train` and `valid`; rename or link the files")
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     need(tp >= 1 and pp >= 1, "parallel sizes must be >= 1")

@@ -25,6 +25,7 @@ from spactor_mega.checkpoint.store import (
     find_checkpoint,
     make_record,
     read_record,
+    recorded_skipped_steps,
 )
 from spactor_mega.config import Config
 from spactor_mega.curriculum import Phase, phase_at
@@ -32,6 +33,7 @@ from spactor_mega.data.dataset import (
     PretrainingSampler,
     SpactorBatchBuilder,
     build_datasets,
+    build_eval_dataset,
     collate_raw,
 )
 from spactor_mega.data.loader import MicroBatchDataset, micro_batch_loader
@@ -88,11 +90,14 @@ def train(cfg: Config) -> RunResult:
         cfg.spactor.noise_density, cfg.spactor.mean_noise_span_length,
     )
     builder = SpactorBatchBuilder(corruption, tokenizer.sp_size, cfg.spactor.mlm_fraction)
+    eval_samples = max(t.eval_batches * t.micro_batch_size * dp_size, 1)
     train_set, valid_set = build_datasets(
         cfg.data.train_data, cfg.data.valid_data, cfg.data.split, corruption, t.seed,
-        t.steps * t.global_batch_size, max(t.eval_batches * t.micro_batch_size * dp_size, 1), cfg.data.cache_dir,
+        t.steps * t.global_batch_size, eval_samples, cfg.data.cache_dir,
     )
     check_passes(train_set, cfg.data.max_epochs)
+    extra_eval_sets = {Path(prefix).name: build_eval_dataset(prefix, corruption, t.seed, eval_samples, cfg.data.cache_dir)
+                       for prefix in cfg.data.eval_data}
 
     # Model and engine -------------------------------------------------------------------
     vocab = model_vocab_size(cfg.model, tokenizer.model_vocab_size, p.tensor_model_parallel_size)
@@ -110,7 +115,8 @@ def train(cfg: Config) -> RunResult:
     flops = sample_flops(cfg, corruption.encoder_length, corruption.decoder_length, vocab, builder.mlm_capacity)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     peak_tflops = device_peak_tflops(device, bf16, t.peak_tflops)
-    log = RunLogger(cfg.logging.tensorboard_dir, t.steps, step, enabled=rank == 0, progress=cfg.logging.progress)
+    log = RunLogger(cfg.logging.tensorboard_dir, t.steps, step, enabled=rank == 0, progress=cfg.logging.progress,
+                    metrics_file=cfg.logging.metrics_file)
     counts = engine.parameter_counts()
     pipeline = ""
     if p.pipeline_model_parallel_size > 1:
@@ -135,11 +141,13 @@ def train(cfg: Config) -> RunResult:
         cfg.data.num_workers, cfg.data.prefetch_factor,
     )
     result = RunResult(step=step, checkpoint=checkpoint, tensorboard_dir=cfg.logging.tensorboard_dir)
-    skipped_steps = SkippedSteps(t.max_skipped_steps)  # non-finite steps, counted from this launch
+    # non-finite steps, counted on from the checkpoint's counts
+    skipped_steps = SkippedSteps(t.max_skipped_steps, *recorded_skipped_steps(record))
 
     def save(at_step: int) -> Path:
-        return engine.save(t.save_dir, at_step, make_record(cfg, at_step, vocab, pipeline_layout=layout.describe()),
-                           tokenizer.model_file)
+        written = make_record(cfg, at_step, vocab, pipeline_layout=layout.describe(),
+                              skipped_steps=skipped_steps.total, skipped_in_a_row=skipped_steps.in_a_row)
+        return engine.save(t.save_dir, at_step, written, tokenizer.model_file)
 
     eval_multiple = p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size > 1 else 1
 
@@ -149,7 +157,11 @@ def train(cfg: Config) -> RunResult:
                               eval_multiple)
         result.evals.append({"step": at_step, **evaluation})
         log.scalars(at_step, evaluation, prefix="valid")
-        log.line(_format_eval(at_step, evaluation))
+        log.line(_format_eval("valid", at_step, evaluation))
+        for name, dataset in extra_eval_sets.items():  # clean SC only: the quality measure
+            extra = evaluate(engine, dataset, builder, t, dp_rank, dp_size, Phase.SC_ONLY, eval_multiple)
+            log.scalars(at_step, extra, prefix=name)
+            log.line(_format_eval(name, at_step, extra))
 
     if step == 0 and t.eval_interval > 0 and valid_set is not None:
         run_eval(0)
@@ -235,6 +247,7 @@ def train(cfg: Config) -> RunResult:
 HYBRID_EVAL_NAMES = {
     "loss": "hybrid_loss", "sc_loss": "sc_loss_replaced", "rtd_loss": "rtd_loss", "mlm_loss": "mlm_loss",
     "rtd_accuracy": "rtd_accuracy", "rtd_recall": "rtd_recall", "mlm_accuracy": "mlm_accuracy",
+    "replaced_fraction": "replaced_fraction",
 }
 
 
@@ -262,7 +275,8 @@ def evaluate(engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int, 
         result.update({name: replaced[k] for k, name in HYBRID_EVAL_NAMES.items() if k in replaced})
     # The same batches: the SC-only objective reads their span-corruption fields, not the MLM ones.
     clean = engine.eval_step(micro_batches, Phase.SC_ONLY)
-    return mean_over_data_parallel({**{k: clean[k] for k in ("sc_loss", "z_loss") if k in clean}, **result})
+    return mean_over_data_parallel({**{k: clean[k] for k in ("sc_loss", "sc_accuracy", "z_loss") if k in clean},
+                                    **result})
 
 
 def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: int, checkpoint, record) -> Engine:
@@ -292,8 +306,8 @@ def on_device(batch: dict) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _format_eval(step: int, evaluation: dict[str, float]) -> str:
-    return f"[valid] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in evaluation.items())
+def _format_eval(split: str, step: int, evaluation: dict[str, float]) -> str:
+    return f"[{split}] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in evaluation.items())
 
 
 def _format(step: int, phase: Phase, m: dict) -> str:

@@ -1,8 +1,10 @@
-"""What a run reports: TensorBoard scalars and a progress bar, on the logging rank only."""
+"""What a run reports: TensorBoard scalars, a JSON-lines record and a progress bar, on the logging rank only."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -11,14 +13,21 @@ from tqdm import tqdm
 
 
 class RunLogger:
-    """TensorBoard scalars plus a tqdm bar showing loss, stage and ETA; silent off rank 0."""
+    """TensorBoard scalars, the metrics file (``logging.metrics_file``) and a tqdm bar showing loss,
+    stage and ETA; silent off rank 0."""
 
-    def __init__(self, tensorboard_dir: Optional[str], total_steps: int, first_step: int, enabled: bool, progress: bool):
+    def __init__(self, tensorboard_dir: Optional[str], total_steps: int, first_step: int, enabled: bool, progress: bool,
+                 metrics_file: Optional[str] = None):
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self.records = None
         if not enabled:
             return
+        if metrics_file:
+            # appended to: a resumed run adds its steps (a reader keeps the last record of a step)
+            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.records = open(metrics_file, "a", buffering=1)
         if tensorboard_dir:
             # TensorBoard's writer loads tensorboard (about a second): only the logging rank does.
             from torch.utils.tensorboard import SummaryWriter
@@ -34,6 +43,8 @@ class RunLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        if self.records is not None:
+            self.records.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
 
     def advance(self, stage_name: str, loss: float) -> None:
         if self.bar is not None:
@@ -51,6 +62,8 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.records is not None:
+            self.records.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

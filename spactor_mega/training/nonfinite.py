@@ -4,8 +4,8 @@ The engines decide it (:func:`any_rank_nonfinite`, agreed over every rank, since
 loss exists on its last stage only and a NaN can start on one data-parallel rank) before any
 optimizer applies an update, and report ``skipped`` 1.0 for it; such a step also leaves the LR
 schedules where they were (as Megatron-LM does for its fp16 overflow skips), so the schedule
-counts applied updates. :class:`SkippedSteps` counts them in the loop and stops the run after
-``train.max_skipped_steps`` in a row.
+counts applied updates. :class:`SkippedSteps` counts them in the loop (the counts travel in the
+checkpoint's run.json) and stops the run after ``train.max_skipped_steps`` in a row.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -21,10 +21,14 @@ from spactor_mega.errors import UserError
 
 # Test-only fault injection: comma-separated step numbers (1-based) whose loss is made NaN.
 TEST_NAN_STEPS_ENV = "SPACTOR_TEST_NAN_AT_STEP"
+# Test-only: comma-separated step numbers (1-based) whose gradients in one part (G's engine) are made NaN.
+TEST_NAN_GRAD_STEPS_ENV = "SPACTOR_TEST_NAN_GRAD_AT_STEP"
 
 
 class NonFiniteStepsError(UserError):
     """Non-finite steps stopped the run (the CLI prints it as one line)."""
+
+    same_on_every_rank = True
 
 
 def any_rank_nonfinite(values: Iterable[float]) -> bool:
@@ -48,13 +52,27 @@ def inject_test_nan(step: int, micro_batches: list[dict], data_parallel_rank: in
         batch["dec_loss_mask"] = batch["dec_loss_mask"] * float("nan")
 
 
-class SkippedSteps:
-    """Counts skipped steps (``total``, for the logs) and how many of them came in a row."""
+def inject_test_nan_gradients(module: torch.nn.Module, next_step: Callable[[], int]) -> None:
+    """Test-only: on global rank 0, the gradients reaching ``module``'s parameters in a step that
+    ``$SPACTOR_TEST_NAN_GRAD_AT_STEP`` lists (``next_step()``: the step being run) are made NaN while
+    the loss stays finite, as an overflow in one part's backward would make them."""
+    listed = os.environ.get(TEST_NAN_GRAD_STEPS_ENV, "")
+    if not listed or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        return
+    steps = {int(s) for s in listed.split(",")}
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_hook(lambda grad: grad * float("nan") if next_step() in steps else grad)
 
-    def __init__(self, limit: int):
+
+class SkippedSteps:
+    """Counts skipped steps (``total``, for the logs) and how many of them came in a row; a resumed
+    run continues the counts its checkpoint recorded."""
+
+    def __init__(self, limit: int, total: int = 0, in_a_row: int = 0):
         self.limit = limit
-        self.total = 0
-        self.in_a_row = 0
+        self.total = total
+        self.in_a_row = in_a_row
 
     def count(self, skipped: bool) -> None:
         self.total += int(skipped)

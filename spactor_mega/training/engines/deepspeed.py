@@ -30,6 +30,7 @@ Megatron engine, so the two engines follow the same learning-rate curve.
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 from pathlib import Path
 from typing import Callable, Optional
@@ -57,7 +58,11 @@ from spactor_mega.training.engines.released import (
 )
 from spactor_mega.training.lr_schedule import build_lr_scheduler
 from spactor_mega.training.metrics import average_metrics
-from spactor_mega.training.nonfinite import NonFiniteStepsError, any_rank_nonfinite
+from spactor_mega.training.nonfinite import (
+    NonFiniteStepsError,
+    any_rank_nonfinite,
+    inject_test_nan_gradients,
+)
 
 # deepspeed itself is imported where it is used, through import_deepspeed: it picks its
 # accelerator once, at import, and on CPU that must be set first.
@@ -167,6 +172,7 @@ class DeepSpeedEngine:
 
         self.d, self.d_scheduler = initialize(Parts(discriminator=discriminator), megatron_mpu(), self.ds_config)
         self.aux = self.aux_scheduler = None
+        self.gradients = NonFiniteGradients()
         self.released = ReleasedTensors()
         if generator is not None:
             # G's engine sees TP x DP data-parallel ranks, each with a micro-batch of its own.
@@ -174,7 +180,10 @@ class DeepSpeedEngine:
             self.aux, self.aux_scheduler = initialize(Parts(generator=generator, rtd_head=rtd_head), replica_mpu(), aux_config)
             if tp > 1:
                 _scale_gradients(generator, float(tp))
+            inject_test_nan_gradients(self.aux.module, lambda: self.d.global_steps + 1)  # before the watch sees them
+            self.gradients.watch(self.aux.module)
             deepspeed.utils.groups.mpu = self.d.mpu  # DeepSpeed's process-global mpu: D's (see _global_mpu)
+        self.gradients.watch(self.d.module)
         self.has_generator = self.aux is not None
         # ZeRO-0 has no torch-style backward hooks: G's gradients are all-reduced explicitly.
         self._aux_in_forward = cfg.deepspeed.zero_stage > 0
@@ -221,23 +230,33 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
         hybrid = phase is Phase.HYBRID
         engines = [self.d] + ([self.aux] if hybrid else [])
-        outputs, nonfinite_loss = [], False
+        outputs, nonfinite = [], False
+        self.gradients.reset()
         for batch in micro_batches:
             loss, metrics = self._micro_step(batch, phase)
             outputs.append(metrics)
-            if len(outputs) == len(micro_batches) and any_rank_nonfinite(m["loss"] for m in outputs):
+            last = len(outputs) == len(micro_batches)
+            if last and any_rank_nonfinite(m["loss"] for m in outputs):
                 # before the last backward, so no engine has stepped yet
-                nonfinite_loss, loss = True, _overflowing(loss, engines)
+                nonfinite, loss = True, _overflowing(loss, engines)
             self.d.backward(loss)
             if hybrid and not self._aux_in_forward:
                 self.aux.allreduce_gradients()
+            # A finite loss can still give one engine non-finite gradients (G's alone, say): both
+            # engines skip then, not only the one whose own overflow check would find them.
+            if last and not nonfinite and any_rank_nonfinite([self.gradients.take()]):
+                nonfinite = True
+                _require_overflow_check(engines)
+                for engine in engines:
+                    _poison_gradients(engine)
             for engine in engines:
                 engine.step()  # the optimizer steps at the accumulation boundary (the last micro-batch)
         # Each engine's overflow flag is agreed over its own ranks, so this is the same on every rank.
         skipped = not all(engine.was_step_applied() for engine in engines)
-        if nonfinite_loss and any(engine.was_step_applied() for engine in engines):
-            raise NonFiniteStepsError("DeepSpeed applied a step whose loss is not finite (is bf16.check_grad_overflow "
-                                      "off in deepspeed.config?); resume from the last checkpoint with it on")
+        if nonfinite and any(engine.was_step_applied() for engine in engines):
+            raise NonFiniteStepsError("DeepSpeed applied a step whose loss or gradients are not finite (is "
+                                      "bf16.check_grad_overflow off in deepspeed.config?); resume from the last "
+                                      "checkpoint with it on")
         result = average_metrics(outputs)
         if not skipped:
             self.d_scheduler.step(increment=1)
@@ -328,14 +347,86 @@ def _overflowing(loss: torch.Tensor, engines: list) -> torch.Tensor:
     overflow (the ``overflow`` flag its engine reads after each step: ZeRO-1/2/3 in fp32, ZeRO-0 to 3 in
     bf16 with ``bf16.check_grad_overflow``, DeepSpeed's default), so a step whose loss is not finite on some
     rank is made to overflow on every rank, in both engines (G's gradients may be finite when D's loss
-    is not), and each skips it as it skips an overflow. ZeRO-0 in fp32 steps a plain torch optimizer,
-    which has no such check: the run stops before the update instead."""
+    is not), and each skips it as it skips an overflow."""
+    _require_overflow_check(engines)
+    return loss * float("nan")
+
+
+def _require_overflow_check(engines: list) -> None:
+    """ZeRO-0 in fp32 steps a plain torch optimizer, which checks no overflow and so cannot be made to
+    skip a step: the run stops before the update instead."""
     if not all(hasattr(engine.optimizer, "overflow") for engine in engines):
         raise NonFiniteStepsError(
-            "a step's loss is not finite and DeepSpeed cannot skip it under deepspeed.zero_stage=0 in fp32 "
-            "(its plain optimizer checks no overflow): stopped before applying it; resume from the last "
+            "a step's loss or gradients are not finite and DeepSpeed cannot skip it under deepspeed.zero_stage=0 "
+            "in fp32 (its plain optimizer checks no overflow): stopped before applying it; resume from the last "
             "checkpoint with deepspeed.zero_stage >= 1 or train.precision=bf16")
-    return loss * float("nan")
+
+
+@torch.no_grad()
+def _poison_gradients(engine) -> None:
+    """Sets every gradient ``engine``'s optimizer steps from to NaN, after the backward and before
+    ``step()``, so that its overflow check skips the step on every rank. Each rank writes what it holds:
+    BF16_Optimizer's fp32 accumulation (``_hp_grad``, which ``safe_set_full_grad`` would miss: it writes
+    the bf16 staging gradient, read no more); through DeepSpeed's ``safe_set_local_grad``, its ZeRO-3
+    partition (DeepSpeed 0.19.8's ``safe_set_full_grad`` cuts a partition past a small parameter's end
+    where ZeRO-3 padded it); through ``safe_set_full_grad``, the plain ``.grad`` or this rank's ZeRO-1/2
+    fragment of each parameter (offloaded ones too)."""
+    utils = import_deepspeed().utils
+    nan = float("nan")
+    for p in engine.module.parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "_hp_grad", None) is not None:
+            p._hp_grad.fill_(nan)
+        elif hasattr(p, "ds_id"):  # ZeRO-3: the parameter itself is empty outside forward
+            utils.safe_set_local_grad(p, _nan_partition(p, engine.optimizer))
+        else:
+            utils.safe_set_full_grad(p, torch.full(p.shape, nan, dtype=torch.float32, device=p.device))
+    optimizer = engine.optimizer
+    if getattr(optimizer, "cpu_offload", False):
+        # ZeRO-1/2 with offload decide from what they recorded while reducing, not from the gradients
+        # now: an overflow flag (bf16) and each parameter's gradient norm (fp32; summed over ranks)
+        optimizer.update_offload_overflow_tracker(torch.tensor(nan))
+        for key, norm in optimizer.norm_for_param_grads.items():
+            optimizer.norm_for_param_grads[key] = torch.full_like(norm, nan)
+
+
+def _nan_partition(param, optimizer) -> torch.Tensor:
+    """This rank's ZeRO-3 gradient partition of ``param`` made NaN, its padding past the parameter's
+    end left 0: the reductions of later steps do not write the padding, so NaN there would stay."""
+    group = getattr(param, "ds_process_group", optimizer.dp_process_group)
+    size = param.ds_tensor.numel()
+    values = torch.zeros(size, dtype=torch.float32)
+    values[: max(0, min(size, param.ds_numel - torch.distributed.get_rank(group) * size))] = float("nan")
+    return values
+
+
+class NonFiniteGradients:
+    """Whether a gradient reaching the watched parameters was not finite on this rank since the last
+    :meth:`reset` or :meth:`take`: a tensor hook per parameter sees each micro-batch's local gradient before ZeRO
+    reduces or partitions it (the one place every stage and offload setting shares). The flag stays
+    on the device, so the hooks add no synchronisation. A sum over ranks of finite gradients that
+    overflows (only near 3e38 in bf16 or fp32) is left to each engine's own overflow check."""
+
+    def __init__(self):
+        self.flag: Optional[torch.Tensor] = None
+
+    def watch(self, module: torch.nn.Module) -> None:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.register_hook(self._see)
+
+    def _see(self, grad: torch.Tensor) -> None:
+        bad = ~torch.isfinite(grad).all()
+        self.flag = bad if self.flag is None else self.flag | bad
+
+    def reset(self) -> None:
+        self.flag = None
+
+    def take(self) -> float:
+        """inf when a non-finite gradient was seen since the last reset, else 0.0; resets."""
+        flag, self.flag = self.flag, None
+        return math.inf if flag is not None and bool(flag) else 0.0
 
 
 def _norm(engine) -> float:

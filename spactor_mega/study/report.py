@@ -1,0 +1,141 @@
+"""A study's summary as people read it: a markdown table and PNG plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from spactor_mega.plan.flops import format_flops  # noqa: E402
+
+
+def _pm(stat: Optional[dict], digits: int = 3, scale: float = 1.0) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _reach(arm: dict, key: str, total: float, fmt) -> str:
+    reach = arm.get("reach")
+    if arm["tau"] == 0:
+        return "(the target)"
+    if not reach:
+        return "-"
+    stat = reach[key]
+    if not stat["n"]:
+        return f"not reached (0/{reach['seeds']})"
+    text = f"{fmt(stat['mean'])} ± {fmt(stat['std'])} ({stat['mean'] / total:.0%})"
+    return text if stat["n"] == reach["seeds"] else f"{text}, {stat['n']}/{reach['seeds']} seeds"
+
+
+def markdown_table(summary: dict) -> str:
+    """Per arm: final clean SC loss and accuracy (mean ± std over seeds), the steps and FLOPs it
+    needs to reach the SC arm's final loss (share of the SC arm's), measured vs modelled step cost,
+    the hybrid phase's signals, and the training wall-clock."""
+    target = summary.get("target")
+    rows = [
+        "| arm | tau | seeds | final SC loss | final SC accuracy | steps to SC's final loss | FLOPs to SC's final loss "
+        "| hybrid/SC step cost: measured (FLOPs model) | RTD loss (prior) at last hybrid eval | RTD recall "
+        "| G MLM accuracy | train wall-clock (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in summary["arms"]:
+        signals, cost = arm.get("signals"), arm.get("step_cost")
+        steps_total = target["steps"] if target else 1
+        flops_total = target["flops"] if target else 1
+        rows.append("| " + " | ".join([
+            arm["name"], f"{arm['tau']:g}" if arm["tau"] != "inf" else "inf", str(len(arm["seeds"])),
+            _pm(arm["final"]["sc_loss"]), _pm(arm["final"]["sc_accuracy"]),
+            _reach(arm, "steps", steps_total, lambda v: f"{v:.0f}"),
+            _reach(arm, "flops", flops_total, format_flops),
+            f"{_pm(cost['measured'], 2)} ({cost['flops_model']:.2f})" if cost else "-",
+            f"{_pm(signals['rtd_loss'])} ({signals['rtd_prior']['mean']:.3f})" if signals else "-",
+            _pm(signals["rtd_recall"]) if signals else "-",
+            _pm(signals["mlm_accuracy"]) if signals else "-",
+            _pm(arm["final"]["wall_s"], 0),
+        ]) + " |")
+    lines = rows
+    if target:
+        lines = [f"Target: the SC arm's final clean validation SC loss, {target['sc_loss']:.4f} after "
+                 f"{target['steps']} steps ({format_flops(target['flops'])}); percentages are of those.", "", *rows]
+    extra = sorted({split for arm in summary["arms"] for split in arm["final"]["extra"]})
+    if extra:
+        lines += ["", "| arm | " + " | ".join(f"final SC loss on {s}" for s in extra) + " |",
+                  "|---|" + "---|" * len(extra)]
+        for arm in summary["arms"]:
+            lines.append(f"| {arm['name']} | " + " | ".join(_pm(arm["final"]["extra"].get(s)) for s in extra) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(summary: dict, out_dir: Path) -> list[Path]:
+    """loss_vs_step.png, loss_vs_flops.png (mean ± std band over seeds, tau dashed) and
+    rtd_vs_prior.png (the hybrid arms' validation RTD loss against its prior)."""
+    out_dir = Path(out_dir)
+    written = []
+    for axis, label, name in (("step", "training step", "loss_vs_step.png"),
+                              ("flops", "cumulative training FLOPs (FLOPs model)", "loss_vs_flops.png")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for i, arm in enumerate(summary["arms"]):
+            c = arm["curve"]
+            color = f"C{i}"
+            mean, std = c["sc_loss"], c["sc_loss_std"]
+            ax.plot(c[axis], mean, color=color, label=f"{arm['name']} ({len(arm['seeds'])} seeds)")
+            ax.fill_between(c[axis], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=color, alpha=0.2, linewidth=0)
+            tau = arm["tau"]
+            if tau != "inf" and 0 < tau < arm["steps"]:
+                x = tau if axis == "step" else _at(c["step"], c["flops"], tau)
+                ax.axvline(x, color=color, linestyle="--", linewidth=1)
+        if summary.get("target"):
+            ax.axhline(summary["target"]["sc_loss"], color="gray", linestyle=":", linewidth=1,
+                       label="SC arm's final loss (the target)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("clean validation SC loss")
+        ax.set_title("SpacTor study: held-out span-corruption loss (dashed: tau)")
+        _zoom(ax, summary)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / name)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, arm in enumerate(summary["arms"]):
+        points = [p for seed in arm["runs"].values() for p in seed["signals"]]
+        if not points:
+            continue
+        steps = sorted({p["step"] for p in points})
+        for key, style in (("rtd_loss", "-"), ("rtd_prior", ":")):
+            values = [sum(p[key] for p in points if p["step"] == s) / sum(p["step"] == s for p in points) for s in steps]
+            ax.plot(steps, values, style, color=f"C{i}", label=f"{arm['name']} {key.replace('_', ' ')}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation RTD loss (dotted: its prior)")
+    ax.set_title("Did D learn from replaced-token detection? (below the prior: yes)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "rtd_vs_prior.png", dpi=110)
+    plt.close(fig)
+    written.append(out_dir / "rtd_vs_prior.png")
+    return written
+
+
+def _at(xs: list, ys: list, x: float) -> float:
+    """ys linearly interpolated at x."""
+    for i in range(1, len(xs)):
+        if xs[i] >= x:
+            return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[-1]
+
+
+def _zoom(ax, summary: dict) -> None:
+    """The y-range of the curves after their first eval point (step 0's loss is off any useful scale)."""
+    later = [v for arm in summary["arms"] for v in arm["curve"]["sc_loss"][1:] if v is not None and math.isfinite(v)]
+    if later:
+        low, high = min(later), max(later)
+        ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9))
