@@ -68,8 +68,10 @@ def checkpoint_step(path: Path) -> Optional[int]:
 
 
 def save_fault_point(point: str, step: int) -> None:
-    """Dies here when the test hook :data:`KILL_IN_SAVE` names this point of this step's save."""
-    if os.environ.get(KILL_IN_SAVE) == f"{point}@{step}":
+    """Dies here when the test hook :data:`KILL_IN_SAVE` names this point of this step's save; under
+    torchrun on the job's first attempt only, so that the restarted job runs through."""
+    if (os.environ.get(KILL_IN_SAVE) == f"{point}@{step}"
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -298,6 +298,13 @@ def parse_blend(entries: list) -> Optional[tuple[list[str], Optional[list[float]
     return entries[1::2], weights
 
 
+def _check_on_every_rank(prefixes: list[str]) -> None:
+    """Megatron's builder opens the datasets on rank 0 first while the others wait: opened (and
+    checked) here on every rank, a missing or damaged file is every rank's error, not rank 0's alone."""
+    for prefix in prefixes:
+        open_indexed_dataset(prefix)
+
+
 def build_datasets(
     train_blend: list,
     valid_blend: list,
@@ -313,10 +320,7 @@ def build_datasets(
     if train is None:
         raise DataError("data.train_data is empty; give an indexed dataset prefix (see `spactor preprocess`)")
     valid = parse_blend(valid_blend)
-    # Megatron's builder opens the datasets on rank 0 first while the others wait: opened (and
-    # checked) here on every rank, a missing or damaged file is every rank's error, not rank 0's alone.
-    for prefix in train[0] + (valid[0] if valid else []):
-        open_indexed_dataset(prefix)
+    _check_on_every_rank(train[0] + (valid[0] if valid else []))
     common = dict(
         random_seed=seed,
         sequence_length=corruption.raw_length,
@@ -339,6 +343,7 @@ def build_eval_dataset(
     prefix: str, corruption: SpanCorruption, seed: int, samples: int, cache_dir: Optional[str] = None
 ) -> torch.utils.data.Dataset:
     """All of one indexed dataset as a validation split (an extra held-out set, ``data.eval_data``)."""
+    _check_on_every_rank([prefix])
     config = SpactorDatasetConfig(
         blend_per_split=[None, ([prefix], None), None], random_seed=seed, sequence_length=corruption.raw_length,
         path_to_cache=cache_dir, mid_level_dataset_surplus=0.005,

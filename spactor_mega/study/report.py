@@ -14,10 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from spactor_mega.plan.flops import format_flops  # noqa: E402
 
 
-def _pm(stat: Optional[dict], digits: int = 3, scale: float = 1.0) -> str:
+def _pm(stat: Optional[dict], digits: int = 3, signed: bool = False) -> str:
     if not stat or stat.get("mean") is None:
         return "-"
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+    return f"{stat['mean']:{'+' if signed else ''}.{digits}f} ± {stat['std']:.{digits}f}"
 
 
 def _reach(arm: dict, key: str, total: float, fmt) -> str:
@@ -34,15 +34,16 @@ def _reach(arm: dict, key: str, total: float, fmt) -> str:
 
 
 def markdown_table(summary: dict) -> str:
-    """Per arm: final clean SC loss and accuracy (mean ± std over seeds), the steps and FLOPs it
+    """Per arm: final clean SC loss (mean ± std over seeds, and its difference from the SC arm's
+    final loss of the same seed), SC accuracy, the steps and FLOPs it
     needs to reach the SC arm's final loss (share of the SC arm's), measured vs modelled step cost,
     the hybrid phase's signals, and the training wall-clock."""
     target = summary.get("target")
     rows = [
-        "| arm | tau | seeds | final SC loss | final SC accuracy | steps to SC's final loss | FLOPs to SC's final loss "
-        "| hybrid/SC step cost: measured (FLOPs model) | RTD loss (prior) at last hybrid eval | RTD recall "
-        "| G MLM accuracy | train wall-clock (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | tau | seeds | final SC loss | minus SC arm's (same seed) | final SC accuracy "
+        "| steps to SC arm's final loss (same seed) | FLOPs to it | hybrid/SC step cost: measured (FLOPs model) "
+        "| RTD loss (prior) at last hybrid eval | RTD recall | G MLM accuracy | train wall-clock (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in summary["arms"]:
         signals, cost = arm.get("signals"), arm.get("step_cost")
@@ -50,7 +51,8 @@ def markdown_table(summary: dict) -> str:
         flops_total = target["flops"] if target else 1
         rows.append("| " + " | ".join([
             arm["name"], f"{arm['tau']:g}" if arm["tau"] != "inf" else "inf", str(len(arm["seeds"])),
-            _pm(arm["final"]["sc_loss"]), _pm(arm["final"]["sc_accuracy"]),
+            _pm(arm["final"]["sc_loss"]), _pm(arm.get("final_vs_sc"), signed=True) if arm["tau"] != 0 else "-",
+            _pm(arm["final"]["sc_accuracy"]),
             _reach(arm, "steps", steps_total, lambda v: f"{v:.0f}"),
             _reach(arm, "flops", flops_total, format_flops),
             f"{_pm(cost['measured'], 2)} ({cost['flops_model']:.2f})" if cost else "-",
@@ -61,8 +63,10 @@ def markdown_table(summary: dict) -> str:
         ]) + " |")
     lines = rows
     if target:
-        lines = [f"Target: the SC arm's final clean validation SC loss, {target['sc_loss']:.4f} after "
-                 f"{target['steps']} steps ({format_flops(target['flops'])}); percentages are of those.", "", *rows]
+        lines = [f"The SC arm's final clean validation SC loss is {target['sc_loss']:.4f} (mean over seeds) after "
+                 f"{target['steps']} steps ({format_flops(target['flops'])}); each seed of an arm is compared with the "
+                 "SC arm's run of the same seed (same initialisation, same data order); percentages are of the SC "
+                 "arm's steps and FLOPs; ± is the standard deviation over seeds.", "", *rows]
     extra = sorted({split for arm in summary["arms"] for split in arm["final"]["extra"]})
     if extra:
         lines += ["", "| arm | " + " | ".join(f"final SC loss on {s}" for s in extra) + " |",
@@ -73,8 +77,9 @@ def markdown_table(summary: dict) -> str:
 
 
 def plot_study(summary: dict, out_dir: Path) -> list[Path]:
-    """loss_vs_step.png, loss_vs_flops.png (mean ± std band over seeds, tau dashed) and
-    rtd_vs_prior.png (the hybrid arms' validation RTD loss against its prior)."""
+    """loss_vs_step.png, loss_vs_flops.png (mean ± std band over seeds, tau dashed),
+    loss_minus_sc_vs_step.png (each arm against the SC arm, paired by seed) and rtd_vs_prior.png
+    (the hybrid arms' validation RTD loss against its prior)."""
     out_dir = Path(out_dir)
     written = []
     for axis, label, name in (("step", "training step", "loss_vs_step.png"),
@@ -104,6 +109,8 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
         written.append(out_dir / name)
+    if summary.get("target"):
+        written.append(_plot_paired_difference(summary, out_dir / "loss_minus_sc_vs_step.png"))
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, arm in enumerate(summary["arms"]):
         points = [p for seed in arm["runs"].values() for p in seed["signals"]]
@@ -123,6 +130,32 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
     plt.close(fig)
     written.append(out_dir / "rtd_vs_prior.png")
     return written
+
+
+def _plot_paired_difference(summary: dict, path: Path) -> Path:
+    """Each arm's loss minus the SC arm's of the same seed (below 0: better than SC at that step):
+    the seed-to-seed spread that swamps the loss curves cancels in the pairs."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, arm in enumerate(summary["arms"]):
+        c = arm["curve"]
+        if arm["tau"] == 0 or not c.get("minus_sc"):
+            continue
+        mean, std = c["minus_sc"], c["minus_sc_std"]
+        ax.plot(c["step"], mean, color=f"C{i}", label=f"{arm['name']} ({len(arm['seeds'])} seeds)")
+        ax.fill_between(c["step"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=f"C{i}", alpha=0.15, linewidth=0)
+        if arm["tau"] != "inf" and 0 < arm["tau"] < arm["steps"]:
+            ax.axvline(arm["tau"], color=f"C{i}", linestyle="--", linewidth=1)
+    ax.axhline(0, color="gray", linewidth=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("SC loss minus the SC arm's (same seed)")
+    ax.set_title("SpacTor arms against SC only, paired by seed (below 0: ahead; dashed: tau)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _at(xs: list, ys: list, x: float) -> float:

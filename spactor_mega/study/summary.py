@@ -140,12 +140,33 @@ def summarize(runs: list[ArmRun]) -> dict:
     if sc is not None and sc["final"]["sc_loss"]["mean"] is not None:
         target = sc["final"]["sc_loss"]["mean"]
         summary["target"] = {"sc_loss": target, "steps": sc["steps"], "flops": sc["final"]["flops"]}
+        # Paired by seed (every arm of a seed has the same initialisation and data order): each seed's
+        # target is the SC arm's final loss of that seed, so the seed-to-seed spread the arms share cancels
+        sc_final = {seed: c["sc_loss"][-1] for seed, c in curves[sc["name"]].items()}
         for arm in arms:
-            reached = [(crossing(c["step"], c["sc_loss"], target), crossing(c["flops"], c["sc_loss"], target))
-                       for c in curves[arm["name"]].values()]
+            paired = {seed: c for seed, c in curves[arm["name"]].items() if seed in sc_final}
+            reached = [(crossing(c["step"], c["sc_loss"], sc_final[seed]),
+                        crossing(c["flops"], c["sc_loss"], sc_final[seed])) for seed, c in paired.items()]
             arm["reach"] = {"steps": mean_std([s for s, _ in reached]), "flops": mean_std([f for _, f in reached]),
                             "seeds": len(reached)}
+            arm["final_vs_sc"] = mean_std([c["sc_loss"][-1] - sc_final[seed] for seed, c in paired.items()])
+            arm["curve"]["minus_sc"], arm["curve"]["minus_sc_std"] = _paired_difference(
+                arm["curve"]["step"], paired, curves[sc["name"]])
     return summary
+
+
+def _paired_difference(steps: list[int], curves: dict, sc_curves: dict) -> tuple[list, list]:
+    """At each eval step: the arm's SC loss minus the SC arm's of the same seed, mean and std over seeds."""
+    def loss_at(curve: dict, step: int) -> float:
+        return curve["sc_loss"][curve["step"].index(step)]
+
+    means, stds = [], []
+    for step in steps:
+        stat = mean_std([loss_at(c, step) - loss_at(sc_curves[seed], step)
+                         for seed, c in curves.items() if step in sc_curves[seed]["step"]])
+        means.append(stat["mean"])
+        stds.append(stat["std"])
+    return means, stds
 
 
 def _signals(seeds: dict) -> Optional[dict]:

@@ -78,7 +78,7 @@ def test_quick_study_runs_every_arm_and_seed_and_plots(quick_study):
     assert by_name["sc"]["signals"] is None  # SC only never runs the hybrid objective
     assert by_name["spactor-tau4"]["signals"]["step"] == 2  # the last eval point before tau
     assert by_name["spactor-inf"]["step_cost"]["flops_model"] > 1
-    for name in ("loss_vs_step.png", "loss_vs_flops.png", "rtd_vs_prior.png"):
+    for name in ("loss_vs_step.png", "loss_vs_flops.png", "loss_minus_sc_vs_step.png", "rtd_vs_prior.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     table = (out / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in names)

@@ -3,7 +3,7 @@
 Faults come through the test-only hook of spactor_mega/training/preemption.py (inject_test_fault):
 SPACTOR_TEST_SIGNAL_AT_STEP sends the last rank SIGTERM inside a step; SPACTOR_TEST_EXIT_AT_STEP
 kills it there on the job's first attempt. Losses are read back from the runs' TensorBoard logs.
-Eight torchrun launches (one restarts) and one plain run: about 2.5 min on 2 CPU cores.
+Nine torchrun launches (two restart) and one plain run: about 3 min on 2 CPU cores.
 """
 
 import json
@@ -124,6 +124,21 @@ def test_torchrun_restarts_a_dead_rank_from_the_last_checkpoint(work):
     losses = _losses(run / "tb")
     assert {step: losses[step] for step in range(5, STEPS + 1)} == {
         step: reference[step] for step in range(5, STEPS + 1)}
+    assert _latest(run / "ckpt") == f"iter_{STEPS:07d}"
+
+
+def test_a_deepspeed_job_killed_inside_a_save_restarts_from_the_previous_checkpoint(work):
+    """launch/torchrun.sh with MAX_RESTARTS=1, DeepSpeed on 2 ranks: both are SIGKILLed between D's and
+    G's shards of step 4's save on the first attempt (the store's test hook). The half-written
+    ``iter_0000004.partial`` is ignored, torchrun restarts the job, it resumes from step 2's checkpoint by
+    itself and ends with the uninterrupted run's losses."""
+    reference = _reference(work, "deepspeed")
+    run = work / "killed_in_save"
+    output = _torchrun(_config_file(run, "deepspeed", train__save_interval=2), launcher="launch",
+                       env={"SPACTOR_TEST_KILL_IN_SAVE": "between_shards@4", "MAX_RESTARTS": "1"})
+    assert f"ignoring {run / 'ckpt' / 'iter_0000004.partial'}" in output, output[-3000:]
+    assert f"resumed from {run / 'ckpt' / 'iter_0000002'} at step 2" in output
+    assert _losses(run / "tb") == reference
     assert _latest(run / "ckpt") == f"iter_{STEPS:07d}"
 
 
