@@ -1,17 +1,8 @@
 """Shared test fixtures: a tiny SentencePiece model trained on made-up English."""
 
-import os
 import random
 
 import pytest
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two pytest workers on a 2-core machine: one core each, for the worker and for
-    # the ranks and tools it starts (they inherit this), instead of every process spinning on both.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
 
 _SUBJECTS = ["The committee", "A young farmer", "Our neighbours", "The old lighthouse keeper", "Every student",
              "The government", "She", "They", "My grandmother", "The river", "A small café", "The engineers"]

@@ -91,10 +91,15 @@ def test_sc_stage_skips_generator_and_equals_plain_sc_loss(parallel):
         h.remove()
     assert calls == []
     with torch.no_grad():
+        logits = d(batch["enc_tokens"], batch["dec_input"], batch["enc_mask"]).lm_logits  # [s, b, V]
         plain = d(batch["enc_tokens"], batch["dec_input"], batch["enc_mask"], labels=batch["labels"]).lm_loss
         plain = masked_mean(plain, batch["dec_loss_mask"])
     assert torch.allclose(loss.detach(), plain, rtol=1e-6)
-    assert metrics == {"loss": pytest.approx(plain.item()), "sc_loss": pytest.approx(plain.item())}
+    # SC target-token accuracy: D's greedy prediction against the labels, over the target tokens
+    correct = (logits.argmax(-1).transpose(0, 1) == batch["labels"]).float()
+    accuracy = masked_mean(correct, batch["dec_loss_mask"]).item()
+    assert metrics == {"loss": pytest.approx(plain.item()), "sc_loss": pytest.approx(plain.item()),
+                       "sc_accuracy": pytest.approx(accuracy)}
     # sc-only needs no MLM fields and no generator at all
     no_mlm = synthetic_batch(3, 24, 8, sp_size=SP_SIZE, seed=4, pad_rows=1, with_mlm=False)
     loss2, _ = _objective()(no_mlm, d, phase=Phase.SC_ONLY)

@@ -109,9 +109,9 @@ def test_validation_sc_loss_is_on_clean_inputs_before_tau(work):
                                       spactor__tau=8.0))["evals"]
     assert [e["step"] for e in entering_sc] == [e["step"] for e in entering_hybrid] == [0, 4]
     sc, hybrid = entering_sc[-1], entering_hybrid[-1]
-    assert set(sc) == {"step", "sc_loss"}
+    assert set(sc) == {"step", "sc_loss", "sc_accuracy"}
     assert {"sc_loss", "sc_loss_replaced", "rtd_loss", "mlm_loss", "hybrid_loss", "rtd_recall"} <= set(hybrid)
-    assert hybrid["sc_loss"] == sc["sc_loss"]
+    assert hybrid["sc_loss"] == sc["sc_loss"] and hybrid["sc_accuracy"] == sc["sc_accuracy"]
     assert hybrid["sc_loss_replaced"] != hybrid["sc_loss"]  # D reading G's replacements is another curve
 
 
