@@ -265,16 +265,20 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     setattr(sub, key, value)
 
 
-def load_yaml(path: str | Path, cfg: Optional[Config] = None) -> Config:
-    """Fills ``cfg`` (default: defaults) from a YAML file of ``section: {field: value}``."""
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML document (``{}`` when empty); a missing file or bad YAML is one line naming the file."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return config_from_dict(doc, str(path), cfg)
+
+
+def load_yaml(path: str | Path, cfg: Optional[Config] = None) -> Config:
+    """Fills ``cfg`` (default: defaults) from a YAML file of ``section: {field: value}``."""
+    return config_from_dict(read_yaml(path), str(path), cfg)
 
 
 def config_from_dict(doc: Any, where: str, cfg: Optional[Config] = None) -> Config:

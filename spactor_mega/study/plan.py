@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from spactor_mega.config import Config, ConfigError, config_from_dict, load_yaml
+from spactor_mega.config import Config, ConfigError, config_from_dict, load_yaml, read_yaml
 
 
 @dataclass
@@ -60,12 +60,7 @@ class ArmRun:
 
 def load_study(path: str | Path, quick: bool = False) -> StudyConfig:
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: study config not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    doc = read_yaml(path, "study config")
     known = {f.name for f in dataclasses.fields(StudyConfig)}
     if not isinstance(doc, dict) or "base" not in doc:
         raise ConfigError(f"{path}: a study config is a mapping with at least `base: <train config YAML>`")

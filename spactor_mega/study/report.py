@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -88,10 +89,7 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
         for i, arm in enumerate(summary["arms"]):
             c = arm["curve"]
             color = f"C{i}"
-            mean, std = c["sc_loss"], c["sc_loss_std"]
-            ax.plot(c[axis], mean, color=color, label=f"{arm['name']} ({len(arm['seeds'])} seeds)")
-            ax.fill_between(c[axis], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=color, alpha=0.2, linewidth=0)
+            _band(ax, c[axis], c["sc_loss"], c["sc_loss_std"], color, f"{arm['name']} ({len(arm['seeds'])} seeds)")
             tau = arm["tau"]
             if tau != "inf" and 0 < tau < arm["steps"]:
                 x = tau if axis == "step" else _at(c["step"], c["flops"], tau)
@@ -99,37 +97,27 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
         if summary.get("target"):
             ax.axhline(summary["target"]["sc_loss"], color="gray", linestyle=":", linewidth=1,
                        label="SC arm's final loss (the target)")
-        ax.set_xlabel(label)
-        ax.set_ylabel("clean validation SC loss")
-        ax.set_title("SpacTor study: held-out span-corruption loss (dashed: tau)")
         _zoom(ax, summary)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(out_dir / name)
+        written.append(_save(fig, ax, label, "clean validation SC loss",
+                             "SpacTor study: held-out span-corruption loss (dashed: tau)", out_dir / name))
     if summary.get("target"):
         written.append(_plot_paired_difference(summary, out_dir / "loss_minus_sc_vs_step.png"))
+    written.append(_plot_rtd_vs_prior(summary, out_dir / "rtd_vs_prior.png"))
+    return written
+
+
+def _plot_rtd_vs_prior(summary: dict, path: Path) -> Path:
+    """The hybrid arms' validation RTD loss (mean over seeds) and its prior at each hybrid eval point."""
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, arm in enumerate(summary["arms"]):
         points = [p for seed in arm["runs"].values() for p in seed["signals"]]
-        if not points:
-            continue
         steps = sorted({p["step"] for p in points})
         for key, style in (("rtd_loss", "-"), ("rtd_prior", ":")):
-            values = [sum(p[key] for p in points if p["step"] == s) / sum(p["step"] == s for p in points) for s in steps]
-            ax.plot(steps, values, style, color=f"C{i}", label=f"{arm['name']} {key.replace('_', ' ')}")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation RTD loss (dotted: its prior)")
-    ax.set_title("Did D learn from replaced-token detection? (below the prior: yes)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "rtd_vs_prior.png", dpi=110)
-    plt.close(fig)
-    written.append(out_dir / "rtd_vs_prior.png")
-    return written
+            values = [statistics.fmean(p[key] for p in points if p["step"] == s) for s in steps]
+            if values:
+                ax.plot(steps, values, style, color=f"C{i}", label=f"{arm['name']} {key.replace('_', ' ')}")
+    return _save(fig, ax, "training step", "validation RTD loss (dotted: its prior)",
+                 "Did D learn from replaced-token detection? (below the prior: yes)", path, legend_size=7)
 
 
 def _plot_paired_difference(summary: dict, path: Path) -> Path:
@@ -140,17 +128,26 @@ def _plot_paired_difference(summary: dict, path: Path) -> Path:
         c = arm["curve"]
         if arm["tau"] == 0 or not c.get("minus_sc"):
             continue
-        mean, std = c["minus_sc"], c["minus_sc_std"]
-        ax.plot(c["step"], mean, color=f"C{i}", label=f"{arm['name']} ({len(arm['seeds'])} seeds)")
-        ax.fill_between(c["step"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=f"C{i}", alpha=0.15, linewidth=0)
+        _band(ax, c["step"], c["minus_sc"], c["minus_sc_std"], f"C{i}", f"{arm['name']} ({len(arm['seeds'])} seeds)")
         if arm["tau"] != "inf" and 0 < arm["tau"] < arm["steps"]:
             ax.axvline(arm["tau"], color=f"C{i}", linestyle="--", linewidth=1)
     ax.axhline(0, color="gray", linewidth=1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("SC loss minus the SC arm's (same seed)")
-    ax.set_title("SpacTor arms against SC only, paired by seed (below 0: ahead; dashed: tau)")
-    ax.legend(fontsize=8)
+    return _save(fig, ax, "training step", "SC loss minus the SC arm's (same seed)",
+                 "SpacTor arms against SC only, paired by seed (below 0: ahead; dashed: tau)", path)
+
+
+def _band(ax, xs: list, mean: list, std: list, color: str, label: str) -> None:
+    """A mean curve with its ±1 std band over seeds."""
+    ax.plot(xs, mean, color=color, label=label)
+    ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                    color=color, alpha=0.2, linewidth=0)
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, legend_size: int = 8) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -58,10 +58,15 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("train") / "run"
 
 
+_UNINTERRUPTED: dict = {}  # optimizer -> the uninterrupted run, shared by the stop points
+
+
 @pytest.mark.parametrize("stop_at, optimizer", [(3, "adamw"), (6, "adamw"), (3, "adafactor")])  # tau = 4
 def test_resume_gives_bitwise_the_same_losses(work, stop_at, optimizer):
     name = f"{optimizer}{stop_at}"
-    full = run(tiny_config(work / f"full{name}", optim__optimizer=optimizer))
+    if optimizer not in _UNINTERRUPTED:
+        _UNINTERRUPTED[optimizer] = run(tiny_config(work / f"full{optimizer}", optim__optimizer=optimizer))
+    full = _UNINTERRUPTED[optimizer]
     first = run(tiny_config(work / f"part{name}", train__exit_interval=stop_at, optim__optimizer=optimizer))
     assert [h["step"] for h in first["history"]] == list(range(1, stop_at + 1))
     second = run(tiny_config(work / f"part{name}", train__resume="auto", optim__optimizer=optimizer))
