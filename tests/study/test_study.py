@@ -151,3 +151,14 @@ def test_study_configs_expand_to_valid_arms():
         assert len(study.seeds) >= 3 and study.generators
         for run in arm_runs(study):
             validate(run.config, 1)
+
+
+def test_a_malformed_metrics_file_is_named_with_its_line(tmp_path):
+    from spactor_mega.errors import UserError
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"split": "train", "step": 1, "loss": 5.0}\n{"split": "train", "st')  # cut off mid-write
+    with pytest.raises(UserError) as refused:
+        read_records(metrics)
+    assert str(refused.value) == (f"{metrics}:2: not a metrics record (a JSON object with split and step); "
+                                  "delete the arm's folder and rerun the study to retrain it")

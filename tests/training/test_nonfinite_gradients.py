@@ -15,6 +15,7 @@ import pytest
 
 from spactor_mega.parallel.testing import run_distributed
 from spactor_mega.training.nonfinite import TEST_NAN_GRAD_STEPS_ENV
+from tests.training.engine_runs import train_and_inspect
 from tests.training.test_nonfinite import _same, _tensors
 from tests.training.test_training import tiny_config
 
@@ -38,17 +39,9 @@ def _config(work: Path, name: str):
 def _train_layouts(rank, world_size, work: str):
     import os
 
-    from spactor_mega.parallel.state import destroy_parallel
-    from spactor_mega.training.loop import train
-
     os.environ[TEST_NAN_GRAD_STEPS_ENV] = str(NAN_STEP)
-    history = {}
-    for name in LAYOUTS:
-        try:
-            history[name] = train(_config(Path(work), name)).history
-        finally:
-            destroy_parallel(destroy_process_group=False)
-    return history
+    runs = [(name, _config(Path(work), name)) for name in LAYOUTS]
+    return train_and_inspect(runs, lambda cfg, result, engine: result.history)
 
 
 @pytest.fixture(scope="module")
