@@ -97,3 +97,65 @@ def test_no_import_cycles():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+# torch.distributed's collectives (and the p2p ops): our code issues them through
+# spactor_mega/parallel/collectives.py only, which puts each tensor on its group's device.
+COLLECTIVE_NAMES = {
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all",
+    "all_to_all_single", "barrier", "monitored_barrier", "broadcast", "broadcast_object_list",
+    "gather", "gather_object", "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter",
+    "scatter_object_list", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+    "_all_gather_base", "_reduce_scatter_base",
+}
+COLLECTIVES_OWNER = PACKAGE / "parallel" / "collectives.py"
+
+
+def _distributed_aliases(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """Names bound to ``torch.distributed`` (``dist``, ``c10d``, ...) and collectives imported by name."""
+    modules, functions = {"torch.distributed"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.asname for a in node.names if a.asname and a.name.startswith("torch.distributed")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.distributed"):
+            for a in node.names:
+                if a.name in COLLECTIVE_NAMES:
+                    functions.add(a.asname or a.name)
+                elif a.name == "distributed_c10d":
+                    modules.add(a.asname or a.name)
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch":
+            modules |= {a.asname or a.name for a in node.names if a.name == "distributed"}
+    return modules, functions
+
+
+def direct_collectives(source: str) -> list[str]:
+    """``line: call`` for every torch.distributed collective ``source`` calls directly."""
+    tree = ast.parse(source)
+    modules, functions = _distributed_aliases(tree)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in COLLECTIVE_NAMES and ast.unparse(f.value) in modules:
+            found.append(f"{node.lineno}: {ast.unparse(f)}")
+        elif isinstance(f, ast.Name) and f.id in functions:
+            found.append(f"{node.lineno}: {f.id}")
+    return found
+
+
+def test_collectives_go_through_their_owner():
+    wrong = [f"{path.relative_to(PACKAGE.parent)}:{hit}" for path in sorted(PACKAGE.rglob("*.py"))
+             if path != COLLECTIVES_OWNER for hit in direct_collectives(path.read_text())]
+    assert not wrong, "direct torch.distributed collectives (use spactor_mega.parallel.collectives):\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("source", [
+    "import torch\ntorch.distributed.all_reduce(t)",
+    "import torch.distributed as dist\ndist.barrier()",
+    "from torch import distributed as d\nd.broadcast_object_list(box, src=0)",
+    "from torch.distributed import all_gather as ag\nag(parts, t)",
+    "import torch.distributed.distributed_c10d as c10d\nc10d.all_reduce(t)",
+])
+def test_direct_collective_detector_sees_each_spelling(source):
+    assert direct_collectives(source)

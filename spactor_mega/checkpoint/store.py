@@ -32,6 +32,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from spactor_mega.config import ConfigError
 from spactor_mega.curriculum import Phase, phase_at
 from spactor_mega.errors import UserError
+from spactor_mega.parallel import collectives
 from spactor_mega.plan.derived import uses_bf16
 
 RUN_RECORD = "run.json"
@@ -81,7 +82,7 @@ def _rank() -> int:
 
 def _barrier() -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        collectives.barrier()
 
 
 def prepare_checkpoint_dir(save_dir: str | Path, step: int) -> Path:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
+from spactor_mega.parallel import collectives
+
 
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum(values * weights) / max(sum(weights), 1)`` (fp32)."""
@@ -45,9 +47,9 @@ def vocab_parallel_argmax(scores: torch.Tensor, vocab_start: Optional[int] = Non
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return local_arg
     global_max = local_max.clone()
-    torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    collectives.all_reduce_(global_max, op=collectives.ReduceOp.MAX, group=group)
     cand = torch.where(local_max == global_max, local_arg + vocab_start, torch.full_like(local_arg, _INT64_MAX))
-    torch.distributed.all_reduce(cand, op=torch.distributed.ReduceOp.MIN, group=group)
+    collectives.all_reduce_(cand, op=collectives.ReduceOp.MIN, group=group)
     return cand
 
 
@@ -59,8 +61,7 @@ def vocab_parallel_log_z(logits: torch.Tensor) -> torch.Tensor:
     the gradient of the global sum)."""
     shift = logits.detach().float().amax(dim=-1)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX,
-                                     group=parallel_state.get_tensor_model_parallel_group())
+        collectives.all_reduce_(shift, op=collectives.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
     sum_exp = (logits.float() - shift.unsqueeze(-1)).exp().sum(dim=-1)
     return shift + tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp).log()
 

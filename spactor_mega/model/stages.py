@@ -24,9 +24,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from spactor_mega.parallel import collectives
 from spactor_mega.plan.derived import generator_num_layers
 from spactor_mega.plan.layout import config_layout
 
@@ -183,7 +183,7 @@ def _sum_over_pipeline(chunks: list, per_chunk: list) -> list:
         for i, t in enumerate(pair):
             if t is not None:
                 flat[i * n:(i + 1) * n] += t.reshape(-1)
-    dist.all_reduce(flat, group=ps.get_pipeline_model_parallel_group())
+    collectives.all_reduce_(flat, group=ps.get_pipeline_model_parallel_group())
     return [flat[i * n:(i + 1) * n].view(shape) for i in range(2)]
 
 

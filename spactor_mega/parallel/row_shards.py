@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import collectives
+
 
 def row_shares(rows: int, world: int) -> list[int]:
     """Rows per rank: ``rows`` split as evenly as possible over ``world`` ranks, larger first."""
@@ -40,8 +42,7 @@ def _all_gather_rows(local: torch.Tensor, rows: int, group) -> torch.Tensor:
     # all_gather needs equal sizes on every backend (gloo included): pad to the largest share.
     padded = local.new_zeros((width, *local.shape[1:]))
     padded[: local.size(0)] = local
-    parts = [torch.empty_like(padded) for _ in shares]
-    dist.all_gather(parts, padded, group=group)
+    parts = collectives.all_gather(padded, group)
     return torch.cat([part[:n] for part, n in zip(parts, shares)], dim=0)
 
 

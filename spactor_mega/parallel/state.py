@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from . import collectives
 from .cpu_compat import apply_cpu_compat
 
 _OWNS_PROCESS_GROUP = False
@@ -136,7 +137,7 @@ def destroy_parallel(destroy_process_group: bool = True) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if destroy_process_group and _OWNS_PROCESS_GROUP and dist.is_initialized():
-        dist.barrier()  # a rank leaving early makes a peer's last collective abort
+        collectives.barrier()  # a rank leaving early makes a peer's last collective abort
         dist.destroy_process_group()
         _OWNS_PROCESS_GROUP = False
         _SELF_GROUPS.clear()

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from . import collectives
+
 
 def tp_attributes(param) -> tuple[bool, int, int]:
     """(TP-split?, partition_dim, partition_stride) as Megatron marks the parameter."""
@@ -32,9 +34,7 @@ def gather_tp_tensor(local: torch.Tensor, dim: int, stride: int = 1, group=None)
     world = dist.get_world_size(group)
     if world == 1:
         return local.detach().clone()
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    return merge_tp_shards(parts, dim, stride)
+    return merge_tp_shards(collectives.all_gather(local.detach(), group), dim, stride)
 
 
 def merge_tp_shards(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:

@@ -44,6 +44,7 @@ from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
 from spactor_mega.model.spactor import SpactorObjective
 from spactor_mega.model.stages import as_chunks, build_spactor_modules
 from spactor_mega.model.t5 import model_vocab_size
+from spactor_mega.parallel import collectives
 from spactor_mega.parallel.state import initialize_parallel
 from spactor_mega.plan.derived import generator_num_layers, uses_bf16
 from spactor_mega.plan.flops import format_flops, sample_flops
@@ -89,7 +90,7 @@ def train(cfg: Config) -> RunResult:
     # Data -----------------------------------------------------------------------------
     if rank == 0:
         ensure_data(cfg)
-    torch.distributed.barrier()
+    collectives.barrier()
     tokenizer = T5SentencePieceTokenizer(cfg.data.tokenizer)
     corruption = SpanCorruption(
         cfg.data.encoder_seq_length, tokenizer.first_sentinel_id, tokenizer.num_sentinels,

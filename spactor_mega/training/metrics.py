@@ -11,6 +11,8 @@ import torch
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
+from spactor_mega.parallel import collectives
+
 
 class RunLogger:
     """TensorBoard scalars, the metrics file (``logging.metrics_file``) and a tqdm bar showing loss,
@@ -77,9 +79,7 @@ def mean_over_data_parallel(metrics: dict[str, float]) -> dict[str, float]:
         return metrics
     names = sorted(metrics)
     values = torch.tensor([float(metrics[k]) for k in names], dtype=torch.float64)
-    torch.distributed.all_reduce(values, group=ps.get_data_parallel_group())
-    values /= ps.get_data_parallel_world_size()
-    return dict(zip(names, values.tolist()))
+    return dict(zip(names, collectives.mean_over_ranks(values, ps.get_data_parallel_group()).tolist()))
 
 
 def average_metrics(outputs: list) -> dict:

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from spactor_mega.errors import UserError
+from spactor_mega.parallel import collectives
 
 # Test-only fault injection: comma-separated step numbers (1-based) whose loss is made NaN.
 TEST_NAN_STEPS_ENV = "SPACTOR_TEST_NAN_AT_STEP"
@@ -33,12 +34,7 @@ class NonFiniteStepsError(UserError):
 
 def any_rank_nonfinite(values: Iterable[float]) -> bool:
     """True on every rank when any of ``values`` is not finite on any rank (collective over the world)."""
-    bad = any(not math.isfinite(float(v)) for v in values)
-    # on the GPU where there is one: NCCL (the backend then) reduces CUDA tensors only
-    flag = torch.tensor([1 if bad else 0], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    return collectives.any_rank(any(not math.isfinite(float(v)) for v in values))
 
 
 def inject_test_nan(step: int, micro_batches: list[dict], data_parallel_rank: int) -> None:

@@ -35,12 +35,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spactor_mega.curriculum import Phase
 from spactor_mega.model.spactor import unwrap
+from spactor_mega.parallel import collectives
 from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks
 from spactor_mega.training.metrics import average_metrics, metrics_reducer
 
@@ -149,7 +149,7 @@ def _with_generator_metrics(metrics, generator_metrics: list, mlm_weight: float,
     mean = torch.zeros(2, dtype=torch.float64, device=device)
     if generator_metrics:
         mean = torch.stack(generator_metrics).mean(dim=0)
-    dist.broadcast(mean, src=ps.get_pipeline_model_parallel_first_rank(), group=ps.get_pipeline_model_parallel_group())
+    collectives.broadcast_(mean, src=ps.get_pipeline_model_parallel_first_rank(), group=ps.get_pipeline_model_parallel_group())
     if metrics is None:
         return None
     mlm_loss, mlm_accuracy = mean.tolist()
@@ -193,7 +193,5 @@ def pipeline_step(objective, micro_batches: list, d, g=None, rtd_head=None, *, p
     if hybrid:
         device = next(inner[0].parameters()).device
         metrics = _with_generator_metrics(metrics, generator_metrics, objective.mlm_weight, device)
-    box = [metrics]
-    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                               group=ps.get_pipeline_model_parallel_group())
-    return box[0]
+    return collectives.broadcast_object(metrics, src=ps.get_pipeline_model_parallel_last_rank(),
+                                        group=ps.get_pipeline_model_parallel_group())

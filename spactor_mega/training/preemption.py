@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from spactor_mega.parallel import collectives
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -50,10 +52,7 @@ class StopRequests:
         A collective over the world: every rank calls it once per step."""
         elapsed_minutes = (time.monotonic() - self._started) / 60
         over_time = self._limit_minutes is not None and elapsed_minutes >= self._limit_minutes
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        seen = torch.tensor([self._received, int(over_time)], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
-        signum, over_time = seen.tolist()
+        signum, over_time = collectives.max_over_ranks([self._received, int(over_time)])
         if signum:
             return f"{signal.Signals(signum).name} received"
         if over_time:

@@ -58,6 +58,7 @@ from spactor_mega.curriculum import Phase
 from spactor_mega.model.generator import GeneratorDDP
 from spactor_mega.model.spactor import SpactorObjective
 from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks, build_stage_chunks
+from spactor_mega.parallel import collectives
 from spactor_mega.plan.layout import config_layout, replans_at_tau
 from spactor_mega.training.engines.base import eval_mode, torch_adafactor
 from spactor_mega.training.engines.released import (
@@ -163,7 +164,7 @@ class MegatronEngine:
         # Whether the run still has the hybrid stage's modules somewhere (on some stage with PP).
         self.has_generator = generator is not None or rtd_head is not None
         if self.pp > 1:
-            self.has_generator = _any_rank(self.has_generator)
+            self.has_generator = collectives.any_rank(self.has_generator)
         if generator is not None:
             self.g = GeneratorDDP(generator, aux_ddp)  # reduces over TP x DP (G's copies)
         if rtd_head is not None:
@@ -231,14 +232,14 @@ class MegatronEngine:
         rank = ps.get_pipeline_model_parallel_rank()
         held = [(_bounds(c.module.encoder_layers), _bounds(c.module.decoder_layers)) for c in self.d_chunks]
         planned = [split[chunk * self.pp + rank] for chunk in range(len(self.d_chunks))]
-        if not _any_rank(held != planned):
+        if not collectives.any_rank(held != planned):
             return
         path = Path(self.cfg.train.save_dir) / ".replan-at-tau"
         first = torch.distributed.get_rank() == 0
         if first:
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir(parents=True)
-        torch.distributed.barrier()
+        collectives.barrier()
         self._gather_updated_params()
         self.checkpoints.complete(wait=True)  # Megatron's writers share one results queue: one save at a time
         dist_checkpointing.save(self.sharded_state_dict(), str(path))
@@ -249,7 +250,7 @@ class MegatronEngine:
         self._wrap_discriminator(chunks)
         self._install_schedule_hooks()
         self.load(path)
-        torch.distributed.barrier()
+        collectives.barrier()
         if first:
             shutil.rmtree(path)
 
@@ -575,9 +576,3 @@ def _bounds(layers) -> tuple[int, int]:
     start, end = layers
     return (start, end) if end > start else (0, 0)
 
-
-def _any_rank(flag: bool) -> bool:
-    """True when ``flag`` is True on any rank (collective over the world)."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())

@@ -1,0 +1,124 @@
+"""The one owner of the collectives our own code issues: each tensor goes over a group on the device
+that group's backend communicates on.
+
+NCCL reduces CUDA tensors only ("No backend type associated with device type cpu"); gloo takes CPU
+tensors (and, for a few ops, CUDA ones through a host copy). A flag or a metric built with
+``torch.tensor(...)`` lands on the CPU, which works on a CPU test run and kills the first GPU run
+with DP > 1 or PP > 1. Every collective in ``spactor_mega`` therefore passes through this module
+(``tests/test_architecture.py`` fails on a direct ``torch.distributed`` collective elsewhere):
+it asks the group for its backend, moves the tensor there (a no-op for activations, which already
+live there) and, for in-place ops, copies the result back.
+
+torch.distributed offers the collectives but not the device choice (``get_backend`` names the
+backend, nothing maps it to a device); Megatron-Core's helpers assume CUDA throughout. Hence this
+small module. ``group=None`` is the world group, as in torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+ReduceOp = dist.ReduceOp
+
+
+def group_device(group=None) -> torch.device:
+    """The device ``group``'s backend communicates on: this rank's CUDA device for NCCL, the CPU
+    for gloo (a group with both, e.g. ``cpu:gloo,cuda:nccl``, takes CPU tensors: no copy needed)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _active(group) -> bool:
+    return dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_reduce_(tensor: torch.Tensor, op=ReduceOp.SUM, group=None) -> torch.Tensor:
+    """All-reduces ``tensor`` in place (on any device) over ``group`` and returns it."""
+    if not _active(group):
+        return tensor
+    device = group_device(group)
+    if tensor.device == device:
+        dist.all_reduce(tensor, op=op, group=group)
+        return tensor
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=op, group=group)
+    return tensor.copy_(moved)
+
+
+def broadcast_(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Broadcasts ``tensor`` in place from global rank ``src`` over ``group``."""
+    if not _active(group):
+        return tensor
+    device = group_device(group)
+    moved = tensor if tensor.device == device else tensor.to(device)
+    dist.broadcast(moved, src=src, group=group)
+    return tensor if moved is tensor else tensor.copy_(moved)
+
+
+def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (equal shapes), in group rank order, on ``tensor``'s device."""
+    if not _active(group):
+        return [tensor]
+    device = group_device(group)
+    local = tensor.contiguous() if tensor.device == device else tensor.to(device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return parts if local.device == tensor.device else [p.to(tensor.device) for p in parts]
+
+
+def broadcast_object(obj: Any, src: int, group=None) -> Any:
+    """A picklable object from global rank ``src`` to every rank of ``group`` (its return value)."""
+    if not _active(group):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group, device=group_device(group))
+    return box[0]
+
+
+def barrier(group=None) -> None:
+    """Waits for every rank of ``group``. Under NCCL, on this rank's device (without
+    ``device_ids`` NCCL guesses it, and warns)."""
+    if not _active(group):
+        return
+    device = group_device(group)
+    if device.type == "cuda":
+        dist.barrier(group=group, device_ids=[device.index])
+    else:
+        dist.barrier(group=group)
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank of ``group`` when ``flag`` is True on any of them."""
+    return bool(max_over_ranks([int(flag)], group)[0])
+
+
+def max_over_ranks(values: Sequence[int], group=None) -> list[int]:
+    """The element-wise maximum of integer ``values`` over ``group`` (one collective)."""
+    if not _active(group):
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.int64, device=group_device(group))
+    dist.all_reduce(t, op=ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def mean_over_ranks(values: torch.Tensor, group=None) -> torch.Tensor:
+    """``values`` averaged over ``group`` (a new tensor on ``values``' device)."""
+    out = values.clone()
+    if not _active(group):
+        return out
+    return all_reduce_(out, group=group).div_(dist.get_world_size(group))
+
+
+def stacked(values: Iterable[torch.Tensor | float], dtype=torch.float64,
+            device: Optional[torch.device] = None) -> torch.Tensor:
+    """Scalars (device tensors or floats) as one 1-D tensor, for one collective instead of many."""
+    items = [v.detach().reshape(()).to(dtype) if isinstance(v, torch.Tensor)
+             else torch.tensor(float(v), dtype=dtype) for v in values]
+    if device is None:
+        device = next((v.device for v in items if v.device.type != "cpu"), torch.device("cpu"))
+    return torch.stack([v.to(device) for v in items])
