@@ -185,6 +185,9 @@ class TrainConfig:
     # The device's peak TFLOP/s for MFU; None: known for A100/H100/H200 (bf16, or TF32 for fp32 runs),
     # MFU not reported elsewhere (CPUs)
     peak_tflops: Optional[float] = None
+    # fp32 matmuls on CUDA use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation; the
+    # fp32 peak MFU is measured against); false: full fp32 (IEEE) matmuls, several times slower
+    allow_tf32: bool = True
 
 
 @dataclass

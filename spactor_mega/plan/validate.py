@@ -102,6 +102,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]; lower optim.min_lr")
     need(t.peak_tflops is None or t.peak_tflops > 0,
          f"train.peak_tflops must be positive (or unset for the known GPUs' peaks), got {t.peak_tflops}")
+    need(isinstance(t.allow_tf32, bool), f"train.allow_tf32 must be true or false, got {t.allow_tf32!r}")
     need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0: no clipping), got {o.clip_grad}")
     need(t.hang_factor == 0 or t.hang_factor > 1,
          f"train.hang_factor must be 0 (off) or above 1 (a multiple of the median step), got {t.hang_factor}")

@@ -55,6 +55,7 @@ from spactor_mega.plan.validate import validate
 from spactor_mega.training.engines import Engine, build_engine
 from spactor_mega.training.metrics import RunLogger, mean_over_data_parallel
 from spactor_mega.training.nonfinite import SkippedSteps, inject_test_nan
+from spactor_mega.training.numerics import set_float_numerics
 from spactor_mega.training.preemption import StopRequests, inject_test_fault
 from spactor_mega.training.watchdog import HangWatchdog
 
@@ -73,12 +74,7 @@ def train(cfg: Config) -> RunResult:
     without it). The config is validated here, once, before any process group exists."""
     p, t = cfg.parallel, cfg.train
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if not torch.cuda.is_available():
-        # Subnormal floats take a slow path on x86 CPUs (squared gradients of tokens the model has
-        # learned are improbable reach them). One A/B on the demo model: unflushed, its SC step grew from
-        # 0.25 s to 0.64 s over 400 steps; flushed, 0.25-0.30 s, with bitwise the same loss at step 400
-        # (README: Platform notes).
-        torch.set_flush_denormal(True)
+    set_float_numerics(torch.cuda.is_available(), t.allow_tf32)
     # From here on SIGTERM/SIGUSR1/SIGINT (and train.exit_duration_minutes) stop the run after a step, saved
     stop_requests = StopRequests(t.exit_duration_minutes)
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed,
