@@ -10,6 +10,7 @@
 # --train.resume flag overrides it).
 # Preemption: SIGTERM, SIGUSR1 or SIGINT to this script makes every worker finish its step, save and exit 0.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 : "${NNODES:=1}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}" "${MAX_RESTARTS:=3}"
 : "${RDZV_ID:=${SLURM_JOB_ID:-spactor}}"
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then

@@ -1,5 +1,7 @@
 """The launchers as a cluster runs them: launch/torchrun.sh as two nodes on loopback (train, stop,
-resume), and launch/slurm.sbatch's node and rank arithmetic with a stand-in srun and torchrun."""
+resume), launch/slurm.sbatch's node and rank arithmetic with a stand-in srun and torchrun, and the
+environment of launch/env.sh reaching torchrun (which hands its environment to the workers) and
+DeepSpeed's multi-node runner (which forwards only its env file)."""
 
 import dataclasses
 import os
@@ -66,7 +68,7 @@ def test_two_nodes_on_loopback_train_stop_and_resume(tmp_path):
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # srun with --ntasks-per-node=1: the command once per node, each with its SLURM_NODEID
-while [[ "$1" == --* ]]; do shift; done
+while [[ "$1" == --* ]]; do echo "$1" >> "$RECORD.srun"; shift; done
 for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" || exit $?; done
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
@@ -74,19 +76,31 @@ FAKE_SCONTROL = """#!/usr/bin/env bash
 """
 FAKE_TORCHRUN = """#!/usr/bin/env bash
 echo "$@" >> "$RECORD"
+env | grep -E '^(CUDA_DEVICE_MAX_CONNECTIONS|TORCH_NCCL_)' | sort >> "$RECORD.env"
 """
+LAUNCH_ENV = ["CUDA_DEVICE_MAX_CONNECTIONS=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_DUMP_ON_TIMEOUT=1",
+              "TORCH_NCCL_TRACE_BUFFER_SIZE=2000"]
+
+
+def _without_launch_env(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS" and not k.startswith("TORCH_NCCL_")}
+
+
+def _fake_commands(folder: Path, **scripts: str) -> Path:
+    folder.mkdir()
+    for name, text in scripts.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(stat.S_IRWXU)
+    return folder
 
 
 @pytest.mark.parametrize("gpus", ["4", None])
 def test_slurm_script_starts_every_node_against_the_first_node(tmp_path, gpus):
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("torchrun", FAKE_TORCHRUN)):
-        (fake / name).write_text(text)
-        (fake / name).chmod(stat.S_IRWXU)
+    fake = _fake_commands(tmp_path / "bin", srun=FAKE_SRUN, scontrol=FAKE_SCONTROL, torchrun=FAKE_TORCHRUN)
     record = tmp_path / "torchrun.args"
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "RECORD": str(record),
-           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "1234"}
+    # sbatch sets SLURM_CPUS_PER_TASK from the script's #SBATCH --cpus-per-task
+    env = {**_without_launch_env(os.environ), "PATH": f"{fake}:{os.environ['PATH']}", "RECORD": str(record),
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "1234", "SLURM_CPUS_PER_TASK": "64"}
     env.pop("MASTER_PORT", None)
     if gpus:
         env["SLURM_GPUS_ON_NODE"] = gpus
@@ -98,3 +112,41 @@ def test_slurm_script_starts_every_node_against_the_first_node(tmp_path, gpus):
         f"--nnodes 2 --nproc-per-node {gpus or 8} --rdzv-backend c10d --rdzv-endpoint gpu07:29500 --rdzv-id 1234 "
         "--max-restarts 3 -m spactor_mega.cli train --train.resume auto --config configs/t5-xl.yaml --train.steps 10"
     ] * 2  # c10d's rendezvous numbers the nodes
+    assert "#SBATCH --cpus-per-task=64" in (ROOT / "launch/slurm.sbatch").read_text().splitlines()
+    assert "--cpus-per-task=64" in Path(f"{record}.srun").read_text().splitlines()  # the step asks for them
+    assert Path(f"{record}.env").read_text().splitlines() == LAUNCH_ENV * 2
+
+
+FAKE_DEEPSPEED = """#!/usr/bin/env bash
+echo "$@" > "$RECORD"
+env | grep -E '^(CUDA_DEVICE_MAX_CONNECTIONS|TORCH_NCCL_)' | sort > "$RECORD.env"
+[[ -n "${DS_ENV_FILE:-}" ]] && cp "$DS_ENV_FILE" "$RECORD.ds_env"
+exit 0
+"""
+
+
+@pytest.mark.parametrize("hostfile", [False, True])
+def test_deepspeed_script_hands_the_launch_environment_to_every_node(tmp_path, hostfile):
+    fake = _fake_commands(tmp_path / "bin", deepspeed=FAKE_DEEPSPEED)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("MY_VAR=kept\n\nTORCH_NCCL_TRACE_BUFFER_SIZE=500")  # no final newline
+    record = tmp_path / "deepspeed.args"
+    env = {**_without_launch_env(os.environ), "PATH": f"{fake}:{VENV_BIN}:{os.environ['PATH']}",
+           "RECORD": str(record), "HOME": str(home), "TMPDIR": str(tmp_path), "CUDA_DEVICE_MAX_CONNECTIONS": "4",
+           "GPUS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": ""}
+    if hostfile:
+        env["HOSTFILE"] = str(tmp_path / "hosts")
+    run = subprocess.run(["bash", "launch/deepspeed.sh", "--config", "configs/zero2-offload.yaml"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    launched = ["CUDA_DEVICE_MAX_CONNECTIONS=4"] + LAUNCH_ENV[1:]  # a value already set wins
+    assert record.with_suffix(".args.env").read_text().splitlines() == launched
+    forwarded = Path(f"{record}.ds_env")
+    if hostfile:  # the user's env file first, then ours (DeepSpeed lets a later line win)
+        assert forwarded.read_text().splitlines() == ["MY_VAR=kept", "TORCH_NCCL_TRACE_BUFFER_SIZE=500",
+                                                      "CUDA_DEVICE_MAX_CONNECTIONS=4", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+                                                      "TORCH_NCCL_TRACE_BUFFER_SIZE=2000",
+                                                      "TORCH_NCCL_DUMP_ON_TIMEOUT=1"]
+    else:  # one machine: the workers inherit the environment
+        assert not forwarded.exists()

@@ -57,7 +57,7 @@ from spactor_mega.training.metrics import RunLogger, mean_over_data_parallel
 from spactor_mega.training.nonfinite import SkippedSteps, inject_test_nan
 from spactor_mega.training.numerics import set_float_numerics
 from spactor_mega.training.preemption import StopRequests, inject_test_fault
-from spactor_mega.training.watchdog import HangWatchdog
+from spactor_mega.training.watchdog import HangWatchdog, point_flight_recorder_dump
 
 
 @dataclass
@@ -75,6 +75,7 @@ def train(cfg: Config) -> RunResult:
     p, t = cfg.parallel, cfg.train
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     set_float_numerics(torch.cuda.is_available(), t.allow_tf32)
+    point_flight_recorder_dump(t.save_dir, torch.cuda.is_available())
     # From here on SIGTERM/SIGUSR1/SIGINT (and train.exit_duration_minutes) stop the run after a step, saved
     stop_requests = StopRequests(t.exit_duration_minutes)
     initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, t.seed,

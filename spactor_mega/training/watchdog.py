@@ -5,7 +5,9 @@ A rank that hangs (a dead peer, a deadlocked collective, a stuck file system) st
 in their next collective, so their steps overrun too and each prints where it waits: the stacks
 together show which rank is elsewhere. Megatron and torch offer the process-group timeout
 (``train.distributed_timeout_minutes``), which kills a run after minutes without saying where each
-rank was; this is the diagnosis before it.
+rank was; this is the diagnosis before it. When that timeout fires on NCCL, torch's flight recorder
+(enabled by launch/env.sh) writes each rank's last collectives into the run's folder
+(:func:`point_flight_recorder_dump`).
 
 A Python thread, not ``faulthandler.dump_traceback_later``: faulthandler writes straight to the
 file descriptor and cannot put the rank in front of each line, and the waits that hang a
@@ -20,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Optional, TextIO
 
 # Steps timed before the watchdog arms: the median of fewer is mostly start-up.
@@ -29,6 +32,26 @@ MIN_STEPS = 3
 # without one) until this rank's watchdog has printed, then two more thresholds, so that the ranks
 # waiting for it in a collective pass their own thresholds as well.
 TEST_SLEEP_ENV = "SPACTOR_TEST_SLEEP_AT_STEP"
+
+# Where NCCL's flight recorder writes a rank's dump (this prefix + the rank), in torch 2.13's names,
+# the one it reads first leading
+FLIGHT_RECORDER_DUMP_ENV = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+
+
+def point_flight_recorder_dump(save_dir: str, cuda: bool) -> Optional[str]:
+    """On CUDA, unless the user named a file: the flight recorder's dumps go to
+    ``<run>/nccl_trace/rank_<N>`` beside ``train.save_dir`` (torch's default, /tmp/nccl_trace_rank_,
+    is each node's local disk, gone with the job). Set before the process groups exist; torch reads
+    it when it dumps. Returns the prefix in force (None off CUDA)."""
+    if not cuda:
+        return None
+    named = [os.environ[name] for name in FLIGHT_RECORDER_DUMP_ENV if os.environ.get(name)]
+    if named:
+        return named[0]
+    folder = Path(save_dir).resolve().parent / "nccl_trace"
+    folder.mkdir(parents=True, exist_ok=True)  # torch opens the file, it makes no folder
+    os.environ[FLIGHT_RECORDER_DUMP_ENV[1]] = str(folder / "rank_")
+    return os.environ[FLIGHT_RECORDER_DUMP_ENV[1]]
 
 
 class HangWatchdog:

@@ -5,7 +5,7 @@ import os
 import sys
 
 from spactor_mega.parallel.testing import run_distributed
-from spactor_mega.training.watchdog import TEST_SLEEP_ENV, HangWatchdog
+from spactor_mega.training.watchdog import FLIGHT_RECORDER_DUMP_ENV, TEST_SLEEP_ENV, HangWatchdog, point_flight_recorder_dump
 from tests.training.test_training import tiny_config
 
 
@@ -51,3 +51,17 @@ def test_off_by_default_and_armed_only_after_a_few_steps():
     assert watchdog.threshold is None
     watchdog.durations = [1.0, 2.0, 30.0]
     assert watchdog.threshold == 8.0  # the median, not the mean: one slow step does not move it
+
+
+def test_flight_recorder_dumps_go_to_the_run_folder_on_cuda(tmp_path, monkeypatch):
+    for name in FLIGHT_RECORDER_DUMP_ENV:  # set, then unset: monkeypatch restores what the function sets
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    save_dir = tmp_path / "run" / "checkpoints"
+    assert point_flight_recorder_dump(str(save_dir), cuda=False) is None  # gloo has no flight recorder
+    assert not (tmp_path / "run").exists() and not any(os.environ.get(n) for n in FLIGHT_RECORDER_DUMP_ENV)
+    prefix = point_flight_recorder_dump(str(save_dir), cuda=True)
+    assert prefix == os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "run" / "nccl_trace" / "rank_")
+    assert (tmp_path / "run" / "nccl_trace").is_dir()  # torch creates no folder for it
+    monkeypatch.setenv("TORCH_FR_DUMP_TEMP_FILE", "/scratch/mine_")  # the user's choice wins
+    assert point_flight_recorder_dump(str(save_dir), cuda=True) == "/scratch/mine_"
