@@ -10,12 +10,19 @@ from __future__ import annotations
 
 from typing import Optional
 
-# (name fragment as torch.cuda.get_device_name() reports it, bf16 TFLOP/s, tf32 TFLOP/s), most
-# specific first: "H100 PCIe" before "H100".
+# (name fragment as torch.cuda.get_device_name() reports it, bf16 TFLOP/s, tf32 TFLOP/s), dense: half
+# the datasheets' "with sparsity" figures. The first fragment found in the name wins, so the more
+# specific names come first ("GH200" before "H200", "H100 NVL" and "H100 PCIe" before "H100").
+# Sources: NVIDIA's H100 datasheet (nvidia.com/en-us/data-center/h100: SXM bf16 1,979 / tf32 989,
+# PCIe 1,513 / 756, NVL 1,671 / 835, all with sparsity); the H200 and GH200 datasheets
+# (nvidia.com/en-us/data-center/h200, /grace-hopper-superchip: the H100 SXM figures); the A100
+# datasheet (312 / 156 dense). torchtitan's and other trainers' peak tables use the same bf16 numbers.
 PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    ("GH200", 989.0, 494.0),
     ("H200", 989.0, 494.0),
+    ("H100 NVL", 835.0, 417.5),
     ("H100 PCIe", 756.0, 378.0),
-    ("H100", 989.0, 494.0),  # SXM
+    ("H100", 989.0, 494.0),  # SXM ("NVIDIA H100 80GB HBM3")
     ("A100", 312.0, 156.0),
 )
 
@@ -25,7 +32,7 @@ def device_peak_tflops(device_name: Optional[str], bf16: bool, override: Optiona
     if override:
         return override
     for fragment, bf16_peak, tf32_peak in PEAK_TFLOPS:
-        if device_name and fragment in device_name:
+        if device_name and fragment.lower() in device_name.lower():
             return bf16_peak if bf16 else tf32_peak
     return None
 
