@@ -53,17 +53,18 @@ def vocab_parallel_argmax(scores: torch.Tensor, vocab_start: Optional[int] = Non
     return cand
 
 
-def vocab_parallel_log_z(logits: torch.Tensor) -> torch.Tensor:
-    """``log sum_v exp(logits)`` over a vocab-parallel last dim, differentiable: ``[..., V/tp]`` ->
-    ``[...]``. Megatron offers no differentiable vocab-parallel logsumexp (its cross entropy keeps
-    log Z internal), so it is built from its TP mapping: the sum of exponentials is all-reduced
-    with ``reduce_from_tensor_model_parallel_region`` (identity backward: each rank's shard gets
-    the gradient of the global sum)."""
-    shift = logits.detach().float().amax(dim=-1)
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        collectives.all_reduce_(shift, op=collectives.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
-    sum_exp = (logits.float() - shift.unsqueeze(-1)).exp().sum(dim=-1)
-    return shift + tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp).log()
+def vocab_parallel_target_logit(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``logits[..., target]`` from a vocab-parallel last dim, differentiable: ``[..., V/tp]``,
+    ``[...]`` -> ``[...]`` (fp32). Each rank gathers the targets in its shard (0 elsewhere) and
+    ``reduce_from_tensor_model_parallel_region`` sums them (identity backward). Saves no logits for
+    backward, so Megatron's cross entropy may overwrite them afterwards."""
+    start, end = vocab_range(logits.size(-1))
+    outside = (targets < start) | (targets >= end)
+    local = torch.where(outside, 0, targets - start).view(-1)
+    # indexing, as Megatron's CE does: its backward keeps the indices only (gather's keeps the logits)
+    rows = torch.arange(local.numel(), device=logits.device)
+    picked = logits.reshape(-1, logits.size(-1))[rows, local].view_as(targets).float().masked_fill(outside, 0.0)
+    return tensor_parallel.reduce_from_tensor_model_parallel_region(picked)
 
 
 def sc_loss(
@@ -77,14 +78,13 @@ def sc_loss(
     pad = lm_logits_sbv.size(0) - labels.size(1)
     if pad:  # padding the labels costs less than slicing (copying) the logits
         labels, loss_mask = F.pad(labels, (0, pad)), F.pad(loss_mask, (0, pad))
-    mask = loss_mask.transpose(0, 1)
-    z_term = None
-    if z_loss > 0:
-        z_term = z_loss * masked_mean(vocab_parallel_log_z(lm_logits_sbv) ** 2, mask)
-        # Megatron's CE overwrites its input, which log Z's backward still needs: give it a copy
-        # (one more logits-sized buffer, only when the z-loss is on).
-        lm_logits_sbv = lm_logits_sbv.clone()
-    ce = vocab_parallel_ce(lm_logits_sbv, labels.transpose(0, 1).contiguous())  # [s, b]
+    mask, targets = loss_mask.transpose(0, 1), labels.transpose(0, 1).contiguous()
+    # log Z = CE + the target's logit, gradients included (softmax = (softmax - onehot) + onehot): the
+    # z-loss reuses the fp32 softmax Megatron's CE keeps, where a logsumexp of its own would keep another
+    # logits-sized fp32 buffer and, CE overwriting fp32 logits in place, a copy of the logits.
+    target_logit = vocab_parallel_target_logit(lm_logits_sbv, targets) if z_loss > 0 else None  # before CE
+    ce = vocab_parallel_ce(lm_logits_sbv, targets)  # [s, b]
+    z_term = z_loss * masked_mean((ce + target_logit) ** 2, mask) if z_loss > 0 else None
     return masked_mean(ce, mask), z_term
 
 

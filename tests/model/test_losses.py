@@ -14,30 +14,61 @@ def parallel():
         yield
 
 
-def test_z_loss_is_the_mean_squared_log_normaliser_and_differentiable(parallel):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_z_loss_is_the_mean_squared_log_normaliser_and_differentiable(parallel, dtype):
     from spactor_mega.model.losses import sc_loss
 
     gen = torch.Generator().manual_seed(0)
-    logits = (3 * torch.randn(5, 2, 40, generator=gen)).requires_grad_()  # [s, b, V]
+    logits = (3 * torch.randn(5, 2, 40, generator=gen)).to(dtype).requires_grad_()  # [s, b, V]
     labels = torch.randint(0, 40, (2, 5), generator=gen)
     mask = torch.ones(2, 5)
     mask[1, 3:] = 0
+    reference = logits.detach().double().requires_grad_()  # before sc_loss: its CE consumes fp32 logits
     ce, z = sc_loss(logits, labels, mask, z_loss=1e-2)
-    log_z = torch.logsumexp(logits.detach().double(), dim=-1).transpose(0, 1)  # [b, s]
-    expected_z = 1e-2 * (log_z.pow(2) * mask).sum() / mask.sum()
-    expected_ce = (torch.nn.functional.cross_entropy(logits.detach().double().transpose(0, 1).reshape(-1, 40),
-                                                     labels.reshape(-1), reduction="none").view(2, 5) * mask).sum() / mask.sum()
+    lz = torch.logsumexp(reference, dim=-1).transpose(0, 1)  # [b, s]
+    ref_ce = torch.nn.functional.cross_entropy(reference.transpose(0, 1).reshape(-1, 40), labels.reshape(-1),
+                                               reduction="none").view(2, 5)
+    expected_ce, expected_z = (ref_ce * mask).sum() / mask.sum(), 1e-2 * (lz.pow(2) * mask).sum() / mask.sum()
     assert z.item() == pytest.approx(expected_z.item(), rel=1e-6)
     assert ce.item() == pytest.approx(expected_ce.item(), rel=1e-6)
     (ce + z).backward()
-    reference = logits.detach().double().requires_grad_()
-    lz = torch.logsumexp(reference, dim=-1).transpose(0, 1)
-    ref_ce = torch.nn.functional.cross_entropy(reference.transpose(0, 1).reshape(-1, 40), labels.reshape(-1),
-                                               reduction="none").view(2, 5)
-    ((ref_ce * mask).sum() / mask.sum() + 1e-2 * (lz.pow(2) * mask).sum() / mask.sum()).backward()
-    assert torch.allclose(logits.grad.double(), reference.grad, atol=1e-6)
+    (expected_ce + expected_z).backward()
+    # fp32 exactly; bf16 gradients are the fp32 ones rounded to bf16
+    torch.testing.assert_close(logits.grad.double(), reference.grad.to(dtype).double(),
+                               atol=1e-6 if dtype == torch.float32 else 1e-4, rtol=0 if dtype == torch.float32 else 8e-3)
     _, off = sc_loss(logits.detach(), labels, mask)
     assert off is None
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_z_loss_keeps_no_logits_sized_buffer_of_its_own(parallel, dtype):
+    """The z-loss reuses the fp32 softmax Megatron's CE keeps: switching it on adds per-token values
+    to what autograd saves, not another [s, b, V] buffer (it added two copies' worth before)."""
+    from spactor_mega.model.losses import sc_loss
+
+    s, b, vocab = 16, 4, 512
+    labels, mask = torch.randint(0, vocab, (b, s)), torch.ones(b, s)
+
+    def saved(z_loss: float) -> int:
+        logits = torch.randn(s, b, vocab, dtype=dtype, requires_grad=True)
+        return _saved_bytes(lambda: sc_loss(logits * 1.0, labels, mask, z_loss=z_loss))
+
+    logits_fp32_bytes = s * b * vocab * 4
+    assert saved(0.0) >= logits_fp32_bytes  # CE's softmax
+    assert saved(1e-4) - saved(0.0) < logits_fp32_bytes / 16
 
 
 def test_constant_inverse_sqrt_is_t5s_schedule():
