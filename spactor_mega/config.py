@@ -43,8 +43,9 @@ class ModelConfig:
     relative_attention_max_distance: int = 128
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-6
-    # The embedding is padded to a multiple of this times TP (as Megatron does) so it splits
-    # evenly; the padded rows are never produced by the tokenizer.
+    # The embedding is padded to a multiple of lcm(this, TP), so it splits evenly and keeps its shape
+    # for every TP dividing this; the padded rows are never produced by the tokenizer. 1024: every TP
+    # shard up to TP 8 a multiple of 128 (HF export still cuts to the tokenizer's rows padded to 128).
     make_vocab_size_divisible_by: int = 128
     # Weight initialisation (spactor_mega/model/init.py): "megatron" = N(0, init_method_std),
     # output layers scaled by 1/sqrt(2 * layers); "t5" = mesh-tensorflow / HF T5's per-tensor

@@ -66,12 +66,20 @@ from .norm import T5RMSNorm
 from .spec import t5_decoder_layer_spec, t5_encoder_layer_spec, t5_transformer_config
 
 
+# HF's T5 checkpoints pad the vocabulary to a multiple of 128 (32,128 rows for 32,100 pieces + 1)
+HF_VOCAB_MULTIPLE = 128
+
+
 def padded_vocab_size(n: int, divisible_by: int = 128, tp: int = 1) -> int:
     """Smallest multiple of ``lcm(divisible_by, tp)`` that is >= ``n`` (so each TP shard is even).
 
     Megatron pads to ``divisible_by * tp``, which makes the embedding's shape depend on TP; the
     least common multiple keeps it the same for every TP that divides ``divisible_by`` (1, 2, 4,
-    ... 128 for the default 128), so checkpoints move between those layouts."""
+    ... 128 for the default 128), so checkpoints move between those layouts. The price: a TP shard
+    need not be a multiple of 128 (T5's 32,128 rows at TP 8: 4,016, a multiple of 16, which tensor
+    cores take); ``make_vocab_size_divisible_by: 1024`` makes every shard up to TP 8 one (32,768 rows
+    at any TP) and still exports T5's 32,128 (:func:`export_vocab_size`). tools/gpu_check.py times
+    the LM head's GEMM at both shard sizes."""
     if n <= 0 or divisible_by <= 0 or tp <= 0:
         raise ValueError(f"padded_vocab_size needs positive arguments, got {n}, {divisible_by}, {tp}")
     multiple = math.lcm(divisible_by, tp)
@@ -87,8 +95,11 @@ def model_vocab_size(model_cfg, tokenizer_rows: int, tp: int) -> int:
 
 def export_vocab_size(model_cfg, tokenizer_rows: int) -> int:
     """Rows of an exported HF model's embedding and head: ``model.vocab_size`` when set, else the
-    tokenizer's rows padded as at TP = 1 (32,101 -> 32,128 for T5's tokenizer)."""
-    return model_cfg.vocab_size or padded_vocab_size(tokenizer_rows, model_cfg.make_vocab_size_divisible_by, 1)
+    tokenizer's rows padded to a multiple of gcd(``make_vocab_size_divisible_by``, 128): T5's
+    convention (32,101 -> 32,128), also when the model pads further for its TP shards (never more
+    rows than the model has: a multiple of the padding is one of the gcd)."""
+    multiple = math.gcd(model_cfg.make_vocab_size_divisible_by, HF_VOCAB_MULTIPLE)
+    return model_cfg.vocab_size or padded_vocab_size(tokenizer_rows, multiple, 1)
 
 
 def padding_mask_or_none(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

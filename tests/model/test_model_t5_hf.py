@@ -121,3 +121,18 @@ def test_padded_vocab_size():
     assert padded_vocab_size(25, 8, 3) == 48
     with pytest.raises(ValueError):
         padded_vocab_size(0, 128, 1)
+
+
+def test_shards_aligned_to_128_at_tp_8_still_export_t5s_rows():
+    """make_vocab_size_divisible_by 1024: the same 32,768 rows at every TP up to 8 (checkpoints move
+    between them), each shard a multiple of 128, and an HF export of T5's 32,128 rows."""
+    from spactor_mega.config import ModelConfig
+    from spactor_mega.model.t5 import export_vocab_size, model_vocab_size
+
+    aligned = ModelConfig(make_vocab_size_divisible_by=1024)
+    assert {model_vocab_size(aligned, 32101, tp) for tp in (1, 2, 4, 8)} == {32768}
+    assert all(32768 // tp % 128 == 0 for tp in (1, 2, 4, 8))
+    assert export_vocab_size(aligned, 32101) == 32128
+    assert export_vocab_size(ModelConfig(), 32101) == 32128  # the default: T5's rows, as before
+    assert export_vocab_size(ModelConfig(make_vocab_size_divisible_by=8), 601) == 608
+    assert model_vocab_size(ModelConfig(), 32101, 8) // 8 == 4016  # the default at TP 8
