@@ -1,6 +1,7 @@
 # The environment every launcher gives its workers (sourced by launch/torchrun.sh, which launch/slurm.sbatch
 # runs on each node, and by launch/deepspeed.sh). A value already set wins. Names as torch 2.13 reads them.
 # Megatron's TP/SP communication overlap relies on kernels reaching the GPU in issue order: one hardware queue
+# (ZeRO-3 at TP 1 prefetches on a stream of its own and may do better with CUDA's default of 8: measure)
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 # A failed or timed-out NCCL collective aborts its communicators and ends the process, so torchrun restarts the
 # workers instead of every rank waiting forever (torchrun sets 1 too; the DeepSpeed launcher does not)
