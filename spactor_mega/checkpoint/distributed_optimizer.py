@@ -62,7 +62,8 @@ def _placements(sharded, param: torch.Tensor) -> list[tuple[int, ShardedTensor]]
     built = list(nested_values(sharded.build())) if isinstance(sharded, ShardedTensorFactory) else [sharded]
     out = []
     for placed in built:
-        assert placed.data.is_contiguous() and placed.data.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+        same_storage = placed.data.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+        assert placed.data.is_contiguous() and same_storage, f"{placed.key}: not a contiguous part of its parameter"
         out.append((placed.data.storage_offset() - param.storage_offset(), placed))
     return out
 

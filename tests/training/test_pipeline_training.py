@@ -113,8 +113,8 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
     assert [h["step"] for h in adafactor_pp1] == list(range(2, 9))
     _close(adafactor_tp2[1:], adafactor_pp1)  # saved at TP2 x PP2 after step 1, resumed at TP2 x PP1
     assert "model.d_ff=64 but this run has model.d_ff=128" in one[3], one[3]
-    distributed, plain = (read_weights(find_checkpoint("auto", work / name / "ckpt"), {}, ("discriminator",))["discriminator"]
-                          for name in ("replan_distributed", "replan_plain"))
+    distributed, plain = (read_weights(find_checkpoint("auto", work / name / "ckpt"), {}, ("discriminator",))
+                          ["discriminator"] for name in ("replan_distributed", "replan_plain"))
     assert distributed.keys() == plain.keys()
     for name, want in plain.items():
         assert torch.allclose(distributed[name], want, rtol=0, atol=1e-6 * (1 + want.abs().max())), name
