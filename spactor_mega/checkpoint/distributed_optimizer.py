@@ -122,7 +122,9 @@ def sharded_param_state(optimizer, model_state: dict) -> dict:
 @torch.no_grad()
 def load_param_state(optimizer, loaded: dict, model_state: dict) -> None:
     """Copies ``loaded`` (what a load of :func:`sharded_param_state` returned) into ``optimizer``'s
-    live state tensors, piece by piece in the same order."""
+    live state tensors, piece by piece in the same order: megatron-core's torch strategy loads into
+    the template's views in place (then this copies each onto itself), which its other load
+    strategies do not promise."""
     for name, pieces in sharded_param_state(optimizer, model_state).items():
         for piece, tensor in zip(pieces, loaded[name], strict=True):
             piece.data.copy_(tensor)
