@@ -15,7 +15,8 @@ Relative-position bias tables are replicated on every stage (chunk) holding laye
 stack: equal at build time (:func:`sync_relative_bias`, an all-reduce over the pipeline group in
 which chunks other than the stack's first holder send zeros) and kept equal by summing their
 gradients over this rank's chunks and the same group after the schedule
-(:func:`allreduce_relative_bias_grads`, as Megatron does for shared embeddings). Copies on later
+(:func:`allreduce_relative_bias_grads`, as Megatron does for shared embeddings, and, like them,
+in a gradient bucket of their own, which the distributed optimizer needs). Copies on later
 stages are marked ``shared`` so the grad-norm counts them once.
 """
 
@@ -204,6 +205,11 @@ def sync_relative_bias(d) -> None:
             if b is not None:
                 b.weight.copy_(s)
                 b.weight.shared = not f
+                # Megatron's DDP gives a "shared_embedding" its own bucket under the distributed
+                # optimizer, so every stage's copy is cut into the same DP shards: each rank's shard
+                # of the reduce-scattered gradient, all it steps, is then summed over the stages
+                # with the same shard of the other copies (allreduce_relative_bias_grads).
+                b.weight.shared_embedding = True
 
 
 @torch.no_grad()

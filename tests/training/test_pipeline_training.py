@@ -2,14 +2,17 @@
 saved under TP=2 x PP=2, resumed under TP=1 x PP=1, under PP=4 and under TP=2 x PP=2 x V=2
 virtual stages (whose own checkpoint resumes under TP=1 x PP=1), the losses continue as in a
 run that never stopped (fp32; 1e-5 relative, the reduction order differs across layouts). A TP=2 x PP=2
-run through tau (G inside the schedule, then its stages re-planned in-process) has the PP=1 losses.
+run through tau (G inside the schedule, then its stages re-planned in-process) has the PP=1 losses,
+and under PP=2 x DP=2 with the distributed optimizer the weights of the plain optimizer (1e-6).
 Adafactor re-plans at tau and resumes under another pipeline split too (its state saved per
 parameter); under another TP size (its factored moments are per TP shard) it is refused with one
 line, as is another model's checkpoint."""
 
 import pytest
+import torch
 
-from spactor_mega.checkpoint.store import read_record
+from spactor_mega.checkpoint.megatron import read_weights
+from spactor_mega.checkpoint.store import find_checkpoint, read_record
 from spactor_mega.parallel.testing import run_distributed
 from tests.training.test_training import tiny_config
 
@@ -74,6 +77,9 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
         cfg("adafactor_pp1", 2, 1, optim__optimizer="adafactor", train__resume=str(adafactor_saved)),
         # Adafactor's factored moments of a TP shard are not the full tensor's: compared at TP = 2
         cfg("adafactor_tp2", 2, 1, optim__optimizer="adafactor"),
+        # replan_distributed's layout with the plain optimizer: its weights are the distributed one's,
+        # the encoder's bias table held by both stages included (each DP rank steps its shard of it)
+        cfg("replan_plain", 1, 2),
     ], timeout=600)[0]
     one = run_distributed(_train_all, 1, [
         cfg("reference"),
@@ -107,3 +113,8 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
     assert [h["step"] for h in adafactor_pp1] == list(range(2, 9))
     _close(adafactor_tp2[1:], adafactor_pp1)  # saved at TP2 x PP2 after step 1, resumed at TP2 x PP1
     assert "model.d_ff=64 but this run has model.d_ff=128" in one[3], one[3]
+    distributed, plain = (read_weights(find_checkpoint("auto", work / name / "ckpt"), {}, ("discriminator",))
+                          ["discriminator"] for name in ("replan_distributed", "replan_plain"))
+    assert distributed.keys() == plain.keys()
+    for name, want in plain.items():
+        assert torch.allclose(distributed[name], want, rtol=0, atol=1e-6 * (1 + want.abs().max())), name

@@ -36,7 +36,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding, extract_sharded_tensors_and_factories
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.distributed import DistributedDataParallel as DDP
 from megatron.core.distributed import (
@@ -51,6 +51,7 @@ from megatron.core.optimizer.optimizer import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from spactor_mega.checkpoint.distributed_optimizer import SHARDING_TYPE, load_param_state, sharded_param_state
 from spactor_mega.checkpoint.megatron import CheckpointWriter, load_checkpoint
 from spactor_mega.checkpoint.store import CheckpointError, strip_prefix
 from spactor_mega.config import Config
@@ -119,16 +120,6 @@ def _optimizer(cfg: Config, modules: list, bf16: bool, distributed: bool = False
     if bf16:
         return Float16OptimizerWithFloat16Params(adafactor, config, None, None)  # no grad scaler in bf16
     return FP32Optimizer(adafactor, config, None)
-
-
-# The distributed optimizer's state in a checkpoint: per parameter, under the parameter's global
-# name and shape (Megatron's "fully_reshardable"), so it loads under any TP/PP/DP layout. Its
-# memory-efficient variant gathers each DP group's shards on DP rank 0 over gloo, one bucket at a
-# time; the other variant all-gathers whole buffers to every rank (an XL model's fp32 state per rank).
-# megatron-core 0.16.1 refuses its fully parallel per-rank format ("fully_sharded_model_space":
-# flattened_range is no longer supported), and "dp_reshardable" reshards over DP only.
-DISTRIBUTED_OPTIMIZER_CHECKPOINT = {"distrib_optim_sharding_type": "fully_reshardable",
-                                    "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 class _NoParameters(torch.nn.Module):
@@ -378,9 +369,9 @@ class MegatronEngine:
                 _give_fresh_adam_state(optimizer)
             if _is_stub(optimizer):
                 return {}
-            with _padding_counted_as_payload(optimizer):
-                return optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                    metadata=DISTRIBUTED_OPTIMIZER_CHECKPOINT)
+            if any(_is_distributed(part) for part in _optimizer_parts(optimizer)):
+                return _distributed_optimizer_state(optimizer, model_state)
+            return optimizer.sharded_state_dict(model_state, is_loading=is_loading)
         # Adafactor's factored moments are not parameter-shaped, which Megatron's resharding
         # optimizer checkpoint requires: each parameter's state (and in bf16 its fp32 main copy) is
         # one object under the parameter's global name and offsets, so it moves between pipeline
@@ -416,10 +407,9 @@ class MegatronEngine:
             if not any(_is_distributed(part) for part in parts):
                 optimizer.load_state_dict(state)
                 return
-            with _padding_counted_as_payload(optimizer):
-                for part, part_state in zip(parts, [state] if len(parts) == 1 else [v for _, v in sorted(state.items())],
-                                            strict=True):
-                    _load_distributed_optimizer(part, part_state)
+            for part, part_state in zip(parts, [state] if len(parts) == 1 else [v for _, v in sorted(state.items())],
+                                        strict=True):
+                _load_distributed_optimizer(part, part_state, model_state)
             return
         # Adafactor, one entry per parameter (see _optimizer_state). Loaded by hand: Megatron's
         # load_state_dict matches param groups by keys of its own (wd_mult, lr_mult, ...) that
@@ -514,52 +504,44 @@ def _is_distributed(optimizer) -> bool:
     return not getattr(optimizer, "is_stub_optimizer", False) and hasattr(optimizer, "shard_fp32_groups")
 
 
-def _load_distributed_optimizer(optimizer, state: dict) -> None:
-    """Megatron's ``DistributedOptimizer.load_state_dict`` in its two halves. megatron-core 0.16.1
-    (without Apex/TE) adds torch AdamW's per-parameter ``step`` to the state in the first half, then
-    in the second copies *every* state entry of a parameter from the checkpoint's, which has no
-    ``step`` (it keeps one per param group): the step is set aside while the second half runs. The
-    first half also gives every parameter the *same* step tensor, which torch's AdamW then increments
-    in place once per parameter: each gets its own copy back."""
+def _distributed_optimizer_state(optimizer, model_state: dict) -> dict:
+    """A chained optimizer's state with its distributed parts' per-parameter state written by each
+    rank itself (:mod:`spactor_mega.checkpoint.distributed_optimizer`); nested and prefixed as
+    Megatron's ``ChainedOptimizer.sharded_state_dict`` does with "fully_reshardable", whose
+    checkpoints load into it."""
+    parts = _optimizer_parts(optimizer)
+    states = []
+    for part in parts:
+        state = part.state_dict()  # param groups and step; the same on every DP rank
+        state["param_state"] = sharded_param_state(part, model_state)
+        state["param_state_sharding_type"] = SHARDING_TYPE
+        states.append(state)
+    if len(parts) == 1:
+        return states[0]
+    for i, state in enumerate(states):
+        add_prefix_for_sharding(state, f"chained_{i}.")
+    return dict(enumerate(states))
+
+
+def _load_distributed_optimizer(optimizer, state: dict, model_state: dict) -> None:
+    """Megatron's ``DistributedOptimizer.load_state_dict`` for the param groups and step, then this
+    rank's ranges of the main parameters and moments (:func:`load_param_state`). megatron-core
+    0.16.1 (without Apex/TE) gives every parameter the *same* step tensor there, which torch's AdamW
+    then increments in place once per parameter: each gets its own copy."""
     param_state = state.pop("param_state")
-    assert state.pop("param_state_sharding_type") == DISTRIBUTED_OPTIMIZER_CHECKPOINT["distrib_optim_sharding_type"]
-    optimizer.load_state_dict(state)  # param groups, step, and the per-parameter state allocated
-    torch_state = optimizer.optimizer.state
-    steps = {param: entry.pop("step") for param, entry in torch_state.items() if "step" in entry}
-    optimizer.load_parameter_state_from_fully_reshardable(param_state)
-    for param, step in steps.items():
-        torch_state[param]["step"] = step.clone()
-
-
-@contextlib.contextmanager
-def _padding_counted_as_payload(optimizer):
-    """megatron-core 0.16.1's "fully_reshardable" distributed-optimizer checkpoint concatenates a
-    buffer's buckets without their end padding, then slices that concatenation at each parameter's
-    *padded* offset (its own comment: "this is a bug in the param ranges logic"): with several
-    buckets (``overlap_grad_reduce``) every bucket after the first is read shifted, and the saved
-    state is wrong. Counting the padding as payload while the checkpoint is built or loaded keeps the
-    offsets and the data aligned (the padding entries are zeros, stored and never read back)."""
-    restore = []
-    for part in _optimizer_parts(optimizer):
-        for buffer in part.buffers if _is_distributed(part) else []:
-            restore.append((buffer, buffer.numel_unpadded, [b.numel_unpadded for b in buffer.buckets]))
-            buffer.numel_unpadded = buffer.numel
-            for bucket in buffer.buckets:
-                bucket.numel_unpadded = bucket.grad_data.numel()
-    try:
-        yield
-    finally:
-        for buffer, numel, per_bucket in restore:
-            buffer.numel_unpadded = numel
-            for bucket, n in zip(buffer.buckets, per_bucket):
-                bucket.numel_unpadded = n
+    del state["param_state_sharding_type"]  # ours, or "fully_reshardable" in checkpoints before it
+    optimizer.load_state_dict(state)
+    for entry in optimizer.optimizer.state.values():
+        entry["step"] = entry["step"].clone()
+    load_param_state(optimizer, param_state, model_state)
 
 
 def _give_fresh_adam_state(optimizer) -> None:
     """Zero moments and step for every parameter a distributed optimizer has not stepped yet: the
-    load template of megatron-core's ``DistributedOptimizer`` (0.16.1, without Apex/TE) reads torch
-    AdamW's per-parameter ``step``, which a fresh torch optimizer creates only at its first step
-    (Megatron's ``init_state_fn`` makes the moments but no ``step``). The checkpoint overwrites all."""
+    load template (:func:`_distributed_optimizer_state`) views the moments, and megatron-core's
+    ``DistributedOptimizer.state_dict`` (0.16.1, without Apex/TE) reads torch AdamW's per-parameter
+    ``step``, which a fresh torch optimizer creates only at its first step. The checkpoint
+    overwrites all."""
     for part in _optimizer_parts(optimizer):
         if not _is_distributed(part):
             continue  # Megatron's template for its other optimizers needs nothing
