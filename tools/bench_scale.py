@@ -11,9 +11,13 @@ ratios the model derives them from can:
 (c) communication of one step: the payload bytes the real engine hands to gloo's collectives
     (counted by wrapping them, ``spactor_mega/parallel/comm_count.py``), per group and collective,
     at TP = 2 x DP = 2, plain DP and the distributed optimizer, beside the model's
-    (``tests/plan/test_scale.py`` asserts the same at DP = 2).
+    (``tests/plan/test_scale.py`` asserts the same at DP = 2);
+(d) activation memory: the dry run's estimate (``plan/memory.py``) against the bytes autograd keeps
+    for D's stacks (``saved_tensors_hooks``), in bytes, per precision and recompute mode, at the
+    shapes ``tests/plan/test_activation_memory.py`` holds within 10% and at this bench's model
+    (``--device cuda`` on a GPU: D there, the GPU estimate).
 
-Usage: python tools/bench_scale.py [--parts a,b,c] [--d-model 256 --layers 4 --encoder-length 128]
+Usage: python tools/bench_scale.py [--parts a,b,c,d] [--d-model 256 --layers 4 --encoder-length 128]
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from spactor_mega.parallel.testing import run_distributed  # noqa: E402
 from spactor_mega.plan.layout import bubble_fraction  # noqa: E402
 from spactor_mega.plan.memory import RECOMPUTE  # noqa: E402
 from spactor_mega.plan.scale import Hardware, predict  # noqa: E402
+from tests.plan.test_activation_memory import SHAPES, Shape, activation_rows  # noqa: E402
 from tests.plan.test_scale import (  # noqa: E402
     count_step_collectives,
     padding_bound,
@@ -86,48 +91,22 @@ def recompute_times(cfg, steps: int) -> dict[tuple[str, str], float]:
     return {key: statistics.median(v) for key, v in times.items()}
 
 
-def saved_activation_bytes(cfg) -> dict[str, float]:
-    """Bytes D's forward keeps for its backward per ``model.recompute`` (SC only, one micro-batch):
-    the distinct storages autograd saves (``saved_tensors_hooks``), weights excluded. Exact on any
-    device; the measured counterpart of the dry run's activation estimate."""
-    import torch
-
-    from spactor_mega.model.spactor import SpactorObjective
-    from spactor_mega.model.stages import build_spactor_modules
-    from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
-
-    initialize_parallel(1, 1, seed=1)
-    batch = batches(cfg, 1, False)[0][0]
-    out = {}
-    for mode in RECOMPUTE:
-        c = with_fields(cfg, "model", recompute=mode)
-        d, _, _ = build_spactor_modules(c, VOCAB, with_generator=False)
-        weights = {p.untyped_storage().data_ptr() for p in d.parameters()}
-        saved = {}
-
-        def keep(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in weights:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        objective = SpactorObjective.from_config(c, mask_id=SP_SIZE + 100, sample_vocab_size=SP_SIZE)
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            loss, _ = objective(batch, d, phase=Phase.SC_ONLY)
-        out[mode] = float(sum(saved.values()))
-        del loss, d
-    destroy_parallel()
-    return out
-
-
-def activation_rows(cfg) -> list[list]:
-    from spactor_mega.plan.memory import activation_bytes
-
-    measured = saved_activation_bytes(cfg)
+def activation_memory_rows(cfg, device: str) -> list[list]:
+    """The dry run's activation estimate (``plan/memory.py``) beside the bytes autograd keeps for
+    D's stacks, at the shapes tests/plan/test_activation_memory.py holds and at this bench's model."""
     decoder_length = batches(cfg, 1, False)[1].decoder_length
-    estimate = {r: activation_bytes(cfg, cfg.data.encoder_seq_length, decoder_length, r) for r in RECOMPUTE}
-    return [[r, f"{measured[r] / 2**20:,.1f}", f"{measured[r] / measured['none']:.3f}",
-             f"{estimate[r] / estimate['none']:.3f}"] for r in RECOMPUTE]
+    m = cfg.model
+    bench = Shape("bench", d_model=m.d_model, heads=m.num_heads, d_kv=m.d_kv, d_ff=m.d_ff,
+                  encoder_layers=m.num_encoder_layers, decoder_layers=m.num_decoder_layers,
+                  micro_batch=cfg.train.micro_batch_size, encoder_length=cfg.data.encoder_seq_length,
+                  decoder_length=decoder_length, dropout=m.dropout)
+    rows = []
+    for shape, precision, recompute, estimate, measured in activation_rows((*SHAPES, bench), device):
+        described = (f"{shape.name}: d_model {shape.d_model}, {shape.heads}x{shape.d_kv} heads, d_ff {shape.d_ff}, "
+                     f"{shape.encoder_layers}+{shape.decoder_layers} layers, {shape.micro_batch} x "
+                     f"{shape.encoder_length}/{shape.decoder_length}, dropout {shape.dropout}")
+        rows.append([described, precision, recompute, f"{estimate:,.0f}", f"{measured:,}", f"{estimate / measured:.4f}"])
+    return rows
 
 
 def recompute_rows(cfg, steps: int) -> list[list]:
@@ -194,7 +173,8 @@ def main() -> int:
     add_model_arguments(parser, encoder_length=128)
     parser.add_argument("--batch", type=int, default=8, help="(a) micro-batch = batch")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
-    parser.add_argument("--parts", default="a,b,c")
+    parser.add_argument("--parts", default="a,b,c,d")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(d) where D runs and which kernels the estimate assumes")
     parser.add_argument("--pipeline-stages", default="2,4", help="(b) PP sizes")
     parser.add_argument("--microbatches", default="1,4,8", help="(b) micro-batches per step")
     parser.add_argument("--pipeline-batch", type=int, default=2, help="(b) micro-batch size")
@@ -208,11 +188,6 @@ def main() -> int:
               f"(median of {args.steps})",
               ["stage", "model.recompute", "CPU s/step", "measured ratio", "scale model ratio (compute)"],
               recompute_rows(cfg, args.steps))
-        table(f"(a) recompute: activations D's forward keeps for its backward, SC only, one micro-batch of {args.batch} "
-              "(weights excluded; fp32 here, the estimate assumes 2-byte activations: compare the ratios; measured includes the "
-              "LM head's logits, batch x decoder length x vocab x 4 bytes, which the estimate of D's layers leaves out)",
-              ["model.recompute", "measured MiB", "measured over none", "dry-run estimate over none"],
-              activation_rows(cfg))
     if "b" in parts:
         pipe = with_fields(cfg, "train", micro_batch_size=args.pipeline_batch)
         table(f"(b) pipeline bubble: idle fraction of the step, micro-batch {args.pipeline_batch}, one process per "
@@ -221,6 +196,13 @@ def main() -> int:
                "measured per rank"],
               bubble_rows(pipe, [int(x) for x in args.pipeline_stages.split(",")],
                           [int(x) for x in args.microbatches.split(",")], args.steps))
+    if "d" in parts:
+        table(f"(d) activation memory: the dry run's estimate (plan/memory.py, device {args.device}) against the bytes autograd "
+              "keeps for D's encoder and decoder stacks (saved_tensors_hooks, distinct storages, parameters excluded; "
+              "LM head and logits in neither), one micro-batch, training mode",
+              ["shape (micro-batch x encoder/decoder length)", "precision", "model.recompute", "estimate bytes",
+               "measured bytes", "estimate / measured"],
+              activation_memory_rows(cfg, args.device))
     if "c" in parts:
         rows = traffic_rows(1, 2) + traffic_rows(2, 2)
         table("(c) payload bytes handed to gloo collectives in one train step (per rank, rank 0) vs the scale model "

@@ -246,6 +246,8 @@ class T5CoreAttention(MegatronModule):
                     q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.softmax_scale
                 )
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.softmax_scale
+            )
         # [b, h, sq, d] -> [sq, b, h * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)

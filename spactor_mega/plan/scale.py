@@ -19,12 +19,12 @@ from typing import Optional, Sequence
 from spactor_mega.config import Config, ConfigError
 from spactor_mega.curriculum import Phase
 from spactor_mega.data.span_corruption import mlm_capacity, noise_counts, random_spans_helper
-from spactor_mega.plan.derived import generator_num_layers, uses_bf16
+from spactor_mega.plan.derived import generator_num_layers
 from spactor_mega.plan.engines import megatron as megatron_plan
 from spactor_mega.plan.flops import attention_score_flops, format_flops, sample_flops
 from spactor_mega.plan.inventory import count, generator_parameter_shapes, rtd_head_parameter_shapes, t5_parameter_shapes
 from spactor_mega.plan.layout import PipelineLayout, config_layout, layer_costs, stage_costs
-from spactor_mega.plan.memory import GIB, RECOMPUTE, activation_bytes
+from spactor_mega.plan.memory import GIB, RECOMPUTE, activation_bytes, recomputed_layer_bytes
 from spactor_mega.plan.mfu import device_peak_tflops
 
 ASSUMPTIONS = (
@@ -44,9 +44,10 @@ ASSUMPTIONS = (
     "links: a group whose ranks fit in a node runs at the NVLink bandwidth, one spanning nodes at the node's network "
     "bandwidth / GPUs per node; ranks are ordered TP, DP, PP (Megatron's order, TP innermost); no latency terms",
     "memory: model states from the engine's plan (bf16 params, fp32 grads and masters); D's activations as "
-    "plan/memory.py estimates them for the stage's own layers (G's too on stage 0 before tau), times the "
-    "micro-batches in flight (1F1B: min(m, PP - stage)), all / TP with sequence parallelism, plus one layer being "
-    "recomputed under full recompute; LM-head logits, communication buffers and fragmentation not counted",
+    "plan/memory.py counts what autograd keeps (the GPU's attention kernel, the run's precision) for the stage's "
+    "own layers (G's too on stage 0 before tau), times the micro-batches in flight (1F1B: min(m, PP - stage)), "
+    "plus one layer being recomputed under full recompute; LM-head logits, communication buffers and "
+    "fragmentation not counted",
 )
 
 
@@ -291,21 +292,13 @@ def sample_lengths(cfg: Config) -> tuple[int, int, int]:
 
 
 def _stage_activations(cfg: Config, layout: Layout, stage: int, se: int, sd: int, recompute: str) -> float:
-    """Activation bytes (2-byte activations, as plan/memory.py counts) of one micro-batch on one rank
+    """Activation bytes (plan/memory.py's, in the run's precision) of one micro-batch on one rank
     for the layers of ``stage``."""
     s = layout.stages.stages[stage]
-    ne, nd = len(s.encoder_layers), len(s.decoder_layers)
-
-    def acts(n_enc: int, n_dec: int, mode: str) -> float:
-        return activation_bytes(_with_layers(cfg, n_enc, n_dec, layout.tp), se, sd, mode)
-
-    if recompute == "full" and cfg.model.recompute_method == "block":
-        k = cfg.model.recompute_num_layers
-        total = acts(min(k, ne), min(k, nd), "full") + acts(ne - min(k, ne), nd - min(k, nd), "none")
-    else:
-        total = acts(ne, nd, recompute)
+    stage_cfg = _with_layers(cfg, len(s.encoder_layers), len(s.decoder_layers), layout.tp)
+    total = activation_bytes(stage_cfg, se, sd, recompute)
     if recompute == "full":  # the layer being recomputed holds all of its activations
-        total += acts(0, 1, "none") if nd else acts(1, 0, "none")
+        total += recomputed_layer_bytes(stage_cfg, se, sd)
     return total
 
 
@@ -436,7 +429,6 @@ def _memory(cfg: Config, lay: Layout, d_params: list[int], g_cfg: Config, g_para
     """The pipeline rank whose model states plus activations (the config's recompute, hybrid phase)
     are the largest. G's and the head's states are never sharded (the engine keeps them off the
     distributed optimizer)."""
-    act_scale = (2 if uses_bf16(cfg) else 4) / 2  # plan/memory.py counts 2-byte activations
     aux_cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, distributed_optimizer=False))
     best = None
     for rank in range(lay.pp):
@@ -452,7 +444,7 @@ def _memory(cfg: Config, lay: Layout, d_params: list[int], g_cfg: Config, g_para
             per_microbatch = sum(_stage_activations(cfg, lay, s, se, sd, mode) for s in stages)
             if 0 in stages:  # G: whole layers on 1/TP of the rows
                 per_microbatch += activation_bytes(g_cfg, se, 1, mode) / lay.tp
-            acts[mode] = per_microbatch * act_scale * in_flight
+            acts[mode] = per_microbatch * in_flight
         memory = RankMemory(rank, states, acts, in_flight, cfg.model.recompute)
         if best is None or memory.total > best.total:
             best = memory
