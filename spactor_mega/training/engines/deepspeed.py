@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import math
+import sys
 import types
 from pathlib import Path
 from typing import Callable, Optional
@@ -204,7 +205,8 @@ class DeepSpeedEngine:
         if aux_parts is not None and cfg.deepspeed.zero_stage == 3:
             PairedInflightRegistry.pair(d_parts, aux_parts)
         self.d, self.d_scheduler = initialize(d_parts, megatron_mpu(), self.ds_config)
-        deepspeed.utils.log_dist(f"[train] DeepSpeed optimizer: {describe_optimizer(self.d)}", ranks=[0])
+        if torch.distributed.get_rank() == 0:  # DeepSpeed's own log_dist is silent below WARNING
+            print(f"[train] DeepSpeed optimizer: {describe_optimizer(self.d)}", file=sys.stderr, flush=True)
         self.aux = self.aux_scheduler = None
         self.gradients = NonFiniteGradients()
         self.released = ReleasedTensors()
