@@ -68,6 +68,13 @@ def test_optimizer_section_names_the_chosen_adam_with_the_configs_hyperparameter
         "torch_adam": adam.torch_adam, **({"fused": True} if adam.fused else {})}}
 
 
+def test_a_user_json_asking_for_deepspeeds_adam_drops_torchs_fused_argument(tmp_path):
+    (tmp_path / "ds_adam.json").write_text('{"optimizer": {"params": {"torch_adam": false}}}')
+    cfg = tiny_config(tmp_path / "run", train__engine="deepspeed", deepspeed__config=str(tmp_path / "ds_adam.json"))
+    params = deepspeed_config(cfg, 2, bf16=False, adam=TORCH_FUSED_ADAMW, cuda=True)["optimizer"]["params"]
+    assert params["torch_adam"] is False and "fused" not in params
+
+
 def _three_steps(rank, world_size, work: str):
     """The parameters after three ZeRO-2 steps of a small model, with DeepSpeed building the optimizer
     from the CUDA branch's section (torch's fused AdamW; it runs on CPU tensors too) and from the CPU

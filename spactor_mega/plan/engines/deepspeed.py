@@ -187,7 +187,11 @@ def deepspeed_config(cfg: Config, dp: int, bf16: bool, adam: Adam, cuda: bool) -
     if "optimizer" in user and "optimizer" not in ours:
         raise ConfigError(f"deepspeed.config {path}: remove 'optimizer': optim.optimizer={cfg.optim.optimizer} is torch's "
                           "optimizer, which the engine builds and hands to DeepSpeed")
-    return merge_user_config(ours, user, f"deepspeed.config {path}")
+    merged = merge_user_config(ours, user, f"deepspeed.config {path}")
+    params = merged.get("optimizer", {}).get("params", {})
+    if not params.get("torch_adam", False):
+        params.pop("fused", None)  # torch.optim.AdamW's argument: DeepSpeed's own Adam ops take none
+    return merged
 
 
 def validate(cfg: Config, dp: int) -> None:
