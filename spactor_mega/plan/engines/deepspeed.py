@@ -56,7 +56,10 @@ REFUSED = {
 @dataclass(frozen=True)
 class Adam:
     """Which AdamW DeepSpeed builds from the config's optimizer section (all the same update rule:
-    AdamW with optim.adam_beta1/2, adam_eps, weight_decay)."""
+    AdamW with optim.adam_beta1/2, adam_eps, weight_decay). torch's fused AdamW goes through the
+    config too (``torch_adam`` + ``fused``, which DeepSpeed passes on), not as a client optimizer:
+    DeepSpeed then builds it over ZeRO's fp32 partitions as it builds its own ops, and the user
+    JSON can still change it."""
 
     name: str
     torch_adam: bool  # DeepSpeed's ``torch_adam``: build torch.optim.AdamW instead of its own op
