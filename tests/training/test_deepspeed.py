@@ -118,7 +118,10 @@ def _train_all(rank, world_size, work: str, runs: list, exported: tuple):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("deepspeed")
-    (work / "torch_adam.json").write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
+    # ZeRO-3 keeps every tensor partitioned (none persistent, as the large ones of a real model), so
+    # each is fetched and prefetched, by D's engine and G's (D's embedding), at every step.
+    (work / "torch_adam.json").write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}},
+                                                      "zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     runs = [("megatron", None, {})] + [(name, zero, {}) for name, zero in ZERO_VARIANTS.items()]
     runs += [("stopped", ZERO_VARIANTS["zero3_offload"], {"train__exit_interval": STOP}),
              ("stopped", ZERO_VARIANTS["zero3_offload"], {"train__resume": "auto"})]
@@ -271,3 +274,30 @@ def test_deepspeed_config_rejections_name_the_field(tmp_path):
     cfg = _config(tmp_path, "ok", {"zero_stage": 2})
     cfg.deepspeed.config = str(tmp_path / "ok.json")
     validate(cfg, 2)
+
+
+def test_paired_inflight_registries_wait_on_each_other_and_clean_up_only_their_own():
+    """Either ZeRO-3 coordinator finds and takes the other's all-gather of a shared parameter (D's
+    embedding), while the clean-up at the start of an engine's forward (its whole registry) leaves
+    the other engine's prefetches in flight."""
+    import torch
+
+    from spactor_mega.parallel.cpu_compat import import_deepspeed
+    from spactor_mega.training.engines.deepspeed import PairedInflightRegistry
+
+    status = import_deepspeed().runtime.zero.partition_parameters.ZeroParamStatus
+    d, g = torch.nn.Module(), torch.nn.Module()
+    PairedInflightRegistry.pair(d, g)
+    ours, theirs = d.ds_inflight_param_registry, g.ds_inflight_param_registry
+    embedding, layer = (torch.nn.Parameter(torch.zeros(1)) for _ in range(2))
+    for p in (embedding, layer):
+        p.ds_status = status.INFLIGHT
+    ours[embedding], theirs[layer] = "d's handle", "g's handle"
+    assert embedding in theirs and layer in ours
+    assert theirs.pop(embedding) == "d's handle" and embedding not in ours
+    ours[embedding] = "d's handle"
+    theirs.clear()  # G's forward starts
+    assert list(ours.items()) == [(embedding, "d's handle")] and len(theirs) == 0
+    PairedInflightRegistry.unpair(d)  # G released at tau
+    theirs[layer] = "g's handle"
+    assert layer not in ours

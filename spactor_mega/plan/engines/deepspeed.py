@@ -14,6 +14,7 @@ partitions) to CPU memory, ``offload_param`` the parameter partitions.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +45,6 @@ OWNERS = {
     "zero_optimization.offload_optimizer.nvme_path": "deepspeed.nvme_path",
     "zero_optimization.offload_param.device": "deepspeed.offload_param",
     "zero_optimization.offload_param.nvme_path": "deepspeed.nvme_path",
-    "zero_optimization.stage3_prefetch_bucket_size": "the DeepSpeed engine (see generated_config)",
 }
 # User sections we refuse outright: they would replace what our config drives.
 REFUSED = {
@@ -53,22 +53,54 @@ REFUSED = {
 }
 
 
+@dataclass(frozen=True)
+class Adam:
+    """Which AdamW DeepSpeed builds from the config's optimizer section (all the same update rule:
+    AdamW with optim.adam_beta1/2, adam_eps, weight_decay). torch's fused AdamW goes through the
+    config too (``torch_adam`` + ``fused``, which DeepSpeed passes on), not as a client optimizer:
+    DeepSpeed then builds it over ZeRO's fp32 partitions as it builds its own ops, and the user
+    JSON can still change it."""
+
+    name: str
+    torch_adam: bool  # DeepSpeed's ``torch_adam``: build torch.optim.AdamW instead of its own op
+    fused: bool = False  # passed on to torch.optim.AdamW(fused=...) (one CUDA kernel per step)
+
+
+DEEPSPEED_CPU_ADAM = Adam("DeepSpeedCPUAdam", torch_adam=False)
+DEEPSPEED_FUSED_ADAM = Adam("DeepSpeed FusedAdam", torch_adam=False)
+TORCH_FUSED_ADAMW = Adam("torch.optim.AdamW(fused=True)", torch_adam=True, fused=True)
+TORCH_ADAMW = Adam("torch.optim.AdamW", torch_adam=True)
+
+
+def choose_adam(offload: bool, cuda: bool, fused_adam_prebuilt: bool, cpu_adam_buildable: bool) -> Adam:
+    """DeepSpeed's CPU Adam for offloaded optimizer states where its op can be built (a host C++
+    compiler). On GPUs DeepSpeed's FusedAdam only when its op was built at install time: otherwise
+    ``deepspeed.initialize`` JIT-compiles it, which needs an ``nvcc`` matching torch's CUDA (the run
+    dies at start-up without one, and spends 1-3 minutes compiling with one), while torch's fused
+    AdamW is one CUDA kernel per step too and needs no build. On CPU without offload torch's AdamW
+    (fused Adam buys nothing there)."""
+    if offload:
+        return DEEPSPEED_CPU_ADAM if cpu_adam_buildable else TORCH_ADAMW
+    if cuda:
+        return DEEPSPEED_FUSED_ADAM if fused_adam_prebuilt else TORCH_FUSED_ADAMW
+    return TORCH_ADAMW
+
+
 def accumulation_steps(cfg: Config, dp: int) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
 
 
-def generated_config(cfg: Config, dp: int, bf16: bool, use_torch_adam: bool) -> dict:
-    """The DeepSpeed config our fields imply (before the user JSON)."""
+def generated_config(cfg: Config, dp: int, bf16: bool, adam: Adam, cuda: bool) -> dict:
+    """The DeepSpeed config our fields imply (before the user JSON), for a run on CUDA or not.
+    ZeRO-3 keeps DeepSpeed's parameter prefetch (its default bucket size): G's engine reads D's
+    embedding, which both engines then fetch, and the DeepSpeed engine pairs their in-flight
+    registries so that either can wait on the other's prefetch."""
     o, t, z = cfg.optim, cfg.train, cfg.deepspeed
     zero: dict = {"stage": z.zero_stage}
-    if z.zero_stage == 3:
-        # No ZeRO-3 prefetch: G (its own engine) reads D's embedding; a prefetch of it by D's
-        # engine leaves it in flight where G's engine cannot wait for it (assertion in DeepSpeed).
-        zero["stage3_prefetch_bucket_size"] = 0
     if z.offload_optimizer != "none":
-        zero["offload_optimizer"] = _offload(z.offload_optimizer, z.nvme_path)
+        zero["offload_optimizer"] = _offload(z.offload_optimizer, z.nvme_path, cuda)
     if z.offload_param != "none":
-        zero["offload_param"] = _offload(z.offload_param, z.nvme_path)
+        zero["offload_param"] = _offload(z.offload_param, z.nvme_path, cuda)
     precision: dict = {"bf16": {"enabled": bf16}}
     if bf16:
         precision.update(_bf16_gradients(z.zero_stage))
@@ -78,7 +110,8 @@ def generated_config(cfg: Config, dp: int, bf16: bool, use_torch_adam: bool) -> 
             "type": "AdamW",
             "params": {
                 "lr": o.lr, "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_eps,
-                "weight_decay": o.weight_decay, "torch_adam": use_torch_adam,
+                "weight_decay": o.weight_decay, "torch_adam": adam.torch_adam,
+                **({"fused": True} if adam.fused else {}),
             },
         }
     return {
@@ -106,9 +139,10 @@ def _bf16_gradients(zero_stage: int) -> dict:
     return fields
 
 
-def _offload(device: str, nvme_path: Optional[str]) -> dict:
-    # pin_memory only helps host<->GPU copies; on CPU-only runs it is meaningless.
-    entry: dict = {"device": device, "pin_memory": False}
+def _offload(device: str, nvme_path: Optional[str], cuda: bool) -> dict:
+    # Pinned host buffers make the offload copies to and from the GPU asynchronous DMA; on
+    # CPU-only runs there is no such copy (and pinning needs a CUDA driver).
+    entry: dict = {"device": device, "pin_memory": cuda}
     if device == "nvme":
         entry["nvme_path"] = nvme_path
     return entry
@@ -148,15 +182,19 @@ def merge_user_config(ours: dict, user: dict, source: str, _path: tuple = ()) ->
     return merged
 
 
-def deepspeed_config(cfg: Config, dp: int, bf16: bool, use_torch_adam: bool) -> dict:
+def deepspeed_config(cfg: Config, dp: int, bf16: bool, adam: Adam, cuda: bool) -> dict:
     """The full DeepSpeed config: generated, then the user JSON merged over it."""
-    ours = generated_config(cfg, dp, bf16, use_torch_adam)
+    ours = generated_config(cfg, dp, bf16, adam, cuda)
     path = cfg.deepspeed.config
     user = read_user_config(path)
     if "optimizer" in user and "optimizer" not in ours:
         raise ConfigError(f"deepspeed.config {path}: remove 'optimizer': optim.optimizer={cfg.optim.optimizer} is torch's "
                           "optimizer, which the engine builds and hands to DeepSpeed")
-    return merge_user_config(ours, user, f"deepspeed.config {path}")
+    merged = merge_user_config(ours, user, f"deepspeed.config {path}")
+    params = merged.get("optimizer", {}).get("params", {})
+    if not params.get("torch_adam", False):
+        params.pop("fused", None)  # torch.optim.AdamW's argument: DeepSpeed's own Adam ops take none
+    return merged
 
 
 def validate(cfg: Config, dp: int) -> None:
@@ -192,7 +230,7 @@ def validate(cfg: Config, dp: int) -> None:
                           "per-tensor RMS scaling cannot be kept; use train.engine=megatron (or deepspeed.zero_stage=0) "
                           "for Adafactor, or optim.optimizer=adamw")
     # Generate once so a bad or conflicting user JSON fails here, not after start-up.
-    deepspeed_config(cfg, dp, bf16=uses_bf16(cfg), use_torch_adam=True)
+    deepspeed_config(cfg, dp, bf16=uses_bf16(cfg), adam=TORCH_ADAMW, cuda=False)
 
 
 def pipeline_refusal(cfg: Config) -> str:

@@ -11,8 +11,10 @@ A micro-batch runs the SpacTor objective inside both engines' forwards (D's outs
 inside), so each engine's ZeRO hooks see its parameters used, and one ``backward`` through D's
 engine runs both engines' gradient reduction (DeepSpeed's torch-style backward hooks run G's
 epilogue). G reads D's embedding (shared, registered in D only); under ZeRO-3 DeepSpeed
-gathers it on access while D's forward is active. Megatron's TP layers work unchanged: their
-groups come from ``megatron.core.parallel_state`` (passed as DeepSpeed's ``mpu``).
+gathers it on access while D's forward is active, and both engines fetch and prefetch it, each
+able to wait on the other's all-gather (:class:`PairedInflightRegistry`). Megatron's TP layers
+work unchanged: their groups come from ``megatron.core.parallel_state`` (passed as DeepSpeed's
+``mpu``).
 
 Tensor parallelism: D's engine gets Megatron's groups (ZeRO over DP, TP-split parameters counted
 per shard in the grad norm, replicated ones once). G is not tensor-split: every TP rank holds a
@@ -29,8 +31,10 @@ Megatron engine, so the two engines follow the same learning-rate curve.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import math
+import sys
 import types
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,7 +54,7 @@ from spactor_mega.curriculum import Phase
 from spactor_mega.model.spactor import SpactorObjective
 from spactor_mega.parallel.cpu_compat import import_deepspeed
 from spactor_mega.parallel.state import self_group
-from spactor_mega.plan.engines.deepspeed import deepspeed_config
+from spactor_mega.plan.engines.deepspeed import Adam, choose_adam, deepspeed_config
 from spactor_mega.training.engines.base import eval_mode, torch_adafactor
 from spactor_mega.training.engines.released import (
     ReleasedTensors,
@@ -142,13 +146,38 @@ def _param_groups(module: torch.nn.Module) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def use_torch_adam(cfg: Config) -> bool:
-    """DeepSpeed's CPU Adam for offloaded optimizer states (FusedAdam on GPU) where its op can be
-    built; torch's AdamW otherwise (and on CPU without offload, where fused Adam buys nothing)."""
-    builders = import_deepspeed().ops.op_builder
-    if cfg.deepspeed.offload_optimizer != "none":
-        return not builders.CPUAdamBuilder().is_compatible(verbose=False)
-    return not torch.cuda.is_available() or not builders.FusedAdamBuilder().is_compatible(verbose=False)
+def fused_adam_prebuilt() -> bool:
+    """Whether DeepSpeed's FusedAdam op was built at install time (``DS_BUILD_FUSED_ADAM=1``) for
+    this accelerator and loads: the condition under which ``OpBuilder.load`` imports it instead of
+    JIT-compiling it (``FusedAdamBuilder().is_compatible()`` says only that a build may work)."""
+    deepspeed = import_deepspeed()
+    installed = deepspeed.git_version_info
+    if not (installed.installed_ops.get("fused_adam", False)
+            and installed.accelerator_name == deepspeed.accelerator.get_accelerator()._name):
+        return False
+    try:
+        deepspeed.ops.op_builder.FusedAdamBuilder().load(verbose=False)  # built for another torch/CUDA raises
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def adam_for(cfg: Config) -> Adam:
+    """:func:`~spactor_mega.plan.engines.deepspeed.choose_adam` for this machine."""
+    offload = cfg.deepspeed.offload_optimizer != "none"
+    cuda = torch.cuda.is_available()
+    return choose_adam(
+        offload, cuda,
+        fused_adam_prebuilt=cuda and not offload and fused_adam_prebuilt(),
+        cpu_adam_buildable=offload and import_deepspeed().ops.op_builder.CPUAdamBuilder().is_compatible(verbose=False),
+    )
+
+
+def describe_optimizer(engine) -> str:
+    """The optimizer DeepSpeed built (the user JSON may have changed our choice)."""
+    optimizer = engine.basic_optimizer
+    fused = " (fused)" if getattr(optimizer, "defaults", {}).get("fused") else ""
+    return f"{type(optimizer).__module__}.{type(optimizer).__name__}{fused}"
 
 
 class DeepSpeedEngine:
@@ -158,7 +187,8 @@ class DeepSpeedEngine:
         deepspeed = import_deepspeed()
         self.cfg = cfg
         self.objective = objective
-        self.ds_config = deepspeed_config(cfg, ps.get_data_parallel_world_size(), bf16, use_torch_adam(cfg))
+        self.ds_config = deepspeed_config(cfg, ps.get_data_parallel_world_size(), bf16, adam_for(cfg),
+                                          cuda=torch.cuda.is_available())
         tp = ps.get_tensor_model_parallel_world_size()
 
         def initialize(parts: Parts, mpu, config: dict):
@@ -170,14 +200,20 @@ class DeepSpeedEngine:
             )
             return engine, build_lr_scheduler(optimizer, cfg)
 
-        self.d, self.d_scheduler = initialize(Parts(discriminator=discriminator), megatron_mpu(), self.ds_config)
+        d_parts = Parts(discriminator=discriminator)
+        aux_parts = Parts(generator=generator, rtd_head=rtd_head) if generator is not None else None
+        if aux_parts is not None and cfg.deepspeed.zero_stage == 3:
+            PairedInflightRegistry.pair(d_parts, aux_parts)
+        self.d, self.d_scheduler = initialize(d_parts, megatron_mpu(), self.ds_config)
+        if torch.distributed.get_rank() == 0:  # DeepSpeed's own log_dist is silent below WARNING
+            print(f"[train] DeepSpeed optimizer: {describe_optimizer(self.d)}", file=sys.stderr, flush=True)
         self.aux = self.aux_scheduler = None
         self.gradients = NonFiniteGradients()
         self.released = ReleasedTensors()
-        if generator is not None:
+        if aux_parts is not None:
             # G's engine sees TP x DP data-parallel ranks, each with a micro-batch of its own.
             aux_config = {**self.ds_config, "train_batch_size": self.ds_config["train_batch_size"] * tp}
-            self.aux, self.aux_scheduler = initialize(Parts(generator=generator, rtd_head=rtd_head), replica_mpu(), aux_config)
+            self.aux, self.aux_scheduler = initialize(aux_parts, replica_mpu(), aux_config)
             if tp > 1:
                 _scale_gradients(generator, float(tp))
             inject_test_nan_gradients(self.aux.module, lambda: self.d.global_steps + 1)  # before the watch sees them
@@ -194,6 +230,7 @@ class DeepSpeedEngine:
         if self.aux is not None:
             self._track_released()
             self.aux.destroy()
+            PairedInflightRegistry.unpair(self.d.module)
             _forget_zero3_engine(self.aux.module)
         self.aux = self.aux_scheduler = None
         self.has_generator = False
@@ -323,6 +360,66 @@ class DeepSpeedEngine:
             "rtd_head": numel(self.aux, "rtd_head"),
             "generator_optimizer_state": sum(t.numel() for t in optimizer_state_tensors([_torch_optimizer(self.aux)])),
         }
+
+
+class PairedInflightRegistry(collections.abc.MutableMapping):
+    """One ZeRO-3 engine's registry of parameters in flight (all-gathers started, not yet waited
+    on) that can also wait on its partner engine's.
+
+    G's engine reads D's embedding, which ZeRO-3 then registers as an external parameter of G's
+    module, so both engines' coordinators fetch it. With prefetch on, one coordinator may find it
+    in flight under the other's all-gather, and a coordinator waits only on handles in its own
+    registry (``assert ds_status == AVAILABLE`` in ``PartitionedParameterCoordinator
+    .fetch_sub_module``). DeepSpeed 0.19.8 offers no way for two engines to share a parameter under
+    prefetch; it does take a module's ``ds_inflight_param_registry`` when one is set
+    (``DeepSpeedZeRoOffload.__init__``). Each engine gets one of these: it records and cleans up
+    only its own all-gathers (a coordinator waits on and releases everything still in flight in
+    its registry when its engine's forward starts: G's starts inside D's, and would drop D's
+    prefetches), but finds and waits on its partner's too (``in``, ``pop``)."""
+
+    def __init__(self, own):
+        self.own = own  # DeepSpeed's InflightParamRegistry (its checks on adding a handle)
+        self.partner: Optional["PairedInflightRegistry"] = None
+
+    @classmethod
+    def pair(cls, a: torch.nn.Module, b: torch.nn.Module) -> None:
+        """Gives modules ``a`` and ``b`` (before their ``deepspeed.initialize``) paired registries."""
+        registry = import_deepspeed().runtime.zero.partitioned_param_coordinator.InflightParamRegistry
+        ra, rb = cls(registry()), cls(registry())
+        ra.partner, rb.partner = rb, ra
+        a.ds_inflight_param_registry, b.ds_inflight_param_registry = ra, rb
+
+    @staticmethod
+    def unpair(module: torch.nn.Module) -> None:
+        registry = getattr(module, "ds_inflight_param_registry", None)
+        if isinstance(registry, PairedInflightRegistry):
+            registry.partner = None
+
+    def _holder(self, param):
+        if param in self.own or self.partner is None or param not in self.partner.own:
+            return self.own
+        return self.partner.own
+
+    def __contains__(self, param) -> bool:
+        return param in self._holder(param)
+
+    def pop(self, param, *default):
+        return self._holder(param).pop(param, *default)
+
+    def __setitem__(self, param, handle) -> None:
+        self.own[param] = handle
+
+    def __getitem__(self, param):
+        return self.own[param]
+
+    def __delitem__(self, param) -> None:
+        del self.own[param]
+
+    def __iter__(self):
+        return iter(self.own)
+
+    def __len__(self) -> int:
+        return len(self.own)
 
 
 def _forget_zero3_engine(module: torch.nn.Module) -> None:
