@@ -93,10 +93,12 @@ def timed(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench_ours(cfg: Config, steps: int, bf16: bool) -> dict[str, float]:
+def build_ours(cfg: Config, steps: int, bf16: bool):
+    """Our Megatron-Core engine (TP = PP = 1, parallel state initialised: the caller destroys it) and
+    ``steps + 1`` hybrid and SC batches: ``(engine, hybrid_batches, sc_batches)``."""
     from spactor_mega.model.spactor import SpactorObjective
     from spactor_mega.model.stages import build_spactor_modules
-    from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
+    from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.training.engines import build_engine
 
     initialize_parallel(1, 1, seed=1)
@@ -106,6 +108,13 @@ def bench_ours(cfg: Config, steps: int, bf16: bool) -> dict[str, float]:
     engine = build_engine(cfg, d, g, rtd, objective, bf16)
     hybrid_batches, _, _ = batches(cfg, steps + 1, True)
     sc_batches, _, _ = batches(cfg, steps + 1, False)
+    return engine, hybrid_batches, sc_batches
+
+
+def bench_ours(cfg: Config, steps: int, bf16: bool) -> dict[str, float]:
+    from spactor_mega.parallel.state import destroy_parallel
+
+    engine, hybrid_batches, sc_batches = build_ours(cfg, steps, bf16)
     result = {
         "hybrid": timed(lambda i: engine.train_step([hybrid_batches[i]], Phase.HYBRID), steps),
         "sc": timed(lambda i: engine.train_step([sc_batches[i]], Phase.SC_ONLY), steps),
