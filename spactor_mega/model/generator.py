@@ -252,8 +252,8 @@ def gumbel_max_sample(
 
     ``argmax(logit - T log(-log u))`` (= ``argmax(logit / T + Gumbel)``), computed in fp32 whatever
     the logits' dtype. Row ``i``'s uniforms ``u`` for the ids of vocabulary block ``k``
-    (:data:`NOISE_BLOCK`) are ``torch.rand(positions, NOISE_BLOCK)`` from a generator seeded with
-    ``seed_from(row_seeds[i], k)``: a row's samples depend on its seed and logits only, not on TP
+    (:data:`NOISE_BLOCK` ids, or the whole vocabulary if smaller) are ``torch.rand(positions, block)``
+    from a generator seeded with ``seed_from(row_seeds[i], k)``: a row's samples depend on its seed and logits only, not on TP
     nor on which other rows share the batch, and a rank draws noise for its shard's blocks only.
     ``row_seeds``: a Python sequence of ints (host side: no device read).
     """
@@ -264,20 +264,22 @@ def gumbel_max_sample(
     per_row = logits[0].numel() // local_vocab
     flat = logits.reshape(logits.size(0), per_row, local_vocab)
     scores = torch.empty(flat.shape, dtype=torch.float32, device=logits.device)
+    # A vocabulary smaller than a block is one block of its own size (the same on every layout).
+    width = min(NOISE_BLOCK, local_vocab * parallel_state.get_tensor_model_parallel_world_size())
     gen = torch.Generator(device=logits.device)
     for i, seed in enumerate(row_seeds):
-        for block in range(start // NOISE_BLOCK, (end - 1) // NOISE_BLOCK + 1):
+        for block in range(start // width, (end - 1) // width + 1):
             gen.manual_seed(seed_from(int(seed), block))
-            u = torch.rand(per_row, NOISE_BLOCK, generator=gen, device=logits.device, dtype=torch.float32)
+            u = torch.rand(per_row, width, generator=gen, device=logits.device, dtype=torch.float32)
             # T log(-log u) = -T Gumbel over the whole block: every op sees the same shape on every
             # layout (an elementwise kernel's vector body and scalar tail may round log differently).
             # u = 0 gives log(-log 0) = +inf here, a score of -inf: never chosen.
             noise = u.log_().neg_().log_()
             if temperature != 1.0:
                 noise.mul_(temperature)
-            lo, hi = max(start, block * NOISE_BLOCK), min(end, (block + 1) * NOISE_BLOCK)
+            lo, hi = max(start, block * width), min(end, (block + 1) * width)
             # logit - T log(-log u): exactly rounded ops only (the fp32 cast of bf16 logits is exact).
-            torch.sub(flat[i, :, lo - start:hi - start], noise[:, lo - block * NOISE_BLOCK:hi - block * NOISE_BLOCK],
+            torch.sub(flat[i, :, lo - start:hi - start], noise[:, lo - block * width:hi - block * width],
                       out=scores[i, :, lo - start:hi - start])
     bad = disallowed_local_ids(start, local_vocab, sample_vocab_size, forbidden_ids)
     if bad:
