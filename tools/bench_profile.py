@@ -7,9 +7,12 @@ of stage 2 (SC only) after one warm-up step each. Prints, from one run on one ma
 (a) the ops with the most self CPU time in the hybrid step, per step: hybrid, hybrid minus SC (the
     part G, the sampling and the RTD head add) per precision, and bf16's time over fp32's;
 (b) the step times (median of the profiled steps, profiler overhead included) and stage 1 / stage 2
-    beside the FLOPs model's ratio.
+    beside the FLOPs model's ratio;
+(c) Gumbel-max sampling alone at the step's logits shape ``[batch, MLM slots, vocab]``, fp32 and bf16
+    logits, TP = 1 and each rank of TP = 2 (``--sampler-tp``): today's sampler against the one before
+    it (898cb1b: every rank draws noise for the whole vocabulary), the named baseline.
 
-Usage: python tools/bench_profile.py [--d-model 256 --layers 4 --batch 8 --steps 3 --top 25]
+Usage: python tools/bench_profile.py [--d-model 256 --layers 4 --batch 8 --steps 3 --top 25 --parts a,c]
 """
 
 from __future__ import annotations
@@ -32,7 +35,56 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from bench_train import VOCAB, add_model_arguments, batches, build_ours, make_config  # noqa: E402
 from benchlib import table  # noqa: E402
 from spactor_mega.curriculum import Phase  # noqa: E402
+from spactor_mega.model.generator import gumbel_max_sample  # noqa: E402
+from spactor_mega.model.losses import vocab_parallel_argmax, vocab_range  # noqa: E402
 from spactor_mega.plan.flops import sample_flops  # noqa: E402
+from spactor_mega.seeding import seed_from  # noqa: E402
+
+
+@torch.no_grad()
+def full_vocab_gumbel_sample(logits, *, temperature, row_seeds, sample_vocab_size, forbidden_ids=()):
+    """The baseline of table (c): ``gumbel_max_sample`` as of 898cb1b (kept here only to be timed):
+    each row's noise drawn for the whole vocabulary on every TP rank and sliced to the shard."""
+    from megatron.core import parallel_state
+
+    local_vocab = logits.size(-1)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    start, end = vocab_range(local_vocab)
+    per_row = logits[0].numel() // local_vocab
+    gen = torch.Generator(device=logits.device)
+    noise = []
+    for seed in row_seeds:
+        gen.manual_seed(int(seed))
+        u = torch.rand(per_row, local_vocab * tp, generator=gen, device=logits.device, dtype=torch.float32)
+        noise.append(u[:, start:end])
+    gumbel = -torch.log(-torch.log(torch.stack(noise).view(logits.shape)))
+    scores = logits.float() / temperature + gumbel
+    ids = torch.arange(start, end, device=logits.device)
+    bad = ids >= sample_vocab_size
+    for f in forbidden_ids:
+        bad |= ids == int(f)
+    scores += torch.zeros(local_vocab, device=logits.device).masked_fill_(bad, float("-inf"))
+    return vocab_parallel_argmax(scores, start)
+
+
+def _sampler_times(rank: int, world: int, shape: tuple, repeats: int) -> dict:
+    """Median seconds of each sampler on this rank's shard of ``shape``'s logits, fp32 and bf16."""
+    from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
+
+    initialize_parallel(world, 1, seed=1)
+    logits = torch.randn(*shape[:-1], shape[-1] // world, generator=torch.Generator().manual_seed(rank))
+    seeds = [seed_from(1, k) for k in range(shape[0])]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, fn in (("baseline", full_vocab_gumbel_sample), ("blocks", gumbel_max_sample)):
+            times = []
+            for _ in range(repeats + 1):  # the first is warm-up
+                start = time.perf_counter()
+                fn(logits.to(dtype), temperature=1.0, row_seeds=seeds, sample_vocab_size=32000, forbidden_ids=(0, 1))
+                times.append(time.perf_counter() - start)
+            out[dtype, name] = statistics.median(times[1:])
+    destroy_parallel()
+    return out
 
 
 def profile_phase(engine, data: list[dict], phase: Phase, steps: int) -> tuple[dict[str, float], float]:
@@ -48,6 +100,22 @@ def profile_phase(engine, data: list[dict], phase: Phase, steps: int) -> tuple[d
     return per_op, statistics.median(times)
 
 
+def sampler_table(batch: int, slots: int, tps: list[int], repeats: int) -> None:
+    from spactor_mega.parallel.testing import run_distributed
+
+    shape = (batch, slots, VOCAB)
+    rows = []
+    for tp in tps:
+        per_rank = run_distributed(_sampler_times, tp, shape, repeats, timeout=3600)
+        for dtype in (torch.float32, torch.bfloat16):
+            base = max(r[dtype, "baseline"] for r in per_rank)  # a step waits for its slowest rank
+            new = max(r[dtype, "blocks"] for r in per_rank)
+            rows.append([tp, str(dtype).removeprefix("torch."), f"{base * 1e3:.0f}", f"{new * 1e3:.0f}", f"{new / base:.2f}"])
+    table(f"(c) Gumbel-max sampling of [{batch}, {slots}, {VOCAB}] logits, ms per call (median of {repeats}, slowest "
+          "rank; one thread per rank); baseline: the full-vocabulary draw of 898cb1b",
+          ["TP", "logits", "baseline ms", "blocks ms", "blocks / baseline"], rows)
+
+
 def main() -> int:
     from spactor_mega.parallel.state import destroy_parallel
 
@@ -57,7 +125,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per phase and precision")
     parser.add_argument("--precisions", default="fp32,bf16", help="the first is the baseline")
     parser.add_argument("--top", type=int, default=25, help="rows of table (a)")
+    parser.add_argument("--parts", default="a,c", help="a: profile of the steps (tables a, b), c: sampler alone")
+    parser.add_argument("--sampler-tp", default="1,2", help="(c) TP sizes (one process per rank)")
+    parser.add_argument("--sampler-repeats", type=int, default=5, help="(c) timed calls per variant (median)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     cfg = make_config(args)
     precisions = args.precisions.split(",")
     _, sc, builder = batches(cfg, 1, False)
@@ -65,6 +137,11 @@ def main() -> int:
           f"{args.layers}+{args.layers} layers, vocab {VOCAB}; batch {args.batch} x {sc.encoder_length}/"
           f"{sc.decoder_length}, {builder.mlm_capacity} MLM slots per row; {args.steps} profiled steps per phase")
 
+    if "c" in parts:
+        sampler_table(args.batch, builder.mlm_capacity, [int(t) for t in args.sampler_tp.split(",")],
+                      args.sampler_repeats)
+    if "a" not in parts:
+        return 0
     ops, step = {}, {}
     for p in precisions:
         engine, hybrid_batches, sc_batches = build_ours(cfg, args.steps, bf16=p == "bf16")
