@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Where the hybrid step's time goes, fp32 vs bf16: torch.profiler over our training steps.
+"""Where the hybrid step's time goes, fp32 vs bf16: CPU time per aten op over our training steps.
 
 For each precision of ``--precisions`` (the first is the baseline), the model and batches of
-``tools/bench_train.py`` (same flags), ``--steps`` profiled optimizer steps of stage 1 (hybrid) and
-of stage 2 (SC only) after one warm-up step each. Prints, from one run on one machine:
-(a) the ops with the most self CPU time in the hybrid step, per step: hybrid, hybrid minus SC (the
-    part G, the sampling and the RTD head add) per precision, and bf16's time over fp32's;
-(b) the step times (median of the profiled steps, profiler overhead included) and stage 1 / stage 2
-    beside the FLOPs model's ratio;
+``tools/bench_train.py`` (same flags), ``--steps`` optimizer steps of stage 1 (hybrid) and of stage 2
+(SC only) after one warm-up step each, torch on one thread. Each aten op (below autograd, so the
+backward's ops too) is timed by this thread's CPU time (:class:`OpCpuTime`): torch.profiler reports
+wall time, which on a machine shared with other jobs mostly measures the scheduler. Prints, from one
+run on one machine:
+(a) the ops with the most CPU time in the hybrid step, per step: hybrid, hybrid minus SC (the part G,
+    the sampling and the RTD head add) per precision, and bf16's hybrid time over fp32's;
+(b) the step CPU times (median) and stage 1 / stage 2 beside the FLOPs model's ratio;
 (c) Gumbel-max sampling alone at the step's logits shape ``[batch, MLM slots, vocab]``, fp32 and bf16
     logits, TP = 1 and each rank of TP = 2 (``--sampler-tp``): today's sampler against the one before
     it (898cb1b: every rank draws noise for the whole vocabulary), the named baseline.
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench_train import VOCAB, add_model_arguments, batches, build_ours, make_config  # noqa: E402
 from benchlib import table  # noqa: E402
@@ -76,28 +78,46 @@ def _sampler_times(rank: int, world: int, shape: tuple, repeats: int) -> dict:
     seeds = [seed_from(1, k) for k in range(shape[0])]
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        for name, fn in (("baseline", full_vocab_gumbel_sample), ("blocks", gumbel_max_sample)):
-            times = []
-            for _ in range(repeats + 1):  # the first is warm-up
-                start = time.perf_counter()
-                fn(logits.to(dtype), temperature=1.0, row_seeds=seeds, sample_vocab_size=32000, forbidden_ids=(0, 1))
-                times.append(time.perf_counter() - start)
-            out[dtype, name] = statistics.median(times[1:])
+        typed = logits.to(dtype)
+        samplers = {"baseline": full_vocab_gumbel_sample, "blocks": gumbel_max_sample}
+        times = {name: [] for name in samplers}
+        for i in range(repeats + 1):  # the first is warm-up; the variants alternate (a shared machine's load drifts)
+            for name, fn in samplers.items():
+                start = time.thread_time()
+                fn(typed, temperature=1.0, row_seeds=seeds, sample_vocab_size=32000, forbidden_ids=(0, 1))
+                if i:
+                    times[name].append(time.thread_time() - start)
+        out.update({(dtype, name): statistics.median(t) for name, t in times.items()})
     destroy_parallel()
     return out
 
 
+class OpCpuTime(TorchDispatchMode):
+    """Accumulates this thread's CPU seconds per aten op (with torch on one thread, all of its work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: dict[str, float] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.thread_time()
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.thread_time() - start
+        return out
+
+
 def profile_phase(engine, data: list[dict], phase: Phase, steps: int) -> tuple[dict[str, float], float]:
-    """(self CPU ms per step by op name, median step seconds) over ``steps`` profiled steps."""
-    engine.train_step([data[0]], phase)  # warm-up
+    """(CPU ms per step by aten op, median step CPU seconds) over ``steps`` steps after a warm-up."""
+    engine.train_step([data[0]], phase)
     times = []
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    ops = OpCpuTime()
+    with ops:
         for i in range(steps):
-            start = time.perf_counter()
+            start = time.thread_time()
             engine.train_step([data[i + 1]], phase)
-            times.append(time.perf_counter() - start)
-    per_op = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
-    return per_op, statistics.median(times)
+            times.append(time.thread_time() - start)
+    return {n: t * 1e3 / steps for n, t in ops.seconds.items()}, statistics.median(times)
 
 
 def sampler_table(batch: int, slots: int, tps: list[int], repeats: int) -> None:
@@ -111,7 +131,7 @@ def sampler_table(batch: int, slots: int, tps: list[int], repeats: int) -> None:
             base = max(r[dtype, "baseline"] for r in per_rank)  # a step waits for its slowest rank
             new = max(r[dtype, "blocks"] for r in per_rank)
             rows.append([tp, str(dtype).removeprefix("torch."), f"{base * 1e3:.0f}", f"{new * 1e3:.0f}", f"{new / base:.2f}"])
-    table(f"(c) Gumbel-max sampling of [{batch}, {slots}, {VOCAB}] logits, ms per call (median of {repeats}, slowest "
+    table(f"(c) Gumbel-max sampling of [{batch}, {slots}, {VOCAB}] logits, CPU ms per call (median of {repeats}, slowest "
           "rank; one thread per rank); baseline: the full-vocabulary draw of 898cb1b",
           ["TP", "logits", "baseline ms", "blocks ms", "blocks / baseline"], rows)
 
@@ -130,12 +150,13 @@ def main() -> int:
     parser.add_argument("--sampler-repeats", type=int, default=5, help="(c) timed calls per variant (median)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    torch.set_num_threads(1)
     cfg = make_config(args)
     precisions = args.precisions.split(",")
     _, sc, builder = batches(cfg, 1, False)
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads); d_model {args.d_model}, "
           f"{args.layers}+{args.layers} layers, vocab {VOCAB}; batch {args.batch} x {sc.encoder_length}/"
-          f"{sc.decoder_length}, {builder.mlm_capacity} MLM slots per row; {args.steps} profiled steps per phase")
+          f"{sc.decoder_length}, {builder.mlm_capacity} MLM slots per row; {args.steps} timed steps per phase")
 
     if "c" in parts:
         sampler_table(args.batch, builder.mlm_capacity, [int(t) for t in args.sampler_tp.split(",")],
@@ -159,14 +180,14 @@ def main() -> int:
         extra = {p: hybrid[p] - ops[p, "sc"].get(n, 0.0) for p in precisions}
         ratio = f"{hybrid[last] / hybrid[base]:.2f}" if hybrid[base] else "-"
         rows.append([n, *(f"{hybrid[p]:.1f}" for p in precisions), *(f"{extra[p]:.1f}" for p in precisions), ratio])
-    table(f"(a) self CPU ms per hybrid step, top {args.top} ops; 'extra' = hybrid minus SC; last column: "
+    table(f"(a) CPU ms per hybrid step by aten op, top {args.top}; 'extra' = hybrid minus SC; last column: "
           f"{last} / {base} (baseline) of the hybrid time",
           ["op", *(f"hybrid {p}" for p in precisions), *(f"extra {p}" for p in precisions), f"{last}/{base}"], rows)
 
     flops = sample_flops(cfg, sc.encoder_length, sc.decoder_length, VOCAB, builder.mlm_capacity)
     rows = [[p, f"{step[p, 'sc']:.3f}", f"{step[p, 'hybrid']:.3f}", f"{step[p, 'hybrid'] / step[p, 'sc']:.2f}",
              f"{flops.hybrid / flops.sc_only:.2f}", f"{step[p, 'hybrid'] / step[base, 'hybrid']:.2f}"] for p in precisions]
-    table(f"(b) profiled step seconds (median); last column: stage 1 vs {base} (baseline)",
+    table(f"(b) step CPU seconds (median, ops timed); last column: stage 1 vs {base} (baseline)",
           ["precision", "stage 2 s", "stage 1 s", "stage 1 / stage 2", "FLOPs-model ratio", f"stage 1 vs {base}"], rows)
     return 0
 

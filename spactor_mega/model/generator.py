@@ -33,10 +33,12 @@ gradient of all rows into its shard of D's embedding (exact, as with TP = 1).
 (of stage 0), summing over TP and averaging over DP. G's FLOPs per TP rank are 1/TP of the
 total (layers: the rank's rows; head: its vocabulary shard) up to the rounding of an uneven share.
 
-Sampling (:func:`gumbel_max_sample`): ``argmax(logit / T + g)`` with Gumbel noise ``g`` drawn, per
-sample, for the *full* padded vocabulary from a generator seeded by that sample's own key (the key
-its span corruption and MLM mask come from) and sliced to this rank's shard: a sample gets the
-same replacements whatever the TP size, DP size, micro-batch size or position in the batch. Each rank takes its
+Sampling (:func:`gumbel_max_sample`): ``argmax(logit / T + g)`` with Gumbel noise ``g`` keyed by
+(sample, vocabulary block): the vocabulary is cut into blocks of :data:`NOISE_BLOCK` ids that do not
+depend on TP, and each (sample, block) draws its noise from a generator seeded by the sample's own
+key (the key its span corruption and MLM mask come from) and the block's index. Each TP rank draws
+only the blocks its shard overlaps, and a sample gets the same replacements whatever the TP size,
+DP size, micro-batch size or position in the batch. Each rank takes its
 local max, the max is all-reduced (MAX) over TP and the smallest global id reaching it wins (MIN):
 the same tie-break as ``torch.argmax``. Ids outside ``[0, sample_vocab_size)`` (padded rows, and
 for a T5 vocabulary the sentinels and the mask token, which sit above the SentencePiece ids) and
