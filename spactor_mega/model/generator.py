@@ -280,9 +280,10 @@ def gumbel_max_sample(
             if temperature != 1.0:
                 noise.mul_(temperature)
             lo, hi = max(start, block * width), min(end, (block + 1) * width)
-            # logit - T log(-log u): exactly rounded ops only (the fp32 cast of bf16 logits is exact).
-            torch.sub(flat[i, :, lo - start:hi - start], noise[:, lo - block * width:hi - block * width],
-                      out=scores[i, :, lo - start:hi - start])
+            # logit - T log(-log u): exactly rounded ops only (the fp32 cast of bf16 logits is exact;
+            # cast, then subtract in place: a mixed-dtype sub is slower on CPU).
+            scores[i, :, lo - start:hi - start].copy_(flat[i, :, lo - start:hi - start]).sub_(
+                noise[:, lo - block * width:hi - block * width])
     bad = disallowed_local_ids(start, local_vocab, sample_vocab_size, forbidden_ids)
     if bad:
         scores.index_fill_(-1, torch.tensor(bad, device=logits.device), float("-inf"))
