@@ -16,7 +16,7 @@ Prints, from one run on one machine:
     process per stage, one thread each: with fewer cores than stages the processes share cores
     and the measured bubble is not meaningful (the table says so).
 
-Usage: python tools/bench_train.py [--parts a,b,c] [--d-model 256 --layers 4 --batch 8 --steps 6]
+Usage: python tools/bench_train.py [--parts a,b,c] [--d-model 256 --layers 4 --batch 8 --steps 6] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -83,20 +83,30 @@ def batches(cfg: Config, n: int, with_mlm: bool) -> list[dict]:
     return out, sc, builder
 
 
-def timed(fn, steps: int) -> float:
+CLOCKS = {
+    "wall": time.perf_counter,
+    # This thread's CPU time, with torch on one thread (main() sets it): on a machine shared with other
+    # jobs, wall time counts the time the scheduler gives to them; CPU time mostly does not.
+    "cpu": time.thread_time,
+}
+
+
+def timed(fn, steps: int, clock=time.perf_counter) -> float:
     fn(0)  # warm-up: allocations, lazy init
     times = []
     for i in range(steps):
-        start = time.perf_counter()
+        start = clock()
         fn(i + 1)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
-def bench_ours(cfg: Config, steps: int, bf16: bool) -> dict[str, float]:
+def build_ours(cfg: Config, steps: int, bf16: bool):
+    """Our Megatron-Core engine (TP = PP = 1, parallel state initialised: the caller destroys it) and
+    ``steps + 1`` hybrid and SC batches: ``(engine, hybrid_batches, sc_batches)``."""
     from spactor_mega.model.spactor import SpactorObjective
     from spactor_mega.model.stages import build_spactor_modules
-    from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
+    from spactor_mega.parallel.state import initialize_parallel
     from spactor_mega.training.engines import build_engine
 
     initialize_parallel(1, 1, seed=1)
@@ -106,15 +116,22 @@ def bench_ours(cfg: Config, steps: int, bf16: bool) -> dict[str, float]:
     engine = build_engine(cfg, d, g, rtd, objective, bf16)
     hybrid_batches, _, _ = batches(cfg, steps + 1, True)
     sc_batches, _, _ = batches(cfg, steps + 1, False)
+    return engine, hybrid_batches, sc_batches
+
+
+def bench_ours(cfg: Config, steps: int, bf16: bool, clock=time.perf_counter) -> dict[str, float]:
+    from spactor_mega.parallel.state import destroy_parallel
+
+    engine, hybrid_batches, sc_batches = build_ours(cfg, steps, bf16)
     result = {
-        "hybrid": timed(lambda i: engine.train_step([hybrid_batches[i]], Phase.HYBRID), steps),
-        "sc": timed(lambda i: engine.train_step([sc_batches[i]], Phase.SC_ONLY), steps),
+        "hybrid": timed(lambda i: engine.train_step([hybrid_batches[i]], Phase.HYBRID), steps, clock),
+        "sc": timed(lambda i: engine.train_step([sc_batches[i]], Phase.SC_ONLY), steps, clock),
     }
     destroy_parallel()
     return result
 
 
-def bench_hf(cfg: Config, steps: int) -> float:
+def bench_hf(cfg: Config, steps: int, clock=time.perf_counter) -> float:
     from transformers import T5ForConditionalGeneration
 
     from spactor_mega.model.hf_mapping import hf_t5_config
@@ -134,7 +151,7 @@ def bench_hf(cfg: Config, steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return timed(step, steps)
+    return timed(step, steps, clock)
 
 
 class StepTimers:
@@ -251,8 +268,13 @@ def main() -> int:
     parser.add_argument("--microbatches", default="1,2,4,8", help="(c) micro-batches per step")
     parser.add_argument("--virtual-stages", default="1,2", help="(c) virtual stages per rank (interleaved)")
     parser.add_argument("--pipeline-batch", type=int, default=2, help="(c) micro-batch size")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="(a, b) step time: wall, or cpu (this thread's CPU time, torch on one thread)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    clock = CLOCKS[args.clock]
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
 
     cfg = make_config(args)
     _, sc, builder = batches(cfg, 1, False)
@@ -260,12 +282,13 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{'GPU' if torch.cuda.is_available() else 'CPU'}; model d_model {args.d_model}, {args.layers}+{args.layers} "
           f"layers, vocab {VOCAB}; batch {args.batch} x {sc.encoder_length}/{sc.decoder_length}; AdamW; "
-          f"ours in {args.precisions}")
+          f"ours in {args.precisions}; {args.clock} clock")
 
     precisions = args.precisions.split(",")
+    if "a" in parts:
+        hf = bench_hf(cfg, args.steps, clock)
     if parts & {"a", "b"}:
-        hf = bench_hf(cfg, args.steps)
-        ours = {p: bench_ours(cfg, args.steps, bf16=p == "bf16") for p in precisions}
+        ours = {p: bench_ours(cfg, args.steps, bf16=p == "bf16", clock=clock) for p in precisions}
     if "a" in parts:
         rows = [["transformers T5ForConditionalGeneration (baseline)", "fp32", f"{hf:.3f}", f"{tokens / hf:,.0f}", "1.00x"]]
         rows += [["spactor_mega, Megatron-Core engine, stage 2", p, f"{ours[p]['sc']:.3f}", f"{tokens / ours[p]['sc']:,.0f}",

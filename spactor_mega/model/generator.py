@@ -33,10 +33,12 @@ gradient of all rows into its shard of D's embedding (exact, as with TP = 1).
 (of stage 0), summing over TP and averaging over DP. G's FLOPs per TP rank are 1/TP of the
 total (layers: the rank's rows; head: its vocabulary shard) up to the rounding of an uneven share.
 
-Sampling (:func:`gumbel_max_sample`): ``argmax(logit / T + g)`` with Gumbel noise ``g`` drawn, per
-sample, for the *full* padded vocabulary from a generator seeded by that sample's own key (the key
-its span corruption and MLM mask come from) and sliced to this rank's shard: a sample gets the
-same replacements whatever the TP size, DP size, micro-batch size or position in the batch. Each rank takes its
+Sampling (:func:`gumbel_max_sample`): ``argmax(logit / T + g)`` with Gumbel noise ``g`` keyed by
+(sample, vocabulary block): the vocabulary is cut into blocks of :data:`NOISE_BLOCK` ids that do not
+depend on TP, and each (sample, block) draws its noise from a generator seeded by the sample's own
+key (the key its span corruption and MLM mask come from) and the block's index. Each TP rank draws
+only the blocks its shard overlaps, and a sample gets the same replacements whatever the TP size,
+DP size, micro-batch size or position in the batch. Each rank takes its
 local max, the max is all-reduced (MAX) over TP and the smallest global id reaching it wins (MIN):
 the same tie-break as ``torch.argmax``. Ids outside ``[0, sample_vocab_size)`` (padded rows, and
 for a T5 vocabulary the sentinels and the mask token, which sit above the SentencePiece ids) and
@@ -57,6 +59,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..parallel.row_shards import gather_rows, row_slice, split_rows
 from ..parallel.state import ROW_SHARD_RNG, self_group
+from ..seeding import seed_from
 from .heads import MLMHead
 from .losses import vocab_parallel_argmax, vocab_range
 from .init import initialize_generator, mark_tensor_parallel, tied_logits_scale
@@ -220,20 +223,22 @@ def _set_tp_replica(tree, tp_rank: int) -> None:
 
 # ---- vocab-parallel sampling ------------------------------------------------------------------
 
-def allowed_vocab_bias(
-    vocab_start: int,
-    local_vocab: int,
-    sample_vocab_size: int,
-    forbidden_ids: Sequence[int] = (),
-    device=None,
-) -> torch.Tensor:
-    """``[V/tp]`` fp32: 0 for ids that may be sampled, -inf for the rest."""
-    ids = torch.arange(vocab_start, vocab_start + local_vocab, device=device)
-    bad = ids >= sample_vocab_size
-    for f in forbidden_ids:
-        bad |= ids == int(f)
-    bias = torch.zeros(local_vocab, dtype=torch.float32, device=device)
-    return bias.masked_fill_(bad, float("-inf"))
+NOISE_BLOCK = 4096
+"""Columns of one draw of Gumbel noise: the vocabulary is cut into blocks of this many ids, fixed
+whatever the TP size, and each (row, block) has its own generator, so a rank draws only the blocks
+its shard overlaps (at most 2 blocks more than its shard) and every layout sees the same noise. Larger
+blocks mean fewer draws (kernel launches on a GPU: rows x V / block per micro-batch at TP = 1), smaller
+ones less overdraw at a large TP (TP = 8 shard of T5's 32128 ids: 4016, 1 or 2 blocks)."""
+
+
+def disallowed_local_ids(vocab_start: int, local_vocab: int, sample_vocab_size: int,
+                         forbidden_ids: Sequence[int] = ()) -> list[int]:
+    """This shard's column indices of ids that are never sampled: ``>= sample_vocab_size`` (padded
+    rows; for T5 the sentinels and the mask token) and ``forbidden_ids`` (pad, EOS)."""
+    end = vocab_start + local_vocab
+    bad = set(range(max(sample_vocab_size, vocab_start), end))
+    bad.update(int(f) for f in forbidden_ids if vocab_start <= int(f) < end)
+    return sorted(v - vocab_start for v in bad)
 
 
 @torch.no_grad()
@@ -247,23 +252,39 @@ def gumbel_max_sample(
 ) -> torch.Tensor:
     """Samples ids from vocab-parallel ``logits`` ``[b, ..., V/tp]`` -> ``[b, ...]`` (int64, global ids).
 
-    Row ``i``'s noise is drawn for the full vocabulary (``V/tp * tp`` columns) from
-    ``torch.Generator(device).manual_seed(row_seeds[i])`` and sliced, so a row's samples depend on
-    its seed and logits only: not on TP, nor on which other rows share the batch.
+    ``argmax(logit - T log(-log u))`` (= ``argmax(logit / T + Gumbel)``), computed in fp32 whatever
+    the logits' dtype. Row ``i``'s uniforms ``u`` for the ids of vocabulary block ``k``
+    (:data:`NOISE_BLOCK` ids, or the whole vocabulary if smaller) are ``torch.rand(positions, block)``
+    from a generator seeded with ``seed_from(row_seeds[i], k)``: a row's samples depend on its seed and logits only, not on TP
+    nor on which other rows share the batch, and a rank draws noise for its shard's blocks only.
+    ``row_seeds``: a Python sequence of ints (host side: no device read).
     """
     if len(row_seeds) != logits.size(0):
         raise ValueError(f"gumbel_max_sample: {len(row_seeds)} row seeds for {logits.size(0)} rows")
     local_vocab = logits.size(-1)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     start, end = vocab_range(local_vocab)
     per_row = logits[0].numel() // local_vocab
+    flat = logits.reshape(logits.size(0), per_row, local_vocab)
+    scores = torch.empty(flat.shape, dtype=torch.float32, device=logits.device)
+    # A vocabulary smaller than a block is one block of its own size (the same on every layout).
+    width = min(NOISE_BLOCK, local_vocab * parallel_state.get_tensor_model_parallel_world_size())
     gen = torch.Generator(device=logits.device)
-    noise = []
-    for seed in row_seeds:
-        gen.manual_seed(int(seed))
-        u = torch.rand(per_row, local_vocab * tp, generator=gen, device=logits.device, dtype=torch.float32)
-        noise.append(u[:, start:end])
-    gumbel = -torch.log(-torch.log(torch.stack(noise).view(logits.shape)))  # u = 0 gives -inf: never chosen
-    scores = logits.float() / temperature + gumbel
-    scores += allowed_vocab_bias(start, local_vocab, sample_vocab_size, forbidden_ids, logits.device)
-    return vocab_parallel_argmax(scores, start)
+    for i, seed in enumerate(row_seeds):
+        for block in range(start // width, (end - 1) // width + 1):
+            gen.manual_seed(seed_from(int(seed), block))
+            u = torch.rand(per_row, width, generator=gen, device=logits.device, dtype=torch.float32)
+            # T log(-log u) = -T Gumbel over the whole block: every op sees the same shape on every
+            # layout (an elementwise kernel's vector body and scalar tail may round log differently).
+            # u = 0 gives log(-log 0) = +inf here, a score of -inf: never chosen.
+            noise = u.log_().neg_().log_()
+            if temperature != 1.0:
+                noise.mul_(temperature)
+            lo, hi = max(start, block * width), min(end, (block + 1) * width)
+            # logit - T log(-log u): exactly rounded ops only (the fp32 cast of bf16 logits is exact;
+            # cast, then subtract in place: a mixed-dtype sub is slower on CPU).
+            scores[i, :, lo - start:hi - start].copy_(flat[i, :, lo - start:hi - start]).sub_(
+                noise[:, lo - block * width:hi - block * width])
+    bad = disallowed_local_ids(start, local_vocab, sample_vocab_size, forbidden_ids)
+    if bad:
+        scores.index_fill_(-1, torch.tensor(bad, device=logits.device), float("-inf"))
+    return vocab_parallel_argmax(scores, start).view(logits.shape[:-1])
