@@ -91,7 +91,12 @@ def _cell(text: str) -> str:
 def render_markdown() -> str:
     """The reference page: a table per config section."""
     hints = typing.get_type_hints(Config)
+    sections = [f.name for f in dataclasses.fields(Config)]
     lines = [
+        "---",
+        "hide: [toc]",  # the tables need the width; the sections are linked below the introduction
+        "---",
+        "",
         "# Configuration reference",
         "",
         "<!-- generated from spactor_mega/config.py by spactor_mega/plan/config_reference.py at docs build time -->",
@@ -101,20 +106,24 @@ def render_markdown() -> str:
         "preset). This page is generated from the schema when the site is built: the type and default are "
         "the dataclass's, the meaning is the field's comment in `config.py` (also shown by "
         "`spactor train --help`). `spactor_mega/plan/validate.py` refuses what cannot work, in one line "
-        "naming the field ([Bad input](../bad-input.md)).",
+        "naming the field ([Bad input](../bad-input.md)). Engines: the values of `train.engine` that read the "
+        "field (all: every engine).",
+        "",
+        "Sections: " + ", ".join(f"[{name}](#{name})" for name in sections) + ".",
         "",
     ]
     docs = field_docs()
     for section in dataclasses.fields(Config):
         doc = (hints[section.name].__doc__ or "").strip()
-        lines += [f"## {section.name}", "", doc, "",
+        lines += [f"## {section.name}", "", f"{doc} Set as `{section.name}.FIELD`.", "",
                   "| field | type | default | allowed values | engines | meaning |",
                   "|---|---|---|---|---|---|"]
         for d in docs:
             if d.name.split(".")[0] != section.name:
                 continue
             choices = ", ".join(f"`{c}`" for c in d.choices) or "-"
-            lines.append(f"| `{d.name}` | {d.type} | `{_cell(d.default)}` | {choices} | {', '.join(d.engines)} | "
+            engines = "all" if d.engines == tuple(ENGINES) else ", ".join(d.engines)
+            lines.append(f"| `{d.name.split('.', 1)[1]}` | {d.type} | `{_cell(d.default)}` | {choices} | {engines} | "
                          f"{_cell(d.meaning)} |")
         lines.append("")
     return "\n".join(lines)
