@@ -266,7 +266,9 @@ def test_site_builds_in_strict_mode(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "WARNING" not in done.stderr, done.stderr
     reference = (tmp_path / "site" / "reference" / "configuration" / "index.html").read_text()
-    sections = reference.split('<h2 id="')[1:]
-    listed = {f"{part.split('\"', 1)[0]}.{name}" for part in sections for name in re.findall(r"<td><code>(\w+)</code></td>", part)}
+    listed = set()
+    for part in reference.split('<h2 id="')[1:]:  # one section each: its id, then its table
+        section = part.split('"', 1)[0]
+        listed |= {f"{section}.{name}" for name in re.findall(r"<tr>\s*<td><code>(\w+)</code></td>", part)}
     assert listed == FIELDS
     assert (tmp_path / "site" / "study-cpu" / "loss_vs_step.png").exists()
