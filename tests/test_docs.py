@@ -106,6 +106,7 @@ def parse(argv: list[str]):
             args = build_parser(argv[0]).parse_args(argv)
     except SystemExit as e:
         raise AssertionError(err.getvalue().strip().splitlines()[-1]) from None
+    _check_flags_are_spelled_out(argv)
     if args.command in ("train", "prepare"):
         if args.config and re.search(r"(^|/)[A-Z_]+/", args.config):
             args.config = None  # a placeholder folder (OUT/config.yaml): check the flags against the schema only
@@ -114,6 +115,17 @@ def parse(argv: list[str]):
         except ConfigError as e:
             raise AssertionError(str(e)) from None
     return args
+
+
+def _check_flags_are_spelled_out(argv: list[str]) -> None:
+    """argparse accepts a flag's prefix (``--world-size`` for ``--world-sizes``); a documented flag must be
+    one of the command's own, as its ``--help`` lists them."""
+    path = argv[:2] if len(argv) > 1 and not argv[1].startswith("-") else argv[:1]
+    with contextlib.redirect_stdout(io.StringIO()) as help_text, contextlib.suppress(SystemExit):
+        build_parser(argv[0]).parse_args([*path, "--help"])
+    for flag in (a.split("=", 1)[0] for a in argv if a.startswith("--")):
+        if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w.-])", help_text.getvalue()):
+            raise AssertionError(f"{flag} is not a flag of `spactor {' '.join(path)}`")
 
 
 def test_the_docs_have_commands_of_every_kind():
@@ -157,7 +169,8 @@ def test_config_flags_in_the_text_parse():
 def test_the_parser_refuses_what_the_docs_check_for(monkeypatch):
     """The check can fail: a renamed flag, a config field that does not exist, a value of the wrong type."""
     monkeypatch.chdir(ROOT)
-    for argv in (["train", "--config", "configs/demo-cpu.yaml", "--world-sizes", "8"],
+    for argv in (["train", "--config", "configs/demo-cpu.yaml", "--no-such-flag", "8"],
+                 ["train", "--config", "configs/demo-cpu.yaml", "--dry-run", "--world", "8"],  # a prefix
                  ["train", "--train.stepz", "3"], ["train", "--train.steps", "ten"],
                  ["preprocess", "--input", "x", "--output-prefix", "y", "--tokenizer", "t", "--workers", "many"]):
         with pytest.raises(AssertionError):
