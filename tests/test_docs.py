@@ -270,6 +270,13 @@ def test_choices_are_read_from_the_comment():
     assert choices_of("width of the hidden states") == ()
 
 
+def test_the_readmes_links_exist():
+    """The README is read on the forge, outside the site: its relative links must point at files."""
+    links = [link.split("#", 1)[0] for link in re.findall(r"\]\(([^)]+)\)", (ROOT / "README.md").read_text())
+             if "://" not in link]
+    assert links and not [link for link in links if not (ROOT / link).exists()]
+
+
 def test_site_builds_in_strict_mode(tmp_path):
     """mkdocs build --strict: a broken link, a missing page or a bad snippet fails; the generated
     reference lists every field."""
