@@ -236,7 +236,7 @@ def _bogus(name: str, value):
 
 
 @pytest.mark.parametrize("doc", [d for d in field_docs() if d.choices and d.type != "bool"], ids=lambda d: d.name)
-def test_allowed_values_of_the_reference_are_validates(doc):
+def test_allowed_values_in_the_reference_are_those_validate_names(doc):
     """The values a field's comment allows are those validate() names when it refuses another."""
     with pytest.raises(ConfigError) as refusal:
         validate(_bogus(doc.name, 7 if doc.type == "int" else "bogus"))
