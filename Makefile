@@ -1,9 +1,10 @@
 # The two commands of the README: `make demo` (set up + main job) and `make test`.
+# `make docs` builds the documentation site into site/ (strict), `make docs-serve` serves it.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test docs docs-serve bench clean
 
 # torch==2.13.0 first: on these machines it is a local CPU build; unpinned, pip would pull CUDA.
 $(BIN)/spactor: pyproject.toml
@@ -21,8 +22,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# NO_MKDOCS_2_WARNING: Material's banner about its successor, not a warning about this site
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 bench: setup
 	$(BIN)/python tools/bench_data.py
 
 clean:
-	rm -rf runs/demo
+	rm -rf runs/demo site

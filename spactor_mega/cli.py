@@ -25,26 +25,27 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``spactor`` parser, with the flags of subcommand ``command`` (the others' flags are not
+    imported: see the module docstring). The docs' tests parse every documented command with it."""
     parser = argparse.ArgumentParser(
         prog="spactor",
         description="SpacTor pretraining of T5 encoder-decoders on Megatron-Core and DeepSpeed.",
         epilog="Run `spactor COMMAND --help` for a command's flags.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    chosen = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:
+        if name == command:
             importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     filter_known_warnings()
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    args = build_parser().parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen).parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

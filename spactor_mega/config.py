@@ -2,6 +2,11 @@
 
 YAML presets (``configs/*.yaml``) fill the dataclasses; command-line flags named
 ``--section.field`` (e.g. ``--train.steps 200``) override them.
+
+Every field has a comment (the lines above it and/or the one after it): that comment is its one
+description, shown by ``--help`` and in the generated configuration reference of the docs. A field that
+takes one of a few values starts its comment with them, ``a | b | c: meaning``; a field (or section
+docstring) that only one engine reads says ``Megatron engine only`` / ``DeepSpeed engine only``.
 :func:`spactor_mega.plan.validate.validate` rejects anything that cannot work with a one-line
 reason naming the field.
 """
@@ -9,7 +14,11 @@ reason naming the field.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import io
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,31 +42,32 @@ INIT_SCHEMES = ("megatron", "t5")  # ModelConfig.init
 class ModelConfig:
     """The discriminator D: a T5 v1.1 encoder-decoder."""
 
-    d_model: int = 512
-    d_kv: int = 64
-    d_ff: int = 1024
-    num_heads: int = 6
-    num_encoder_layers: int = 8
-    num_decoder_layers: int = 8
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    dropout: float = 0.0
-    layer_norm_epsilon: float = 1e-6
+    d_model: int = 512  # width of the hidden states
+    d_kv: int = 64  # width of one attention head's keys and values
+    d_ff: int = 1024  # width of the gated-GELU feed-forward layers
+    num_heads: int = 6  # attention heads per layer
+    num_encoder_layers: int = 8  # encoder layers
+    num_decoder_layers: int = 8  # decoder layers
+    relative_attention_num_buckets: int = 32  # T5's relative-position buckets
+    relative_attention_max_distance: int = 128  # distance beyond which relative positions share a bucket
+    dropout: float = 0.0  # dropout in D's and G's layers (T5 v1.1 pretrains with none)
+    layer_norm_epsilon: float = 1e-6  # epsilon of T5's RMS norm
     # The embedding is padded to a multiple of lcm(this, TP), so it splits evenly and keeps its shape
     # for every TP dividing this; the padded rows are never produced by the tokenizer. 1024: every TP
     # shard up to TP 8 a multiple of 128 (HF export still cuts to the tokenizer's rows padded to 128).
     make_vocab_size_divisible_by: int = 128
-    # Weight initialisation (spactor_mega/model/init.py): "megatron" = N(0, init_method_std),
-    # output layers scaled by 1/sqrt(2 * layers); "t5" = mesh-tensorflow / HF T5's per-tensor
-    # fan-in scales (attention logits of std ~1 at any width; G's tied head scaled by d_model**-0.5).
+    # megatron | t5: weight initialisation (spactor_mega/model/init.py); megatron: N(0, init_method_std),
+    # output layers scaled by 1/sqrt(2 * layers); t5: mesh-tensorflow / HF T5's per-tensor fan-in scales
+    # (attention logits of std ~1 at any width; G's tied head scaled by d_model**-0.5).
     init: str = "megatron"
     init_method_std: float = 0.02  # the "megatron" scheme's std
-    # Activation recompute (Megatron's), for D and G: none | selective (core attention) | full
-    # (whole layers: "uniform" checkpoints groups of recompute_num_layers layers; "block"
-    # recomputes the first recompute_num_layers layers of each pipeline stage and keeps the rest)
+    # none | selective | full: Megatron's activation recompute, for D and G; selective recomputes core
+    # attention, full whole layers from their input
     recompute: str = "none"
+    # uniform | block: with recompute full, uniform checkpoints groups of recompute_num_layers layers; block
+    # recomputes the first recompute_num_layers layers of each pipeline stage and keeps the rest
     recompute_method: str = "uniform"
-    recompute_num_layers: int = 1
+    recompute_num_layers: int = 1  # layers per recompute group (uniform) or recomputed per stage (block)
     # Vocabulary rows before that padding, and the rows an HF export gets. None: the
     # tokenizer's pieces + sentinels + mask (exported padded to make_vocab_size_divisible_by);
     # `spactor convert from-hf` sets the imported model's vocab_size (e.g. 32128).
@@ -78,12 +88,12 @@ class GeneratorConfig:
 class SpactorConfig:
     """The objective: span corruption, MLM on top, RTD, and the two-stage curriculum."""
 
-    noise_density: float = 0.15
-    mean_noise_span_length: float = 3.0
+    noise_density: float = 0.15  # fraction of a chunk's tokens span corruption replaces (T5: 0.15)
+    mean_noise_span_length: float = 3.0  # mean length of a corrupted span (T5: 3)
     mlm_fraction: float = 0.15  # of SC input tokens that are not sentinels, EOS or pad
     tau: float = 0  # first SC-only step; 0 = plain T5, inf = hybrid throughout
-    mlm_weight: float = 1.0
-    rtd_weight: float = 10.0
+    mlm_weight: float = 1.0  # weight of G's MLM loss in the hybrid phase
+    rtd_weight: float = 10.0  # weight of D's replaced-token-detection loss in the hybrid phase
     z_loss: float = 0.0  # T5X's auxiliary z-loss on D's LM logits, z_loss * log(Z)^2 (T5X default 1e-4; 0: off)
 
 
@@ -93,14 +103,15 @@ class DataConfig:
 
     train_data: list = field(default_factory=list)  # [prefix] or [weight, prefix, weight, ...]
     valid_data: list = field(default_factory=list)  # empty: held out of train by `split`
-    split: str = "98,2,0"
+    split: str = "98,2,0"  # train,valid,test percentages of train_data when valid_data is empty (Megatron's)
     tokenizer: str = ""  # SentencePiece .model file, or a folder with spiece.model
-    # When the tokenizer / a single-prefix dataset above is missing, build it from these.
-    train_corpus: list = field(default_factory=list)  # C4 json(.gz) files or globs
-    valid_corpus: list = field(default_factory=list)
-    tokenizer_vocab_size: int = 32000
-    preprocess_workers: int = 2
-    encoder_seq_length: int = 512
+    # When the tokenizer / a single-prefix dataset above is missing, build it from these:
+    # C4 json(.gz) files or globs.
+    train_corpus: list = field(default_factory=list)
+    valid_corpus: list = field(default_factory=list)  # C4 json(.gz) files or globs to build valid_data from
+    tokenizer_vocab_size: int = 32000  # pieces of a tokenizer trained from train_corpus (sentinels on top)
+    preprocess_workers: int = 2  # tokenizer processes when building the datasets from the corpus
+    encoder_seq_length: int = 512  # encoder input tokens per sample (the decoder's length follows from it)
     # Extra held-out indexed datasets (prefixes), evaluated like the validation split (clean SC loss and
     # accuracy) at every evaluation and reported under their file names: text the model never trains on
     eval_data: list = field(default_factory=list)
@@ -109,7 +120,7 @@ class DataConfig:
     cache_dir: Optional[str] = None
     # DataLoader workers building the next steps' micro-batches (span corruption + MLM) while the
     # engine runs this one; 0: built in the step (train/data_wait_s; < 1% of a demo step, so 2
-    # workers do not speed the demo up: README, Benchmarks)
+    # workers do not speed the demo up: see Benchmarks)
     num_workers: int = 0
     prefetch_factor: int = 2  # micro-batches each worker builds ahead (with num_workers > 0)
     # Passes over each training dataset the run may make (train.steps x global_batch_size samples); more is
@@ -119,59 +130,70 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
+    """Tensor, pipeline and data parallelism (DP is the rest of the world size)."""
+
+    tensor_model_parallel_size: int = 1  # TP: each layer's matrices split over this many ranks
+    # PP: the layers split over this many pipeline stages (Megatron engine only: DeepSpeed runs PP = 1)
     pipeline_model_parallel_size: int = 1
-    pipeline_layout: Optional[str] = None  # e.g. "E6|E6|D4|D4|D4"; None: balanced by FLOPs
+    # e.g. "E6|E6|D4|D4|D4": the layers of each pipeline stage; None: balanced by FLOPs (Megatron engine only)
+    pipeline_layout: Optional[str] = None
     # V > 1: each pipeline rank holds V virtual stages (Megatron's interleaved schedule); the
-    # layout then has PP * V stages in virtual order (rank r holds stages r, r + PP, ...)
+    # layout then has PP * V stages in virtual order (rank r holds stages r, r + PP, ...) (Megatron engine only)
     virtual_pipeline_model_parallel_size: int = 1
-    # Megatron's sequence parallelism (needs TP > 1): norms and dropout run on sequence shards
+    # Megatron's sequence parallelism (needs TP > 1): norms and dropout run on sequence shards (Megatron
+    # engine only)
     sequence_parallel: bool = False
     # Megatron's distributed optimizer: optimizer state and fp32 main params sharded over DP
-    # (ZeRO-1-like); the gradient reduce-scatter and the parameter all-gather can overlap the
-    # backward and the next forward, in buckets of bucket_size elements (None: Megatron's default)
+    # (ZeRO-1-like) (Megatron engine only)
     distributed_optimizer: bool = False
+    # Start each gradient bucket's reduction during the backward (Megatron engine only)
     overlap_grad_reduce: bool = False
+    # Start each bucket's parameter all-gather during the next forward; needs distributed_optimizer (Megatron
+    # engine only)
     overlap_param_gather: bool = False
-    bucket_size: Optional[int] = None
+    bucket_size: Optional[int] = None  # elements per gradient bucket; None: Megatron's default (Megatron engine only)
 
 
 @dataclass
 class OptimConfig:
+    """Optimizer and learning-rate schedule (Megatron's, for both engines)."""
+
     optimizer: str = "adamw"  # adamw | adafactor
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    # inverse-sqrt: linear warmup, then lr*sqrt(warmup/step) (Megatron) | constant-inverse-sqrt: T5's,
-    # lr for the warmup steps, then lr*sqrt(warmup/step) | cosine | constant (all after a linear warmup)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-5  # the schedule's floor (cosine, inverse-sqrt)
+    # inverse-sqrt | constant-inverse-sqrt | cosine | constant: after a linear warmup; inverse-sqrt (Megatron's):
+    # lr*sqrt(warmup/step); constant-inverse-sqrt (T5's): lr for the warmup steps, then lr*sqrt(warmup/step)
     lr_schedule: str = "inverse-sqrt"
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    warmup_steps: int = 100  # steps of the warmup
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    adam_beta1: float = 0.9  # AdamW's beta1
+    adam_beta2: float = 0.999  # AdamW's beta2
+    adam_eps: float = 1e-8  # AdamW's epsilon
     clip_grad: float = 1.0  # global gradient-norm clipping; 0: off (T5 v1.1 with Adafactor clipped none)
 
 
 @dataclass
 class TrainConfig:
+    """The run: engine, steps, batch, precision, checkpoints, resume, stops."""
+
     engine: str = "megatron"  # megatron | deepspeed
-    steps: int = 1000
-    global_batch_size: int = 128
-    micro_batch_size: int = 8
-    seed: int = 1234
-    # auto (bf16 on GPUs with native bf16, fp32 elsewhere) | fp32 | bf16 (bf16 weights and activations;
-    # fp32 master weights, optimizer state and gradient reduction)
+    steps: int = 1000  # optimizer steps of the run
+    global_batch_size: int = 128  # sequences per step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank (accumulated to the global batch)
+    seed: int = 1234  # seeds the weights, the data order, the masks and G's replacements
+    # auto | fp32 | bf16: auto is bf16 on GPUs with native bf16 and fp32 elsewhere; bf16 trains bf16 weights
+    # and activations with fp32 master weights, optimizer state and gradient reduction
     precision: str = "auto"
-    save_dir: str = "runs/default/checkpoints"
-    save_interval: int = 500
-    # None | auto (the latest complete checkpoint) | auto-previous (the latest, or if it is damaged
-    # the newest complete one before it) | a checkpoint directory
+    save_dir: str = "runs/default/checkpoints"  # where checkpoints (iter_NNNNNNN/, latest) are written
+    save_interval: int = 500  # steps between checkpoints (0: only at the end)
+    # auto (the latest complete checkpoint), auto-previous (the latest, or if it is damaged the newest
+    # complete one before it) or a checkpoint directory; None: start afresh
     resume: Optional[str] = None
     exit_interval: Optional[int] = None  # save and stop after a step that is a multiple of this
     exit_duration_minutes: Optional[float] = None  # save and stop once the run has trained this long
     # Checkpoints kept: the newest keep_last_checkpoints (0: all), plus every multiple of keep_every
     keep_last_checkpoints: int = 0
-    keep_every: Optional[int] = None
+    keep_every: Optional[int] = None  # keep the checkpoints of this step's multiples as milestones
     # Write checkpoint shards in a background process while training goes on (Megatron engine only:
     # the DeepSpeed engine saves synchronously)
     async_save: bool = False
@@ -181,9 +203,9 @@ class TrainConfig:
     distributed_timeout_minutes: float = 10.0  # process-group timeout for every collective
     # Print every rank's Python stack when a step takes more than hang_factor x the median step (0: off)
     hang_factor: float = 0.0
-    eval_interval: int = 200
-    eval_batches: int = 4
-    # The device's peak TFLOP/s for MFU; None: known for A100/H100/H200 (bf16, or TF32 for fp32 runs),
+    eval_interval: int = 200  # steps between evaluations (0: none)
+    eval_batches: int = 4  # micro-batches per data-parallel rank in an evaluation
+    # The device's peak TFLOP/s for MFU; None: known for A100, H100 (SXM, PCIe, NVL), H200, GH200 (bf16, or TF32 for fp32 runs),
     # MFU not reported elsewhere (CPUs)
     peak_tflops: Optional[float] = None
     # fp32 matmuls on CUDA use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation; the
@@ -193,10 +215,13 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """The DeepSpeed engine (train.engine: deepspeed): ZeRO stage and offload."""
+    """The DeepSpeed engine (train.engine: deepspeed): ZeRO stage and offload (DeepSpeed engine only)."""
 
-    zero_stage: int = 2  # 0: replicated (DDP) | 1: optimizer states | 2: + gradients | 3: + parameters, split over DP
-    offload_optimizer: str = "none"  # none | cpu | nvme: optimizer states (fp32 master + Adam moments) off the GPU
+    # 0 | 1 | 2 | 3: what ZeRO splits over DP: 1 the optimizer states, 2 also the gradients, 3 also the
+    # parameters (0: replicated, as DDP)
+    zero_stage: int = 2
+    # none | cpu | nvme: where the optimizer states (fp32 master + Adam moments) live, off the GPU
+    offload_optimizer: str = "none"
     offload_param: str = "none"  # none | cpu | nvme: parameters off the GPU between uses (zero_stage 3 only)
     nvme_path: Optional[str] = None  # a fast local directory, for nvme offload
     config: Optional[str] = None  # a DeepSpeed JSON file merged over the config generated from ours
@@ -204,12 +229,14 @@ class DeepSpeedConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10
-    tensorboard_dir: str = "runs/default/tensorboard"
+    """Console, TensorBoard and the metrics file."""
+
+    log_interval: int = 10  # steps between `[train]` lines and TensorBoard scalars
+    tensorboard_dir: str = "runs/default/tensorboard"  # TensorBoard event files
     # JSON lines, one per step ({"split": "train", "step", metrics}) and per evaluation ("valid", or the
     # extra set's name): what `spactor study` reads, and a plain-text record of the run (None: not written)
     metrics_file: Optional[str] = None
-    progress: bool = True
+    progress: bool = True  # a progress bar with loss, phase and ETA on rank 0
 
 
 @dataclass
@@ -302,14 +329,33 @@ def config_from_dict(doc: Any, where: str, cfg: Optional[Config] = None) -> Conf
     return cfg
 
 
-# What --help says of a field besides its default, where the name alone does not tell
-FIELD_HELP = {
-    "train.resume": "auto (the latest complete checkpoint), auto-previous (or, if it is damaged, the newest "
-                    "complete one before it) or a checkpoint folder",
-    "train.async_save": "write checkpoint shards in a background process while training goes on (Megatron "
-                        "engine; the DeepSpeed engine saves synchronously)",
-    "train.keep_last_checkpoints": "checkpoints kept: the newest N (0: all), plus train.keep_every's multiples",
-}
+def _comment_text(lines: list[str]) -> str:
+    return " ".join(line.strip().lstrip("#").strip() for line in lines).strip()
+
+
+@functools.lru_cache(maxsize=None)
+def field_comments() -> dict[str, str]:
+    """``{"section.field": text}``: the comment lines right above each field of the schema and the comment
+    after it, joined. These comments are the one description of a field: ``--help`` and the configuration
+    reference (docs, :mod:`spactor_mega.plan.config_reference`) read them from here."""
+    source = Path(__file__).read_text()
+    lines = source.splitlines()
+    trailing = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1].lstrip()[:1] != "#"}
+    sections = {t.__name__: name for name, t in _section_types().items()}
+    out = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.ClassDef) and node.name in sections):
+            continue
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                above, i = [], stmt.lineno - 2
+                while i >= 0 and lines[i].lstrip().startswith("#"):
+                    above.insert(0, lines[i])
+                    i -= 1
+                after = [trailing[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in trailing]
+                out[f"{sections[node.name]}.{stmt.target.id}"] = _comment_text(above + after)
+    return out
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -325,7 +371,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 dest=f"cfg:{section}.{f.name}",
                 metavar="VALUE",
                 default=argparse.SUPPRESS,
-                help=" ".join(filter(None, (FIELD_HELP.get(f"{section}.{f.name}"), f"(default: {default})"))),
+                help=f"{field_comments()[f'{section}.{f.name}']} (default: {default})".replace("%", "%%"),  # argparse formats %
             )
 
 

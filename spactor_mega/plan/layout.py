@@ -13,7 +13,7 @@ the last stage the RTD head, and the run rebuilds its stages for the SC-only bal
 (:func:`replans_at_tau`). One split for both phases costs too much at PP = 4: over a preset's run
 (tau 120k of 500k steps, the slowest stage's FLOPs per phase) the best single split is 7.5%
 (t5-base), 9.4% (t5-large) and 9.4% (t5-xl) slower than re-planning at tau (found by trying every
-split); at PP = 2 the SC-balanced split is within 3.3-4.4% (README, Pipeline).
+split); at PP = 2 the SC-balanced split is within 3.3-4.4% (docs/training/parallelism.md, Pipeline).
 
 Pure Python (no torch): safe to call from config validation and ``--dry-run``.
 """

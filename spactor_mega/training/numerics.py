@@ -20,5 +20,5 @@ def set_float_numerics(cuda: bool, allow_tf32: bool) -> None:
         # Subnormal floats take a slow path on x86 CPUs (squared gradients of tokens the model has
         # learned are improbable reach them). One A/B on the demo model: unflushed, its SC step grew from
         # 0.25 s to 0.64 s over 400 steps; flushed, 0.25-0.30 s, with bitwise the same loss at step 400
-        # (README: Platform notes).
+        # (docs/platform-notes.md).
         torch.set_flush_denormal(True)
