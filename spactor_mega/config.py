@@ -205,8 +205,8 @@ class TrainConfig:
     hang_factor: float = 0.0
     eval_interval: int = 200  # steps between evaluations (0: none)
     eval_batches: int = 4  # micro-batches per data-parallel rank in an evaluation
-    # The device's peak TFLOP/s for MFU; None: known for A100, H100 (SXM, PCIe, NVL), H200, GH200 (bf16, or TF32 for fp32 runs),
-    # MFU not reported elsewhere (CPUs)
+    # The device's peak TFLOP/s for MFU; None: known for A100, H100 (SXM, PCIe, NVL), H200, GH200
+    # (bf16, or TF32 for fp32 runs), MFU not reported elsewhere (CPUs)
     peak_tflops: Optional[float] = None
     # fp32 matmuls on CUDA use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation; the
     # fp32 peak MFU is measured against); false: full fp32 (IEEE) matmuls, several times slower
