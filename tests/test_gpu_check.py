@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("bench", "train", "attention", "sync", "vocab", "tf32")
+PARTS = ("bench", "train", "attention", "sync", "vocab", "tf32", "memory")
 
 
 def _gpu_check(*args: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,10 @@ Parts, each reported as one line of the summary (and tables where it measures):
   synchronizing CUDA calls, counted (reported, not failed: issue 19 removes the per-micro-batch ones);
 - ``vocab``: the LM head's GEMM at TP=8's vocabulary shard (4016 rows) against the same GEMM
   padded to a multiple of 128 (4096): time per useful FLOP, to settle whether padding each shard pays;
-- ``tf32``: an fp32 matmul with ``train.allow_tf32`` off and on (``training.numerics``).
+- ``tf32``: an fp32 matmul with ``train.allow_tf32`` off and on (``training.numerics``);
+- ``memory``: the dry run's activation estimate for the GPU's attention kernel (``plan/memory.py``)
+  against the bytes autograd keeps for D on the GPU (``tools/bench_scale.py --parts d``'s shapes);
+  fails outside 10%, the bound the CPU suite holds for the CPU form.
 
 Exits 1 when a part fails (an exception, a non-finite loss, a wrong resume, the math attention
 fallback on a GPU). Without a GPU and without ``--smoke`` it says so and exits 0.
@@ -49,6 +52,7 @@ from spactor_mega.curriculum import Phase  # noqa: E402
 from spactor_mega.parallel.state import destroy_parallel  # noqa: E402
 from spactor_mega.training.loop import on_device  # noqa: E402
 from spactor_mega.training.numerics import set_float_numerics  # noqa: E402
+from tests.plan.test_activation_memory import SHAPES, activation_rows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -236,12 +240,24 @@ def check_tf32(smoke: bool) -> str:
     return f"fp32 {n}x{n} matmul: {measured[False]:.1f} TFLOP/s IEEE, {measured[True]:.1f} TFLOP/s TF32"
 
 
+def check_activation_memory(smoke: bool) -> str:
+    shapes = SHAPES[:1] if smoke else SHAPES
+    rows = [[shape.name, precision, recompute, f"{estimate:,.0f}", f"{measured:,}", f"{estimate / measured:.4f}"]
+            for shape, precision, recompute, estimate, measured in activation_rows(shapes, "cuda" if CUDA else "cpu")]
+    table("D's activations kept for backward: the dry run's estimate against autograd",
+          ["shape", "precision", "model.recompute", "estimate bytes", "measured bytes", "estimate / measured"], rows)
+    worst = max(rows, key=lambda r: abs(float(r[-1]) - 1))
+    if abs(float(worst[-1]) - 1) > 0.1:
+        raise CheckFailed(f"activation estimate off by more than 10%: {worst}")
+    return f"{len(rows)} cases, worst estimate / measured {worst[-1]} ({worst[0]} {worst[1]} {worst[2]})"
+
+
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="every part at a tiny size on the CPU (checks the script)")
     parser.add_argument("--work", help="folder for the training part's data and run (default: a temporary one)")
-    parser.add_argument("--parts", default="bench,train,attention,sync,vocab,tf32",
+    parser.add_argument("--parts", default="bench,train,attention,sync,vocab,tf32,memory",
                         help="comma-separated subset of the parts")
     args = parser.parse_args(argv)
     if not CUDA and not args.smoke:
@@ -256,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             "sync": lambda: check_sync(args.smoke),
             "vocab": lambda: check_vocab_shard(args.smoke),
             "tf32": lambda: check_tf32(args.smoke),
+            "memory": lambda: check_activation_memory(args.smoke),
         }
         wanted = [p.strip() for p in args.parts.split(",")]
         unknown = set(wanted) - set(parts)
