@@ -41,6 +41,11 @@ from .losses import masked_mean, rtd_loss, rtd_stats, sc_accuracy, sc_loss, voca
 from .t5 import T5Discriminator
 
 
+# The hybrid step's own metrics, in the order discriminator_losses computes them (then the SC ones).
+HYBRID_METRICS = ("loss", "sc_loss", "mlm_loss", "rtd_loss", "rtd_accuracy", "rtd_precision", "rtd_recall",
+                  "replaced_fraction", "mlm_accuracy")
+
+
 def unwrap(module):
     """The model inside Megatron wrappers (DDP, Float16Module): the step calls its methods
     (encode/decode/...) directly. DDP's gradient hooks sit on the parameters, so they still fire."""
@@ -154,7 +159,9 @@ class SpactorObjective:
         else:
             l_sc_total = l_sc
         if gen is None:
-            return l_sc_total, {"loss": l_sc_total.detach().float(), "sc_loss": l_sc.detach().float(), **sc_metrics}
+            # copies (stack): Megatron's schedule divides the returned loss in place
+            values = torch.stack([l_sc_total.detach(), l_sc.detach()]).float().unbind()
+            return l_sc_total, {**dict(zip(("loss", "sc_loss"), values)), **sc_metrics}
         enc_mask = batch["enc_mask"].bool()
         is_replaced = gen["is_replaced"]
         rtd_logits = rtd_head(encoder_hidden).transpose(0, 1)  # [b, s]
@@ -170,12 +177,13 @@ class SpactorObjective:
                     gen["mlm_accuracy"].float().reshape(1),
                 ]
             ).unbind()
-        names = (
-            "loss", "sc_loss", "mlm_loss", "rtd_loss",
-            "rtd_accuracy", "rtd_precision", "rtd_recall", "replaced_fraction",
-            "mlm_accuracy",
-        )
-        return loss, {**dict(zip(names, values)), **sc_metrics}
+        return loss, {**dict(zip(HYBRID_METRICS, values, strict=True)), **sc_metrics}
+
+    def metric_names(self, phase: Phase) -> tuple[str, ...]:
+        """The keys of a micro-batch's metrics in ``phase`` (a pipeline's stages without D's losses
+        take part in the step's one reduction of them by these names)."""
+        names = HYBRID_METRICS if phase is Phase.HYBRID else ("loss", "sc_loss")
+        return names + ("sc_accuracy",) + (("z_loss",) if self.z_loss > 0 else ())
 
     def hybrid_step(self, batch: dict, d, g, rtd_head):
         gen = self.generator_pass(batch, d, g)

@@ -60,7 +60,7 @@ def _count(engine, phase, n: int, seed: int) -> dict:
     return dict(mode.sites)
 
 
-def _host_reads(rank, world_size, work: str):
+def _host_reads(rank, world_size, work: str, engines: dict, pp: int):
     import torch
 
     from spactor_mega.curriculum import Phase
@@ -68,26 +68,33 @@ def _host_reads(rank, world_size, work: str):
     from spactor_mega.model.stages import build_spactor_modules
     from spactor_mega.model.synthetic import tiny_config
     from spactor_mega.parallel.state import destroy_parallel, initialize_parallel
+    from spactor_mega.plan.layout import config_layout
     from spactor_mega.training.engines import build_engine
 
     objective = SpactorObjective(mask_id=250, sample_vocab_size=150)
     out = collections.defaultdict(dict)
-    for (name, zero), n in itertools.product(ENGINES.items(), MICRO_BATCHES):
+    for (name, zero), n in itertools.product(engines.items(), MICRO_BATCHES):
         # DeepSpeed steps at its configured accumulation count: an engine per micro-batch count
-        initialize_parallel(seed=3)
-        cfg = tiny_config()
+        initialize_parallel(pp=pp, seed=3)
+        cfg = tiny_config(tau=10)
+        cfg.train.steps = 10  # tau == steps: the stages are not re-planned at the release
+        cfg.parallel.pipeline_model_parallel_size = pp
         cfg.train.micro_batch_size = 2
         cfg.train.global_batch_size = 2 * n
         if zero is not None:
             cfg.train.engine = "deepspeed"
             cfg.deepspeed.zero_stage = zero
             cfg.deepspeed.config = str(Path(work) / "torch_adam.json")
-        engine = build_engine(cfg, *build_spactor_modules(cfg, 256, params_dtype=torch.float32), objective, False)
+        split = config_layout(cfg, 256, Phase.HYBRID).stage_split()
+        modules = build_spactor_modules(cfg, 256, params_dtype=torch.float32, stage_split=split)
+        engine = build_engine(cfg, *modules, objective, False)
+        del modules
         for phase in (Phase.HYBRID, Phase.SC_ONLY):
             if phase is Phase.SC_ONLY:
                 engine.release_generator()
             _count(engine, phase, n, seed=100)  # the first step sets up lazily (optimizer state)
-            out[f"{name}-{phase.name}"][n] = _count(engine, phase, n, seed=10 * n)
+            label = name if world_size == 1 else f"{name}_rank{rank}"
+            out[f"{label}-{phase.name}"][n] = _count(engine, phase, n, seed=10 * n)
         del engine
         destroy_parallel(destroy_process_group=False)
     return dict(out)
@@ -97,10 +104,16 @@ def _host_reads(rank, world_size, work: str):
 def counted(tmp_path_factory):
     work = tmp_path_factory.mktemp("host_reads")
     (work / "torch_adam.json").write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
-    return run_distributed(_host_reads, 1, str(work), timeout=600)[0]
+    counts = run_distributed(_host_reads, 1, str(work), ENGINES, 1, timeout=600)[0]
+    for per_rank in run_distributed(_host_reads, 2, str(work), {"megatron_pp2": None}, 2, timeout=600):
+        counts.update(per_rank)
+    return counts
 
 
-@pytest.mark.parametrize("case", [f"{e}-{p}" for e in ENGINES for p in ("HYBRID", "SC_ONLY")])
+CASES = [f"{e}-{p}" for e in [*ENGINES, "megatron_pp2_rank0", "megatron_pp2_rank1"] for p in ("HYBRID", "SC_ONLY")]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_host_reads_do_not_grow_with_micro_batches(counted, case):
     few, many = (counted[case][n] for n in MICRO_BATCHES)
     grown = {site: (few.get(site, 0), many[site]) for site in many if many[site] != few.get(site, 0)}
