@@ -40,6 +40,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spactor_mega.curriculum import Phase
+from spactor_mega.data.host_side import encoder_padding
 from spactor_mega.model.spactor import unwrap
 from spactor_mega.parallel import collectives
 from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks
@@ -99,11 +100,12 @@ def make_forward_step(objective, rtd_head=None, g=None, *, hybrid: bool, num_mic
         _, batch = next(data_iterator)
         d = unwrap(model)
         gen = None
+        mask = (batch["enc_mask"], encoder_padding(batch))
         if not hybrid:
-            out = d.stage_forward(batch["enc_tokens"] if d.pre_process else None, batch["dec_input"], batch["enc_mask"])
+            out = d.stage_forward(batch["enc_tokens"] if d.pre_process else None, batch["dec_input"], *mask)
         elif d.pre_process:
             gen = objective.generator_pass(batch, d, unwrap(g))
-            out = d.stage_forward(gen["d_input"], batch["dec_input"], batch["enc_mask"])
+            out = d.stage_forward(gen["d_input"], batch["dec_input"], *mask)
             if not d.post_process:
                 generator_metrics.append(torch.stack([gen["mlm_loss"].detach().double(), gen["mlm_accuracy"].double()]))
                 out = _pack(out, gen, d.config, num_microbatches, objective.mlm_weight)
@@ -111,7 +113,7 @@ def make_forward_step(objective, rtd_head=None, g=None, *, hybrid: bool, num_mic
             received = d.input_tensor
             rows = side_rows(batch["enc_tokens"].size(1), received.size(-1))
             d.set_input_tensor(received[:-rows])
-            out = d.stage_forward(None, batch["dec_input"], batch["enc_mask"])
+            out = d.stage_forward(None, batch["dec_input"], *mask)
             side = received[-rows:].detach()
             if not d.post_process:
                 out = torch.cat([out, side], dim=0)
