@@ -6,7 +6,9 @@ On CPU every tensor is a host tensor, so the test counts every read the engine's
 micro-batches are made exactly as the training loop makes them (``loop.on_device``, outside the
 count: what it reads are the input pipeline's CPU tensors), so every read counted is of a tensor
 that lives on the GPU in a GPU run, in our code or the libraries'. The count of a step of 8
-micro-batches must equal that of a step of 2, on both engines, in the hybrid and the SC-only phase.
+micro-batches must equal that of a step of 2, on both engines (Megatron's also as a PP=2 pipeline,
+each stage counted), in the hybrid and the SC-only phase. On the code before this test it grew by
+6 to 16 reads per micro-batch (the objective's metrics, the padding flag per stack, G's sample keys).
 """
 
 import collections
