@@ -155,13 +155,16 @@ class T5Generator(MegatronModule):
         tokens: torch.Tensor,
         enc_mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
+        has_padding: Optional[bool] = None,
     ) -> torch.Tensor:
-        """MLM logits ``[b, m, V/tp]`` at ``positions`` ``[b, m]`` (all positions when None)."""
+        """MLM logits ``[b, m, V/tp]`` at ``positions`` ``[b, m]`` (all positions when None).
+        ``has_padding``: of the whole ``enc_mask`` (see :func:`~spactor_mega.model.t5.padding_mask_or_none`;
+        this rank's rows may then have none and still run masked, with the same result)."""
         b = tokens.size(0)
         emb = self.dropout(self.embed(tokens))  # [b, s, h], TP collective
         mine = row_slice(b, parallel_state.get_tensor_model_parallel_rank(),
                          parallel_state.get_tensor_model_parallel_world_size())
-        mask = None if enc_mask is None else padding_mask_or_none(enc_mask[mine])
+        mask = None if enc_mask is None else padding_mask_or_none(enc_mask[mine], has_padding)
         hidden = self._local_rows(emb)  # [rows, s, h]
         if hidden.size(0) > 0:  # b < TP leaves a rank no rows; Megatron's attention cannot reshape none
             with tensor_parallel.get_cuda_rng_tracker().fork(ROW_SHARD_RNG):

@@ -32,12 +32,18 @@ from typing import Optional, Sequence
 import torch
 
 from spactor_mega.curriculum import Phase
+from spactor_mega.data.host_side import encoder_padding, sample_keys
 from spactor_mega.seeding import seed_from
 
 from .generator import T5Generator, gumbel_max_sample
 from .heads import RTDHead
 from .losses import masked_mean, rtd_loss, rtd_stats, sc_accuracy, sc_loss, vocab_parallel_argmax, vocab_parallel_ce
 from .t5 import T5Discriminator
+
+
+# The hybrid step's own metrics, in the order discriminator_losses computes them (then the SC ones).
+HYBRID_METRICS = ("loss", "sc_loss", "mlm_loss", "rtd_loss", "rtd_accuracy", "rtd_precision", "rtd_recall",
+                  "replaced_fraction", "mlm_accuracy")
 
 
 def unwrap(module):
@@ -83,7 +89,10 @@ class SpactorObjective:
         *,
         phase: Phase = Phase.HYBRID,
     ):
-        """Returns ``(total_loss, metrics)``; metrics are Python floats (one host sync).
+        """Returns ``(total_loss, metrics)``; metrics are detached 0-d tensors on the batch's
+        device: reading them on the host is a GPU sync, so the engines average them on the device and
+        read them once per step, not per micro-batch. The host-side
+        facts of ``batch`` (:mod:`spactor_mega.data.host_side`) spare the step any other read.
         Modules may be given wrapped in Megatron DDP / Float16Module."""
         discriminator, generator, rtd_head = unwrap(discriminator), unwrap(generator), unwrap(rtd_head)
         if phase is Phase.SC_ONLY:
@@ -96,9 +105,9 @@ class SpactorObjective:
 
     # ---- stages -----------------------------------------------------------------------------
     def sc_step(self, batch: dict, d: T5Discriminator):
-        enc_mask = batch["enc_mask"]
-        encoder_hidden = d.encode(batch["enc_tokens"], enc_mask)
-        decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, enc_mask)
+        enc_mask, padded = batch["enc_mask"], encoder_padding(batch)
+        encoder_hidden = d.encode(batch["enc_tokens"], enc_mask, padded)
+        decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, enc_mask, padded)
         return self.discriminator_losses(batch, d, None, encoder_hidden, decoder_hidden, None)
 
     def generator_pass(self, batch: dict, d, g) -> dict:
@@ -115,13 +124,14 @@ class SpactorObjective:
         # Which encoder positions G sees masked (scatter_add: padded slots point at 0 and add 0).
         hits = torch.zeros_like(enc).scatter_add_(1, positions, real.long())
         masked = hits > 0
-        g_logits = g(torch.where(masked, torch.full_like(enc, self.mask_id), enc), enc_mask, positions)
+        g_logits = g(torch.where(masked, torch.full_like(enc, self.mask_id), enc), enc_mask, positions,
+                     has_padding=encoder_padding(batch))
 
         with torch.no_grad():
             sampled = gumbel_max_sample(
                 g_logits.detach(),
                 temperature=self.temperature,
-                row_seeds=[seed_from(self.seed, key) for key in batch["sample_keys"].tolist()],
+                row_seeds=[seed_from(self.seed, key) for key in sample_keys(batch)],
                 sample_vocab_size=self.sample_vocab_size,
                 forbidden_ids=self.forbidden_ids,
             )  # [b, m]
@@ -141,16 +151,17 @@ class SpactorObjective:
         ``mlm_accuracy``); a ``mlm_loss`` with a graph is part of the returned loss, a detached
         one (a pipeline, where G's backward already ran on stage 0) only of the reported total."""
         lm_logits = d.lm_logits(decoder_hidden)
-        sc_metrics = {"sc_accuracy": sc_accuracy(lm_logits, batch["labels"], batch["dec_loss_mask"]).item()}
+        sc_metrics = {"sc_accuracy": sc_accuracy(lm_logits, batch["labels"], batch["dec_loss_mask"]).detach()}
         l_sc, l_z = sc_loss(lm_logits, batch["labels"], batch["dec_loss_mask"], self.z_loss)
         if l_z is not None:
             l_sc_total = l_sc + l_z
-            sc_metrics["z_loss"] = l_z.detach().float().item()
+            sc_metrics["z_loss"] = l_z.detach().float()
         else:
             l_sc_total = l_sc
         if gen is None:
-            return l_sc_total, {"loss": l_sc_total.detach().float().item(), "sc_loss": l_sc.detach().float().item(),
-                                **sc_metrics}
+            # copies (stack): Megatron's schedule divides the returned loss in place
+            values = torch.stack([l_sc_total.detach(), l_sc.detach()]).float().unbind()
+            return l_sc_total, {**dict(zip(("loss", "sc_loss"), values)), **sc_metrics}
         enc_mask = batch["enc_mask"].bool()
         is_replaced = gen["is_replaced"]
         rtd_logits = rtd_head(encoder_hidden).transpose(0, 1)  # [b, s]
@@ -165,18 +176,20 @@ class SpactorObjective:
                     rtd_stats(rtd_logits.detach(), is_replaced, enc_mask),
                     gen["mlm_accuracy"].float().reshape(1),
                 ]
-            ).tolist()
-        names = (
-            "loss", "sc_loss", "mlm_loss", "rtd_loss",
-            "rtd_accuracy", "rtd_precision", "rtd_recall", "replaced_fraction",
-            "mlm_accuracy",
-        )
-        return loss, {**dict(zip(names, values)), **sc_metrics}
+            ).unbind()
+        return loss, {**dict(zip(HYBRID_METRICS, values, strict=True)), **sc_metrics}
+
+    def metric_names(self, phase: Phase) -> tuple[str, ...]:
+        """The keys of a micro-batch's metrics in ``phase`` (a pipeline's stages without D's losses
+        take part in the step's one reduction of them by these names)."""
+        names = HYBRID_METRICS if phase is Phase.HYBRID else ("loss", "sc_loss")
+        return names + ("sc_accuracy",) + (("z_loss",) if self.z_loss > 0 else ())
 
     def hybrid_step(self, batch: dict, d, g, rtd_head):
         gen = self.generator_pass(batch, d, g)
-        encoder_hidden = d.encode(gen["d_input"], batch["enc_mask"].bool())
-        decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, batch["enc_mask"].bool())
+        enc_mask, padded = batch["enc_mask"].bool(), encoder_padding(batch)
+        encoder_hidden = d.encode(gen["d_input"], enc_mask, padded)
+        decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, enc_mask, padded)
         total, metrics = self.discriminator_losses(batch, d, rtd_head, encoder_hidden, decoder_hidden, gen)
         self.last_samples = gen["sampled"]  # the replacements of this call (detached [b, m]; tests, debugging)
         return total, metrics

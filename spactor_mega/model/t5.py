@@ -102,11 +102,15 @@ def export_vocab_size(model_cfg, tokenizer_rows: int) -> int:
     return model_cfg.vocab_size or padded_vocab_size(tokenizer_rows, multiple, 1)
 
 
-def padding_mask_or_none(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``mask`` (bool ``[b, s]``, True = real token), or None when it has no padding (cheaper)."""
-    if mask is None:
+def padding_mask_or_none(mask: Optional[torch.Tensor], has_padding: Optional[bool] = None) -> Optional[torch.Tensor]:
+    """``mask`` (bool ``[b, s]``, True = real token), or None when it has no padding (cheaper).
+    ``has_padding``: whether it has, as the caller knows it on the host (the training loop reads it
+    from the batch's CPU side); None: read from ``mask``, a device sync on a GPU."""
+    if mask is None or has_padding is False:
         return None
     mask = mask.bool()
+    if has_padding:
+        return mask
     return None if bool(mask.all()) else mask
 
 
@@ -325,6 +329,7 @@ class T5Discriminator(MegatronModule):
         enc_tokens: Optional[torch.Tensor],
         dec_input: torch.Tensor,
         enc_mask: Optional[torch.Tensor] = None,
+        has_padding: Optional[bool] = None,
     ):
         """This stage's part of D. Stage 0 embeds ``enc_tokens`` and ``dec_input``; later stages
         read the packed tensor given to :meth:`set_input_tensor`. Encoder layers update the
@@ -332,8 +337,9 @@ class T5Discriminator(MegatronModule):
         has had the final norm by then). Returns the packed ``[s_enc + s_dec, b, h]`` tensor, or on
         the last stage ``(encoder_hidden, decoder_hidden)`` (both final-normed); under sequence
         parallelism each part is this rank's shard (``[s_enc/tp + s_dec'/tp, b, h]``, ``s_dec'``
-        the padded decoder length). ``dec_input`` is needed on every stage for the decoder length."""
-        mask = padding_mask_or_none(enc_mask)
+        the padded decoder length). ``dec_input`` is needed on every stage for the decoder length.
+        ``has_padding``: see :func:`padding_mask_or_none`."""
+        mask = padding_mask_or_none(enc_mask, has_padding)
         if self.pre_process:
             enc = self._dropout(self.embed(enc_tokens))
             dec = self._dropout(self.embed(self._pad_decoder_input(dec_input)))
@@ -399,11 +405,12 @@ class T5Discriminator(MegatronModule):
         pad = self.padded_decoder_length(dec_input.size(1)) - dec_input.size(1)
         return torch.nn.functional.pad(dec_input, (0, pad), value=PAD_ID) if pad else dec_input
 
-    def encode(self, enc_tokens: torch.Tensor, enc_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode(self, enc_tokens: torch.Tensor, enc_mask: Optional[torch.Tensor] = None,
+               has_padding: Optional[bool] = None) -> torch.Tensor:
         """Encoder output ``[s_enc, b, h]`` (final norm applied; a sequence shard under sequence
-        parallelism)."""
+        parallelism). ``has_padding``: see :func:`padding_mask_or_none`."""
         hidden = self._dropout(self.embed(enc_tokens))
-        hidden = self.encoder.run(hidden, padding_mask_or_none(enc_mask))
+        hidden = self.encoder.run(hidden, padding_mask_or_none(enc_mask, has_padding))
         return self._dropout(hidden)
 
     def decode(
@@ -411,12 +418,14 @@ class T5Discriminator(MegatronModule):
         dec_input: torch.Tensor,
         encoder_hidden: torch.Tensor,
         enc_mask: Optional[torch.Tensor] = None,
+        has_padding: Optional[bool] = None,
     ) -> torch.Tensor:
         """Decoder output ``[s_dec, b, h]`` (final norm applied); causal self-attention. Under
-        sequence parallelism a shard of the padded length (:meth:`padded_decoder_length`)."""
+        sequence parallelism a shard of the padded length (:meth:`padded_decoder_length`).
+        ``has_padding``: of ``enc_mask``, see :func:`padding_mask_or_none`."""
         hidden = self._dropout(self.embed(self._pad_decoder_input(dec_input)))
         hidden = self.decoder.run(
-            hidden, None, context=encoder_hidden, context_padding_mask=padding_mask_or_none(enc_mask)
+            hidden, None, context=encoder_hidden, context_padding_mask=padding_mask_or_none(enc_mask, has_padding)
         )
         return self._dropout(hidden)
 

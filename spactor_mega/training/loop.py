@@ -37,6 +37,7 @@ from spactor_mega.data.dataset import (
     collate_raw,
 )
 from spactor_mega.data.loader import MicroBatchDataset, micro_batch_loader
+from spactor_mega.data.host_side import with_host_side
 from spactor_mega.data.prepare import ensure_data
 from spactor_mega.data.span_corruption import SpanCorruption
 from spactor_mega.data.validation import check_passes
@@ -303,7 +304,10 @@ def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: 
 
 
 def on_device(batch: dict) -> dict:
-    """A micro-batch on this rank's GPU (the input pipeline builds it on the CPU); as it is without CUDA."""
+    """A micro-batch on this rank's GPU (the input pipeline builds it on the CPU), with the facts
+    the model needs as Python values taken from its CPU tensors first (:mod:`~spactor_mega.data.host_side`:
+    read there, they cost no device sync); without CUDA the tensors stay where they are."""
+    batch = with_host_side(batch)
     if not torch.cuda.is_available():
         return batch
     device = torch.cuda.current_device()

@@ -82,19 +82,27 @@ def mean_over_data_parallel(metrics: dict[str, float]) -> dict[str, float]:
     return dict(zip(names, collectives.mean_over_ranks(values, ps.get_data_parallel_group()).tolist()))
 
 
-def average_metrics(outputs: list) -> dict:
-    """The per-micro-batch metric dicts a schedule returns, averaged (floats)."""
+def mean_of_micro_batches(outputs: list, names) -> torch.Tensor:
+    """The per-micro-batch metric dicts (0-d tensors, or floats) averaged on their device: one
+    float64 value per name of ``names``, in that order, without reading any of them."""
+    return torch.stack([collectives.stacked([o[k] for k in names]) for o in outputs]).mean(dim=0)
+
+
+def average_metrics(outputs: list) -> dict[str, float]:
+    """The per-micro-batch metric dicts a schedule returns, averaged on their device and read on the
+    host once (a GPU sync: one per step, whatever the number of micro-batches)."""
     if not outputs:
         return {}
-    return {k: float(sum(float(o[k]) for o in outputs) / len(outputs)) for k in outputs[0]}
+    names = list(outputs[0])
+    return dict(zip(names, mean_of_micro_batches(outputs, names).tolist()))
 
 
 def metrics_reducer(metrics: dict):
     """The loss function a Megatron ``forward_step_func`` returns beside its loss: it hands the
-    schedule the step's metrics as tensors (the schedule divides the loss by the micro-batch count
-    in place and collects what this returns per micro-batch, for :func:`average_metrics`)."""
+    schedule the step's metrics (the schedule divides the loss by the micro-batch count in place and
+    collects what this returns per micro-batch, for :func:`average_metrics`), unread."""
 
     def reduce(output_tensor):
-        return output_tensor, {k: torch.as_tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+        return output_tensor, metrics
 
     return reduce

@@ -26,8 +26,9 @@ The last stage needs ``is_replaced`` (the RTD labels) of micro-batch ``i``: it r
 packed tensor as ``side_rows(s_enc, hidden)`` extra rows after the ``s_enc + s_dec`` of D (0/1,
 exact in any float dtype); middle stages pass them through and the gradient they get is zero.
 Megatron's schedules send one tensor per micro-batch, so packing keeps every message in the
-schedule's own order. The (detached) MLM metrics stay on stage 0 and join the step's metrics after
-the schedule (:func:`_with_generator_metrics`).
+schedule's own order. The (detached) MLM metrics stay on stage 0 and join the last stage's metrics
+after the schedule, in one all-reduce over the pipeline group that also hands every stage the
+step's metrics (:func:`_pipeline_metrics`), read on the host once per step.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spactor_mega.curriculum import Phase
+from spactor_mega.data.host_side import encoder_padding
 from spactor_mega.model.spactor import unwrap
 from spactor_mega.parallel import collectives
 from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks
-from spactor_mega.training.metrics import average_metrics, metrics_reducer
+from spactor_mega.training.metrics import average_metrics, mean_of_micro_batches, metrics_reducer
 
 
 def side_rows(encoder_length: int, hidden: int) -> int:
@@ -98,11 +100,12 @@ def make_forward_step(objective, rtd_head=None, g=None, *, hybrid: bool, num_mic
         _, batch = next(data_iterator)
         d = unwrap(model)
         gen = None
+        mask = (batch["enc_mask"], encoder_padding(batch))
         if not hybrid:
-            out = d.stage_forward(batch["enc_tokens"] if d.pre_process else None, batch["dec_input"], batch["enc_mask"])
+            out = d.stage_forward(batch["enc_tokens"] if d.pre_process else None, batch["dec_input"], *mask)
         elif d.pre_process:
             gen = objective.generator_pass(batch, d, unwrap(g))
-            out = d.stage_forward(gen["d_input"], batch["dec_input"], batch["enc_mask"])
+            out = d.stage_forward(gen["d_input"], batch["dec_input"], *mask)
             if not d.post_process:
                 generator_metrics.append(torch.stack([gen["mlm_loss"].detach().double(), gen["mlm_accuracy"].double()]))
                 out = _pack(out, gen, d.config, num_microbatches, objective.mlm_weight)
@@ -110,7 +113,7 @@ def make_forward_step(objective, rtd_head=None, g=None, *, hybrid: bool, num_mic
             received = d.input_tensor
             rows = side_rows(batch["enc_tokens"].size(1), received.size(-1))
             d.set_input_tensor(received[:-rows])
-            out = d.stage_forward(None, batch["dec_input"], batch["enc_mask"])
+            out = d.stage_forward(None, batch["dec_input"], *mask)
             side = received[-rows:].detach()
             if not d.post_process:
                 out = torch.cat([out, side], dim=0)
@@ -142,26 +145,28 @@ def _no_loss(output_tensor):  # never called: Megatron applies loss functions on
     raise RuntimeError("loss function called on a non-last pipeline stage")
 
 
-def _with_generator_metrics(metrics, generator_metrics: list, mlm_weight: float, device: torch.device):
-    """The last stage's averaged metrics with stage 0's MLM loss and accuracy in place of the
-    placeholders (and the MLM term added to ``loss``); collective over the pipeline group
-    (``device``: where its backend communicates, the parameters' device)."""
-    mean = torch.zeros(2, dtype=torch.float64, device=device)
-    if generator_metrics:
-        mean = torch.stack(generator_metrics).mean(dim=0)
-    collectives.broadcast_(mean, src=ps.get_pipeline_model_parallel_first_rank(), group=ps.get_pipeline_model_parallel_group())
-    if metrics is None:
-        return None
-    mlm_loss, mlm_accuracy = mean.tolist()
-    return {**metrics, "loss": metrics["loss"] + mlm_weight * mlm_loss, "mlm_loss": mlm_loss,
-            "mlm_accuracy": mlm_accuracy}
+def _pipeline_metrics(outputs: list, names: tuple, generator_metrics: list, mlm_weight: float,
+                      device: torch.device) -> dict[str, float]:
+    """The step's metrics on every stage of the pipeline: the last stage's micro-batch averages, with
+    stage 0's MLM loss and accuracy in place of the placeholders (0 there) and the MLM term added to
+    ``loss``. One all-reduce (a sum) over the pipeline group of a vector only the last stage and, for
+    the MLM entries, stage 0 fill; one host read. ``device``: the parameters'."""
+    values = (mean_of_micro_batches(outputs, names).to(device) if ps.is_pipeline_last_stage(ignore_virtual=True)
+              else torch.zeros(len(names), dtype=torch.float64, device=device))
+    if generator_metrics:  # stage 0 in the hybrid phase
+        mlm = torch.stack(generator_metrics).mean(dim=0)
+        values[[names.index("mlm_loss"), names.index("mlm_accuracy")]] += mlm
+    metrics = dict(zip(names, collectives.all_reduce_(values, group=ps.get_pipeline_model_parallel_group()).tolist()))
+    if "mlm_loss" in metrics:
+        metrics["loss"] += mlm_weight * metrics["mlm_loss"]
+    return metrics
 
 
 def pipeline_step(objective, micro_batches: list, d, g=None, rtd_head=None, *, phase: Phase,
                   forward_only: bool = False, reduce_bias_grads: bool = True) -> dict:
     """One step of D's pipeline (G inside it on stage 0 in the hybrid phase): gradients
     accumulate in place (not stepped). Returns the micro-batch-averaged metrics on every rank
-    (broadcast from the last stage). ``d``: this rank's D stage, or its list of chunks (virtual
+    (reduced from the last stage and, G's, stage 0). ``d``: this rank's D stage, or its list of chunks (virtual
     stages, Megatron's interleaved schedule); either may be wrapped (DDP)."""
     chunks = as_chunks(d)
     inner = [unwrap(c) for c in chunks]
@@ -187,11 +192,7 @@ def pipeline_step(objective, micro_batches: list, d, g=None, rtd_head=None, *, p
     )
     if reduce_bias_grads and not forward_only:
         allreduce_relative_bias_grads(inner)
-    metrics = average_metrics(outputs) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
     if not pipelined:
-        return metrics
-    if hybrid:
-        device = next(inner[0].parameters()).device
-        metrics = _with_generator_metrics(metrics, generator_metrics, objective.mlm_weight, device)
-    return collectives.broadcast_object(metrics, src=ps.get_pipeline_model_parallel_last_rank(),
-                                        group=ps.get_pipeline_model_parallel_group())
+        return average_metrics(outputs)
+    return _pipeline_metrics(outputs, objective.metric_names(phase), generator_metrics, objective.mlm_weight,
+                             next(inner[0].parameters()).device)

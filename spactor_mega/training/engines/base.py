@@ -68,3 +68,11 @@ def torch_adafactor(cfg: Config, params: list) -> torch.optim.Optimizer:
     """torch's Adafactor over one group of ``params`` (weight decay on every tensor), as both engines
     use it (neither megatron-core nor DeepSpeed builds Adafactor)."""
     return torch.optim.Adafactor(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def adafactor_state_on(state: dict, device: torch.device) -> dict:
+    """One parameter's torch Adafactor state (as a checkpoint holds it) placed as torch's own
+    ``load_state_dict`` places it: the moments on the parameter's ``device``, ``step`` on the CPU.
+    Adafactor reads ``step`` on the host (``.item()``, three times per parameter per step in its
+    foreach path): a GPU ``step`` would make each of those a device sync."""
+    return {k: v.to("cpu" if k == "step" else device) if torch.is_tensor(v) else v for k, v in state.items()}

@@ -273,9 +273,12 @@ class DeepSpeedEngine:
             loss, metrics = self._micro_step(batch, phase)
             outputs.append(metrics)
             last = len(outputs) == len(micro_batches)
-            if last and any_rank_nonfinite(m["loss"] for m in outputs):
-                # before the last backward, so no engine has stepped yet
-                nonfinite, loss = True, _overflowing(loss, engines)
+            if last:
+                result = average_metrics(outputs)  # the step's one read of the metrics
+                # before the last backward, so no engine has stepped yet; the mean (float64) of the
+                # micro-batches' losses is finite exactly when each of them is
+                if any_rank_nonfinite([result["loss"]]):
+                    nonfinite, loss = True, _overflowing(loss, engines)
             self.d.backward(loss)
             if hybrid and not self._aux_in_forward:
                 self.aux.allreduce_gradients()
@@ -294,7 +297,6 @@ class DeepSpeedEngine:
             raise NonFiniteStepsError("DeepSpeed applied a step whose loss or gradients are not finite (is "
                                       "bf16.check_grad_overflow off in deepspeed.config?); resume from the last "
                                       "checkpoint with it on")
-        result = average_metrics(outputs)
         if not skipped:
             self.d_scheduler.step(increment=1)
             if hybrid:

@@ -61,7 +61,7 @@ from spactor_mega.model.spactor import SpactorObjective
 from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks, build_stage_chunks
 from spactor_mega.parallel import collectives
 from spactor_mega.plan.layout import config_layout, replans_at_tau
-from spactor_mega.training.engines.base import eval_mode, torch_adafactor
+from spactor_mega.training.engines.base import adafactor_state_on, eval_mode, torch_adafactor
 from spactor_mega.training.engines.released import (
     ReleasedTensors,
     optimizer_state_tensors,
@@ -420,8 +420,7 @@ class MegatronEngine:
         for name, (param, _) in _global_names(model_state, stepped).items():
             entry = state[name]
             main = stepped[param]
-            optimizer.optimizer.state[main] = {k: v.to(main.device) if torch.is_tensor(v) else v
-                                               for k, v in entry["state"].items()}
+            optimizer.optimizer.state[main] = adafactor_state_on(entry["state"], main.device)
             if entry["main"] is not None:
                 main.data.copy_(entry["main"])
 
