@@ -16,7 +16,7 @@ small module. ``group=None`` is the world group, as in torch.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,16 +50,6 @@ def all_reduce_(tensor: torch.Tensor, op=ReduceOp.SUM, group=None) -> torch.Tens
     return tensor.copy_(moved)
 
 
-def broadcast_(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
-    """Broadcasts ``tensor`` in place from global rank ``src`` over ``group``."""
-    if not _active(group):
-        return tensor
-    device = group_device(group)
-    moved = tensor if tensor.device == device else tensor.to(device)
-    dist.broadcast(moved, src=src, group=group)
-    return tensor if moved is tensor else tensor.copy_(moved)
-
-
 def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
     """Every rank's ``tensor`` (equal shapes), in group rank order, on ``tensor``'s device."""
     if not _active(group):
@@ -69,15 +59,6 @@ def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local, group=group)
     return parts if local.device == tensor.device else [p.to(tensor.device) for p in parts]
-
-
-def broadcast_object(obj: Any, src: int, group=None) -> Any:
-    """A picklable object from global rank ``src`` to every rank of ``group`` (its return value)."""
-    if not _active(group):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group, device=group_device(group))
-    return box[0]
 
 
 def barrier(group=None) -> None:
@@ -112,13 +93,3 @@ def mean_over_ranks(values: torch.Tensor, group=None) -> torch.Tensor:
     if not _active(group):
         return out
     return all_reduce_(out, group=group).div_(dist.get_world_size(group))
-
-
-def stacked(values: Iterable[torch.Tensor | float], dtype=torch.float64,
-            device: Optional[torch.device] = None) -> torch.Tensor:
-    """Scalars (device tensors or floats) as one 1-D tensor, for one collective instead of many."""
-    items = [v.detach().reshape(()).to(dtype) if isinstance(v, torch.Tensor)
-             else torch.tensor(float(v), dtype=dtype) for v in values]
-    if device is None:
-        device = next((v.device for v in items if v.device.type != "cpu"), torch.device("cpu"))
-    return torch.stack([v.to(device) for v in items])

@@ -85,7 +85,15 @@ def mean_over_data_parallel(metrics: dict[str, float]) -> dict[str, float]:
 def mean_of_micro_batches(outputs: list, names) -> torch.Tensor:
     """The per-micro-batch metric dicts (0-d tensors, or floats) averaged on their device: one
     float64 value per name of ``names``, in that order, without reading any of them."""
-    return torch.stack([collectives.stacked([o[k] for k in names]) for o in outputs]).mean(dim=0)
+    return torch.stack([_stacked([o[k] for k in names]) for o in outputs]).mean(dim=0)
+
+
+def _stacked(values: list) -> torch.Tensor:
+    """Scalars (device tensors or floats) as one float64 1-D tensor on the tensors' device."""
+    items = [v.detach().reshape(()).to(torch.float64) if isinstance(v, torch.Tensor)
+             else torch.tensor(float(v), dtype=torch.float64) for v in values]
+    device = next((v.device for v in items if v.device.type != "cpu"), torch.device("cpu"))
+    return torch.stack([v.to(device) for v in items])
 
 
 def average_metrics(outputs: list) -> dict[str, float]:
