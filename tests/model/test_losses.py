@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from tests.autograd_bytes import saved_bytes
+
 
 @pytest.fixture(scope="module")
 def parallel():
@@ -40,19 +42,6 @@ def test_z_loss_is_the_mean_squared_log_normaliser_and_differentiable(parallel, 
     assert off is None
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
-    storages = {}
-
-    def keep(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_z_loss_keeps_no_logits_sized_buffer_of_its_own(parallel, dtype):
     """The z-loss reuses the fp32 softmax Megatron's CE keeps: switching it on adds per-token values
@@ -64,7 +53,7 @@ def test_z_loss_keeps_no_logits_sized_buffer_of_its_own(parallel, dtype):
 
     def saved(z_loss: float) -> int:
         logits = torch.randn(s, b, vocab, dtype=dtype, requires_grad=True)
-        return _saved_bytes(lambda: sc_loss(logits * 1.0, labels, mask, z_loss=z_loss))
+        return saved_bytes(lambda: sc_loss(logits * 1.0, labels, mask, z_loss=z_loss))
 
     logits_fp32_bytes = s * b * vocab * 4
     assert saved(0.0) >= logits_fp32_bytes  # CE's softmax

@@ -7,6 +7,7 @@ import torch
 from spactor_mega.model.norm import T5RMSNorm
 from spactor_mega.model.spec import t5_transformer_config
 from spactor_mega.model.synthetic import tiny_config
+from tests.autograd_bytes import saved_bytes
 
 S, B, H = 16, 3, 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -37,22 +38,6 @@ def inputs(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
     return x, grad
 
 
-def saved_bytes(fn, x: torch.Tensor, parameters) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn(x)`` runs, parameters excluded."""
-    excluded = {p.untyped_storage().data_ptr() for p in parameters}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("precision", list(DTYPES))
 def test_outputs_and_gradients_equal_hf_autograd(precision):
     dtype = DTYPES[precision]
@@ -76,8 +61,8 @@ def test_keeps_the_input_and_the_inverse_rms_only(precision, per_element):
     dtype = DTYPES[precision]
     norm = make_norm(dtype)
     x = inputs(dtype)[0].requires_grad_()
-    ours = saved_bytes(norm, x, norm.parameters())
-    ref = saved_bytes(lambda t: hf_forward(t, norm.weight, norm.eps), x, norm.parameters())
+    ours = saved_bytes(lambda: norm(x), norm.parameters())
+    ref = saved_bytes(lambda: hf_forward(x, norm.weight, norm.eps), norm.parameters())
     rows = S * B
     assert ours == per_element * S * B * H + 4 * rows  # the input in its dtype + fp32 inverse RMS per row
     assert ref == 8 * S * B * H + 4 * rows  # fp32: input + normalised; bf16: fp32 copy + input + normalised

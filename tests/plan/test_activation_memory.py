@@ -10,6 +10,7 @@ import torch
 
 from spactor_mega.config import Config
 from spactor_mega.model.synthetic import tiny_config
+from tests.autograd_bytes import saved_bytes
 from spactor_mega.plan.memory import RECOMPUTE, activation_bytes
 
 VOCAB = 256
@@ -61,22 +62,11 @@ def saved_bytes_of_d(cfg: Config, encoder_length: int, decoder_length: int) -> i
     d, _, _ = build_spactor_modules(cfg, VOCAB, with_generator=False,
                                     params_dtype=torch.bfloat16 if uses_bf16(cfg) else torch.float32)
     d.train()
-    parameters = {p.untyped_storage().data_ptr() for p in d.parameters()}
-    saved = {}
-
-    def keep(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     gen = torch.Generator().manual_seed(0)
     b, device = cfg.train.micro_batch_size, next(d.parameters()).device
     enc = torch.randint(3, VOCAB, (b, encoder_length), generator=gen).to(device)
     dec = torch.randint(3, VOCAB, (b, decoder_length), generator=gen).to(device)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        d.decode(dec, d.encode(enc))
-    return sum(saved.values())
+    return saved_bytes(lambda: d.decode(dec, d.encode(enc)), d.parameters())
 
 
 def measured_activation_bytes(cfg: Config, encoder_length: int, decoder_length: int) -> int:
