@@ -36,15 +36,30 @@ class ConfigError(UserError):
 
 
 INIT_SCHEMES = ("megatron", "t5")  # ModelConfig.init
+FEED_FORWARDS = ("relu", "gated-gelu", "gated-silu")  # ModelConfig.feed_forward
+HF_MODEL_TYPES = ("t5", "mt5", "umt5")  # ModelConfig.hf_model_type
 
 
 @dataclass
 class ModelConfig:
-    """The discriminator D: a T5 v1.1 encoder-decoder."""
+    """The discriminator D: a T5 encoder-decoder (v1.1 by default; v1.0, mT5, UMT5 and UL2-style
+    feed-forwards by the options below)."""
 
     d_model: int = 512  # width of the hidden states
     d_kv: int = 64  # width of one attention head's keys and values
-    d_ff: int = 1024  # width of the gated-GELU feed-forward layers
+    d_ff: int = 1024  # width of the feed-forward layers
+    # relu | gated-gelu | gated-silu: the feed-forward (HF's feed_forward_proj); relu: T5 v1.0's wo(relu(wi x));
+    # gated-gelu: T5 v1.1's, Flan-T5's, mT5's and UMT5's wo(gelu_new(wi_0 x) * wi_1 x); gated-silu: UL2-style, silu
+    feed_forward: str = "gated-gelu"
+    # true: the LM head is the token embedding and the decoder output is scaled by d_model**-0.5 before it
+    # (T5 v1.0); false: an LM head of its own, no rescale (T5 v1.1, Flan-T5, mT5, UMT5)
+    tie_word_embeddings: bool = False
+    # true: a relative-position bias table in every layer's self-attention (UMT5); false: one per stack,
+    # shared by its layers (T5, mT5)
+    relative_attention_per_layer: bool = False
+    # t5 | mt5 | umt5: the Hugging Face model type `spactor convert to-hf` writes; umt5 needs
+    # relative_attention_per_layer, t5 and mt5 need it off, and mt5 an untied head (HF's MT5 never rescales)
+    hf_model_type: str = "t5"
     num_heads: int = 6  # attention heads per layer
     num_encoder_layers: int = 8  # encoder layers
     num_decoder_layers: int = 8  # decoder layers

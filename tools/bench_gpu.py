@@ -115,14 +115,12 @@ def bench_ours(cfg: Config, steps: int) -> dict[str, tuple[float, float]]:
 
 
 def bench_hf(cfg: Config, steps: int) -> tuple[float, float]:
-    from transformers import T5ForConditionalGeneration
-
-    from spactor_mega.model.hf_mapping import hf_t5_config
+    from spactor_mega.model.hf_mapping import build_hf_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _fresh_gpu()
     torch.manual_seed(1)
-    model = T5ForConditionalGeneration(hf_t5_config(cfg.model, VOCAB)).to(device).train()
+    model = build_hf_model(cfg.model, VOCAB).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = [on_device(b) for b in batches(cfg, steps + 1, False)[0]]
 

@@ -132,12 +132,10 @@ def bench_ours(cfg: Config, steps: int, bf16: bool, clock=time.perf_counter) -> 
 
 
 def bench_hf(cfg: Config, steps: int, clock=time.perf_counter) -> float:
-    from transformers import T5ForConditionalGeneration
-
-    from spactor_mega.model.hf_mapping import hf_t5_config
+    from spactor_mega.model.hf_mapping import build_hf_model
 
     torch.manual_seed(1)
-    model = T5ForConditionalGeneration(hf_t5_config(cfg.model, VOCAB)).train()
+    model = build_hf_model(cfg.model, VOCAB).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     data, _, _ = batches(cfg, steps + 1, False)
 

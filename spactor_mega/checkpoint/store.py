@@ -280,9 +280,10 @@ def check_save_dir(save_dir: str | Path, checkpoint_bytes: float) -> None:
 # other values is another model. The generator's only matter while it is in the checkpoint.
 _MODEL_FIELDS = ("d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers",
                  "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
-                 "vocab_size")
+                 "vocab_size", "feed_forward", "tie_word_embeddings", "relative_attention_per_layer")
 _GENERATOR_FIELDS = ("depth_fraction", "d_ff", "num_heads")
-_DEFAULTS = {"init": "megatron"}  # what a field added later meant in checkpoints written before it
+_DEFAULTS = {"init": "megatron", "feed_forward": "gated-gelu", "tie_word_embeddings": False,
+             "relative_attention_per_layer": False}  # what a field added later meant in checkpoints written before it
 
 
 def check_resumable(path: Path, record: dict, cfg, vocab_size: int, pipeline_layout: str) -> None:

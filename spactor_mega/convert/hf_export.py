@@ -1,4 +1,5 @@
-"""``spactor convert to-hf``: a checkpoint we wrote -> a Hugging Face ``T5ForConditionalGeneration`` folder.
+"""``spactor convert to-hf``: a checkpoint we wrote -> a Hugging Face T5-family model folder
+(``model.hf_model_type``: ``T5ForConditionalGeneration``, ``MT5...`` or ``UMT5...``).
 
     export_to_hf("runs/demo/checkpoints", "t5-demo-hf")      # a save dir (its latest) or an iter_N dir
 
@@ -6,7 +7,7 @@ Reads D's full tensors through the checkpoint reader of the engine that wrote it
 ``read_weights`` in :data:`spactor_mega.plan.engines.ENGINES`; any TP/PP/DP layout), rebuilds the
 model config from the checkpoint's ``run.json``, maps the tensors to HF names (:mod:`spactor_mega.model.hf_mapping`,
 consuming them, so the whole costs about one copy of the weights) and lets transformers write the
-folder: ``config.json`` (T5 v1.1: gated-GELU, untied head), safetensors shards, a
+folder: ``config.json`` (the model's kind: feed-forward, tied or untied head), safetensors shards, a
 ``generation_config.json``; plus ``spiece.model`` and the tokenizer files (100 extra ids). G is
 dropped; the RTD head is written to ``rtd_head.safetensors`` only when asked for. The folder
 appears complete or not at all (written under a temporary name, then renamed).
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import GenerationConfig, T5ForConditionalGeneration, T5Tokenizer
+from transformers import GenerationConfig, T5Tokenizer
 
 from spactor_mega.checkpoint.store import (
     RUN_RECORD,
@@ -34,7 +35,7 @@ from spactor_mega.config import config_from_dict
 from spactor_mega.data.special_tokens import EOS_ID, PAD_ID
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
 from spactor_mega.errors import OutputExistsError, UserError
-from spactor_mega.model.hf_mapping import hf_t5_config, megatron_to_hf, untie_lm_head
+from spactor_mega.model.hf_mapping import hf_classes, hf_config, megatron_to_hf, untie_lm_head
 from spactor_mega.model.t5 import export_vocab_size
 from spactor_mega.plan.engines import ENGINES, resolve
 from spactor_mega.plan.inventory import t5_parameter_shapes
@@ -97,24 +98,30 @@ def check_weights_match_config(path: Path, weights: dict, model_cfg, vocab_rows:
                               f"({len(extra)} such); the checkpoint does not match its run.json")
 
 
-def write_hf_model(hf_state: dict, config, folder: Path, max_shard_size: str, dtype: torch.dtype) -> None:
-    """transformers writes the folder: a model built on the meta device takes ``hf_state``'s tensors
-    as its parameters (no copy), then ``save_pretrained`` shards them into safetensors files."""
+def write_hf_model(hf_state: dict, model_cfg, vocab_rows: int, folder: Path, max_shard_size: str,
+                   dtype: torch.dtype) -> None:
+    """transformers writes the folder: a model of ``model_cfg``'s kind built on the meta device takes
+    ``hf_state``'s tensors as its parameters (no copy), then ``save_pretrained`` shards them into
+    safetensors files (a tied head is the embedding, stored once)."""
+    _, model_class = hf_classes(model_cfg.hf_model_type)
     with torch.device("meta"):
-        model = T5ForConditionalGeneration(config)
+        model = model_class(hf_config(model_cfg, vocab_rows))
     missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"HF T5 mapping mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    untie_lm_head(model)
+    if model_cfg.tie_word_embeddings:
+        model.lm_head.weight = model.shared.weight
+    else:
+        untie_lm_head(model)
     model.config.dtype = dtype
     model.generation_config = GenerationConfig(decoder_start_token_id=PAD_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
     model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
-    # transformers 5.x writes `tie_word_embeddings: true` for every T5 (it forces the flag and keeps
-    # v1.1's untied head as `scale_decoder_outputs: false`); 4.x reads that as a tied, rescaled
-    # v1.0 head. State the truth, which both read correctly.
+    # transformers 5.x writes `tie_word_embeddings: true` for every T5-family model (it forces the
+    # flag and keeps v1.1's untied head as `scale_decoder_outputs: false`); 4.x reads that as a tied
+    # (and for T5/UMT5 rescaled) head. State the truth, which both read correctly.
     config_file = folder / "config.json"
     doc = json.loads(config_file.read_text())
-    doc["tie_word_embeddings"] = False
+    doc["tie_word_embeddings"] = model_cfg.tie_word_embeddings
     config_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
@@ -151,9 +158,8 @@ def export_to_hf(
         check_weights_match_config(path, d, cfg.model, vocab_rows)
         rows = export_vocab_size(cfg.model, tokenizer.model_vocab_size)
         m = cfg.model
-        hf_state = megatron_to_hf(d, m.num_heads, m.num_encoder_layers, m.num_decoder_layers, rows,
-                                  consume=True, dtype=DTYPES[dtype])
-        write_hf_model(hf_state, hf_t5_config(m, rows), tmp, max_shard_size, DTYPES[dtype])
+        hf_state = megatron_to_hf(d, m, rows, consume=True, dtype=DTYPES[dtype])
+        write_hf_model(hf_state, m, rows, tmp, max_shard_size, DTYPES[dtype])
         del hf_state
         write_tokenizer(path, tmp, tokenizer.num_sentinels)
         if with_rtd_head:

@@ -22,11 +22,17 @@ self-attention mask (``attention_mask``; see ``T5Stack.run`` for why not ``atten
 bucket index tables are cached per (query length, key length, device). With sequence parallelism
 the layers hold sequence shards, but core attention sees whole sequences (Megatron's QKV and KV
 projections all-gather their input over TP), so the bias is built for the full lengths.
+
+UMT5 (``model.relative_attention_per_layer``) gives every layer's self-attention a table of its
+own: :class:`T5CoreAttention` then holds one (built with a :class:`RelativeBiasSpec`) and adds its
+bias to the stack's additive mask (:func:`additive_attention_mask`), as HF's ``UMT5Attention``
+adds it to the scores.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -67,6 +73,40 @@ def relative_position_bucket(
     )
     relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
     return relative_buckets
+
+
+@dataclass(frozen=True)
+class RelativeBiasSpec:
+    """A relative-position bias table's bucketing: bidirectional (encoder) or causal (decoder)."""
+
+    bidirectional: bool
+    num_buckets: int = 32
+    max_distance: int = 128
+
+
+def fold_masks(bias: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``bias`` ``[1, heads, q, k]`` with masked entries set to ``finfo.min`` (as HF): future keys
+    when ``causal``, padded keys where ``key_padding_mask`` (bool ``[b, k]``, True = real) is False.
+    Shape ``[1 or b, heads, q, k]``."""
+    q_len, k_len = bias.shape[-2:]
+    mask = None
+    if causal:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=bias.device).triu_(1 + max(k_len - q_len, 0))[None, None]
+    if key_padding_mask is not None:
+        pad = ~key_padding_mask.to(device=bias.device, dtype=torch.bool)[:, None, None, :]
+        mask = pad if mask is None else (mask | pad)
+    if mask is None:
+        return bias.contiguous()
+    return bias.masked_fill(mask, torch.finfo(bias.dtype).min)
+
+
+def additive_attention_mask(q_len: int, k_len: int, causal: bool, key_padding_mask: Optional[torch.Tensor],
+                            dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """The masks alone as an additive ``[1 or b, 1, q, k]`` tensor (0 or ``finfo.min``), for layers
+    that add their own position bias; None when nothing is masked."""
+    if not causal and key_padding_mask is None:
+        return None
+    return fold_masks(torch.zeros(1, 1, q_len, k_len, dtype=dtype, device=device), causal, key_padding_mask)
 
 
 class RelativePositionBias(MegatronModule):
@@ -134,20 +174,7 @@ class RelativePositionBias(MegatronModule):
         bias = self(q_len, k_len)
         if dtype is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        neg = torch.finfo(bias.dtype).min
-        mask = None
-        if not self.bidirectional:
-            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=bias.device).triu_(
-                1 + max(k_len - q_len, 0)
-            )[None, None]
-        if key_padding_mask is not None:
-            pad = ~key_padding_mask.to(device=bias.device, dtype=torch.bool)[:, None, None, :]
-            mask = pad if mask is None else (mask | pad)
-        if mask is not None:
-            bias = bias.masked_fill(mask, neg)
-        else:
-            bias = bias.contiguous()
-        return bias
+        return fold_masks(bias, not self.bidirectional, key_padding_mask)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         return {
@@ -197,8 +224,11 @@ class T5CoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        position_bias: Optional[RelativeBiasSpec] = None,
         **_ignored,
     ):
+        """``position_bias``: this layer's own relative-position bias table (UMT5); None: the
+        stack's, folded into ``attention_mask`` by the stack."""
         super().__init__(config=config)
         if config.context_parallel_size > 1:
             raise NotImplementedError("T5CoreAttention does not support context parallelism")
@@ -209,6 +239,13 @@ class T5CoreAttention(MegatronModule):
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         )
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.relative_attention_bias: Optional[RelativePositionBias] = None
+        if position_bias is not None:
+            tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+            self.relative_attention_bias = RelativePositionBias(
+                config, position_bias.bidirectional, position_bias.num_buckets, position_bias.max_distance,
+                tp_group=tp_group,
+            )
 
     def forward(
         self,
@@ -228,6 +265,9 @@ class T5CoreAttention(MegatronModule):
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
         bias = attention_bias
+        if self.relative_attention_bias is not None:  # this layer's own table (UMT5)
+            own = self.relative_attention_bias(sq, key.size(0))
+            bias = own if bias is None else bias + own
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 if bias is None:

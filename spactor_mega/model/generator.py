@@ -63,7 +63,7 @@ from ..seeding import seed_from
 from .heads import MLMHead
 from .losses import vocab_parallel_argmax, vocab_range
 from .init import initialize_generator, mark_tensor_parallel, tied_logits_scale
-from .spec import t5_encoder_layer_spec, t5_transformer_config
+from .spec import t5_transformer_config
 from .t5 import T5Stack, padding_mask_or_none
 
 
@@ -109,11 +109,11 @@ class T5Generator(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.encoder = T5Stack(
             config,
-            t5_encoder_layer_spec(),
             num_layers,
-            bidirectional=True,
+            decoder=False,
             num_buckets=model_cfg.relative_attention_num_buckets,
             max_distance=model_cfg.relative_attention_max_distance,
+            per_layer_bias=model_cfg.relative_attention_per_layer,  # G's layers are D's kind
             pg_collection=self.pg_collection,
         )
         # Marked as Megatron marks its linears (TP-split even at TP size 1); G's are whole copies

@@ -11,8 +11,10 @@ the full TP = 1 tensor is drawn on the CPU from a ``torch.Generator`` of its own
 Megatron's ``_initialize_affine_weight_cpu`` does (``size / (tp * partition_stride)`` chunks along
 ``partition_dim``, rank ``r`` taking chunks ``r, r + tp, ...``). A parameter that fuses several HF
 T5 tensors (``linear_qkv`` = q, k, v per head; ``linear_kv`` = k, v per head; ``linear_fc1`` =
-[wi_0; wi_1]; the layouts of :mod:`spactor_mega.model.hf_mapping`) is drawn per HF tensor, each
-with its own scale and key, then fused. A parameter without a rule here is refused.
+[wi_0; wi_1], or T5 v1.0's ungated ``wi``; the layouts of :mod:`spactor_mega.model.hf_mapping`) is
+drawn per HF tensor, each with its own scale and key, then fused. UMT5's per-layer bias tables are
+keyed by their layer; a tied head's copy on a later pipeline stage is the embedding's own draw. A
+parameter without a rule here is refused.
 
 Schemes:
 
@@ -22,7 +24,7 @@ Schemes:
   ``linear_fc2``; Megatron's ``scaled_init_method_normal``); RMSNorm weights 1, biases 0.
 - ``t5`` (mesh-tensorflow / HF ``T5PreTrainedModel._init_weights``, factor 1): embedding std 1;
   q (d_model d_kv)^-1/2, k and v d_model^-1/2, o (heads d_kv)^-1/2, in self- and cross-attention;
-  wi_0 and wi_1 d_model^-1/2, wo d_ff^-1/2 (G: its own heads and d_ff); relative-bias tables
+  wi (ungated), wi_0 and wi_1 d_model^-1/2, wo d_ff^-1/2 (G: its own heads and d_ff); relative-bias tables
   d_model^-1/2; RMSNorm weights 1. On unit-RMS (normalised) inputs this gives attention logits of
   std ~1 at any width: T5 has no 1/sqrt(d_kv) softmax scale, the q scale carries it. The untied LM
   head follows T5X / mesh-tensorflow (its ``logits_dense`` is variance_scaling(1.0, fan_in), std
@@ -53,7 +55,7 @@ from spactor_mega.config import INIT_SCHEMES
 from spactor_mega.parallel.tensor_shards import split_tp_tensor
 from spactor_mega.seeding import seed_from
 
-from .hf_mapping import _join_grouped
+from .hf_mapping import LAYER_BIAS, _join_grouped
 
 # Each part's number in the seed key (fixed: changing one changes that part's weights).
 PARTS = {"embedding": 1, "encoder": 2, "decoder": 3, "lm_head": 4, "generator": 5, "rtd_head": 6}
@@ -67,10 +69,11 @@ _LAYER_WEIGHTS = {
     "cross_attention.linear_q.weight": ("cross_attention", ("q",)),
     "cross_attention.linear_kv.weight": ("cross_attention", ("k", "v")),
     "cross_attention.linear_proj.weight": ("cross_attention", ("o",)),
-    "mlp.linear_fc1.weight": ("mlp", ("wi_0", "wi_1")),
+    "mlp.linear_fc1.weight": ("mlp", ("wi_0", "wi_1")),  # ("wi",) in an ungated (T5 v1.0) MLP
     "mlp.linear_fc2.weight": ("mlp", ("wo",)),
 }
 _LAYER_NORMS = ("input_layernorm.weight", "pre_cross_attn_layernorm.weight", "pre_mlp_layernorm.weight")
+
 
 
 def tied_logits_scale(scheme: str, d_model: int) -> float:
@@ -114,17 +117,17 @@ def _layer_stds(scheme: str, config) -> dict:
     d, d_kv, heads, d_ff = config.hidden_size, config.kv_channels, config.num_attention_heads, config.ffn_hidden_size
     if scheme == "t5":
         return {"q": (d * d_kv) ** -0.5, "k": d**-0.5, "v": d**-0.5, "o": (heads * d_kv) ** -0.5,
-                "wi_0": d**-0.5, "wi_1": d**-0.5, "wo": d_ff**-0.5, "relative_attention_bias": d**-0.5}
+                "wi": d**-0.5, "wi_0": d**-0.5, "wi_1": d**-0.5, "wo": d_ff**-0.5, "relative_attention_bias": d**-0.5}
     std = config.init_method_std
     output = std / math.sqrt(2.0 * config.num_layers)  # Megatron's scaled_init_method_normal
-    return {"q": std, "k": std, "v": std, "o": output, "wi_0": std, "wi_1": std, "wo": output,
+    return {"q": std, "k": std, "v": std, "o": output, "wi": std, "wi_0": std, "wi_1": std, "wo": output,
             "relative_attention_bias": std}
 
 
 def _hf_shape(tensor: str, config) -> tuple:
     d, inner, d_ff = config.hidden_size, config.num_attention_heads * config.kv_channels, config.ffn_hidden_size
     return {"q": (inner, d), "k": (inner, d), "v": (inner, d), "o": (d, inner),
-            "wi_0": (d_ff, d), "wi_1": (d_ff, d), "wo": (d, d_ff)}[tensor]
+            "wi": (d_ff, d), "wi_0": (d_ff, d), "wi_1": (d_ff, d), "wo": (d, d_ff)}[tensor]
 
 
 def _stack_tensor(stack, name: str, scheme: str, seed: int, part: str) -> Optional[torch.Tensor]:
@@ -135,7 +138,7 @@ def _stack_tensor(stack, name: str, scheme: str, seed: int, part: str) -> Option
         return torch.ones(config.hidden_size)
     stds = _layer_stds(scheme, config)
     if name == "relative_attention_bias.weight":
-        shape = (stack.relative_attention_bias.num_buckets, config.num_attention_heads)
+        shape = (stack.num_buckets, config.num_attention_heads)
         return _normal(seed, part, OUTSIDE_LAYERS, name, shape, stds["relative_attention_bias"])
     head, _, rest = name.partition(".")
     index, _, rest = rest.partition(".")
@@ -143,9 +146,14 @@ def _stack_tensor(stack, name: str, scheme: str, seed: int, part: str) -> Option
         return None
     if rest in _LAYER_NORMS:
         return torch.ones(config.hidden_size)
+    if rest == LAYER_BIAS:
+        shape = (stack.num_buckets, config.num_attention_heads)
+        return _normal(seed, part, int(index), LAYER_BIAS, shape, stds["relative_attention_bias"])
     if rest not in _LAYER_WEIGHTS:
         return None
     block, tensors = _LAYER_WEIGHTS[rest]
+    if rest == "mlp.linear_fc1.weight" and not config.gated_linear_unit:
+        tensors = ("wi",)
     drawn = [_normal(seed, part, int(index), f"{block}.{t}", _hf_shape(t, config), stds[t]) for t in tensors]
     if len(drawn) == 1:
         return drawn[0]
@@ -178,6 +186,8 @@ def initialize_discriminator(d, scheme: str, seed: int) -> None:
                 "lm_head.weight": m.d_model**-0.5 if scheme == "t5" else m.init_method_std}
 
     def full_tensor(name: str) -> Optional[torch.Tensor]:
+        if name == "lm_head.weight" and m.tie_word_embeddings:
+            name = "embedding.weight"  # a later stage's copy of the tied embedding: the same draw
         if name in head_std:
             part = name.split(".")[0]
             return _normal(seed, part, OUTSIDE_LAYERS, name, (d.vocab_size, m.d_model), head_std[name])

@@ -1,18 +1,20 @@
-"""Megatron-Core ``ModuleSpec``s and ``TransformerConfig`` for T5 v1.1 layers.
+"""Megatron-Core ``ModuleSpec``s and ``TransformerConfig`` for T5 layers (v1.1 by default).
 
 From Megatron-Core: ``TransformerLayer`` (pre-norm residual layer), ``SelfAttention`` /
 ``CrossAttention`` (fused QKV / Q + fused KV projections), ``ColumnParallelLinear`` /
-``RowParallelLinear``, ``MLP`` with ``gated_linear_unit`` (fc1 holds [wi_0; wi_1], TP stride 2),
-``get_bias_dropout_add``. Ours: :class:`~spactor_mega.model.norm.T5RMSNorm` (input, cross-attn
-and pre-MLP norms and the stack's final norm) and
-:class:`~spactor_mega.model.attention.T5CoreAttention` (position bias, scale 1.0).
+``RowParallelLinear``, ``MLP`` (gated: ``gated_linear_unit``, fc1 holds [wi_0; wi_1], TP stride 2;
+T5 v1.0's ReLU: fc1 is ``wi``), ``get_bias_dropout_add``. Ours:
+:class:`~spactor_mega.model.norm.T5RMSNorm` (input, cross-attn and pre-MLP norms and the stack's
+final norm) and :class:`~spactor_mega.model.attention.T5CoreAttention` (position bias, scale 1.0;
+with UMT5's per-layer tables it holds its layer's own).
 
 Why not ``megatron.core.models.T5.t5_spec``: its local block specs pass ``layer_norm=TENorm``,
 which is ``None`` without Transformer Engine, so the final norm silently disappears; its layer
 norms are LayerNorm-or-torch-RMSNorm wrappers; its ``DotProductAttention`` refuses a bias.
 
-T5 v1.1 mapped onto the config: no biases (``add_bias_linear=False``), gated-GELU (tanh
-approximation = HF ``gelu_new``), ``softmax_scale=1.0``, RMSNorm eps from the model config,
+T5 mapped onto the config: no biases (``add_bias_linear=False``), the feed-forward of
+``model.feed_forward`` (:data:`FEED_FORWARD_ACTIVATIONS`: gated-GELU with the tanh approximation =
+HF ``gelu_new``, gated-SiLU, or ReLU ungated), ``softmax_scale=1.0``, RMSNorm eps from the model config,
 ``kv_channels=d_kv`` (may differ from ``d_model / heads``), dropout on the residual branches
 (``hidden_dropout``) and attention probabilities (``attention_dropout``).
 """
@@ -42,13 +44,22 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-from .attention import T5CoreAttention
+from .attention import RelativeBiasSpec, T5CoreAttention
 from .norm import T5RMSNorm
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """HF ``gelu_new``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     return F.gelu(x, approximate="tanh")
+
+
+# model.feed_forward -> (Megatron's gated_linear_unit, activation_func), as HF's feed_forward_proj
+# ("gated-gelu" is gelu_new there; "gated-silu" ACT2FN's silu; "relu" nn.ReLU on the ungated wi).
+FEED_FORWARD_ACTIVATIONS = {
+    "gated-gelu": (True, gelu_new),
+    "gated-silu": (True, F.silu),
+    "relu": (False, F.relu),
+}
 
 
 def _mlp_submodule():
@@ -58,14 +69,17 @@ def _mlp_submodule():
     return ModuleSpec(module=MLP, submodules=submodules)  # 0.16
 
 
-def _self_attention():
+def _self_attention(layer_bias: Optional[RelativeBiasSpec]):
+    # Megatron calls the core-attention builder with its own arguments; a layer's own bias table
+    # (UMT5) rides in a partial.
+    core_attention = T5CoreAttention if layer_bias is None else partial(T5CoreAttention, position_bias=layer_bias)
     return ModuleSpec(
         module=SelfAttention,
         # The mask type is informational for our core attention: masks ride in the bias.
         params={"attn_mask_type": AttnMaskType.arbitrary},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
-            core_attention=T5CoreAttention,
+            core_attention=core_attention,
             linear_proj=RowParallelLinear,
             q_layernorm=None,
             k_layernorm=None,
@@ -73,13 +87,14 @@ def _self_attention():
     )
 
 
-def t5_encoder_layer_spec() -> ModuleSpec:
-    """Pre-norm self-attention + gated-GELU FFN (T5 encoder layer; also G's layers)."""
+def t5_encoder_layer_spec(layer_bias: Optional[RelativeBiasSpec] = None) -> ModuleSpec:
+    """Pre-norm self-attention + FFN (T5 encoder layer; also G's layers). ``layer_bias``: the
+    layer's own relative-position bias table (UMT5); None: the stack's, shared."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=T5RMSNorm,
-            self_attention=_self_attention(),
+            self_attention=_self_attention(layer_bias),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=T5RMSNorm,
             mlp=_mlp_submodule(),
@@ -88,10 +103,10 @@ def t5_encoder_layer_spec() -> ModuleSpec:
     )
 
 
-def t5_decoder_layer_spec() -> ModuleSpec:
+def t5_decoder_layer_spec(layer_bias: Optional[RelativeBiasSpec] = None) -> ModuleSpec:
     """The encoder layer plus pre-norm cross-attention (no position bias) between its self-attention
-    (causal here: the decoder stack's bias carries the mask) and its FFN."""
-    encoder = t5_encoder_layer_spec()
+    (causal here: the decoder stack's mask says so) and its FFN."""
+    encoder = t5_encoder_layer_spec(layer_bias)
     cross_attention = ModuleSpec(
         module=CrossAttention,
         params={"attn_mask_type": AttnMaskType.arbitrary},
@@ -120,7 +135,7 @@ def t5_transformer_config(
     sequence_parallel: bool = False,
     **overrides,
 ) -> TransformerConfig:
-    """A ``TransformerConfig`` for T5 v1.1 layers of ``model_cfg`` (a :class:`ModelConfig`): D's
+    """A ``TransformerConfig`` for T5 layers of ``model_cfg`` (a :class:`ModelConfig`): D's
     stacks, and G's (its own ``d_ff``/``num_heads``, TP size 1). ``model_cfg.recompute`` selects
     Megatron's activation recompute (``full``: with ``recompute_method`` and ``recompute_num_layers``).
     ``sequence_parallel`` (needs TP > 1): Megatron's sequence parallelism; the layers then take and
@@ -137,6 +152,7 @@ def t5_transformer_config(
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     heads = num_heads or model_cfg.num_heads
+    gated, activation = FEED_FORWARD_ACTIVATIONS[model_cfg.feed_forward]
     recompute_granularity = None if model_cfg.recompute == "none" else model_cfg.recompute
     kwargs = dict(
         num_layers=num_layers,
@@ -152,8 +168,8 @@ def t5_transformer_config(
         normalization="RMSNorm",
         add_bias_linear=False,
         add_qkv_bias=False,
-        gated_linear_unit=True,
-        activation_func=gelu_new,
+        gated_linear_unit=gated,
+        activation_func=activation,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

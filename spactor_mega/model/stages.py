@@ -11,6 +11,13 @@ split has ``PP * V`` stages in virtual order and each rank builds V chunks
 (:func:`build_stage_chunks`: rank ``r`` holds virtual stages ``r, r + PP, ...``). Virtual stage 0
 holds the embedding and G, the last the heads.
 
+A tied LM head (``model.tie_word_embeddings``) under PP > 1 is a copy of the embedding on the
+last stage: drawn equal (:mod:`spactor_mega.model.init`), loaded equal (its checkpoint entry is a
+replica of the embedding's) and kept equal by :func:`allreduce_tied_head_grads`, which sums the
+two gradients over Megatron's embedding group (the first and last pipeline ranks), as Megatron's
+``finalize_model_grads`` does for tied output layers: ours, because the engine finalises each chunk
+(and G, and the RTD head) on its own, while Megatron's needs all of a rank's D chunks in one call.
+
 Relative-position bias tables are replicated on every stage (chunk) holding layers of that
 stack: equal at build time (:func:`sync_relative_bias`, an all-reduce over the pipeline group in
 which chunks other than the stack's first holder send zeros) and kept equal by summing their
@@ -178,7 +185,9 @@ def _sum_over_pipeline(chunks: list, per_chunk: list) -> list:
     stack); returns the two sums."""
     shape = _bias_shape(chunks[0])
     n = shape[0] * shape[1]
-    ref = next(b.weight for c in chunks for b in _bias_params(c) if b is not None)  # every chunk holds a stack
+    ref = next((b.weight for c in chunks for b in _bias_params(c) if b is not None), None)
+    if ref is None:  # UMT5's per-layer tables: no stack tables anywhere (every rank alike)
+        return [None, None]
     flat = torch.zeros(2 * n, dtype=ref.dtype, device=ref.device)
     for pair in per_chunk:
         for i, t in enumerate(pair):
@@ -219,22 +228,39 @@ def allreduce_relative_bias_grads(d) -> None:
     chunks = as_chunks(d)
     if ps.get_pipeline_model_parallel_world_size() == 1 and len(chunks) == 1:
         return
-    pairs = []
-    for c in chunks:
-        grads = []
-        for b in _bias_params(c):
-            if b is None:
-                grads.append(None)
-                continue
-            g = getattr(b.weight, "main_grad", None)
-            if g is None:
-                if b.weight.grad is None:
-                    b.weight.grad = torch.zeros_like(b.weight)
-                g = b.weight.grad
-            grads.append(g)
-        pairs.append(grads)
+    pairs = [[None if b is None else _grad_buffer(b.weight) for b in _bias_params(c)] for c in chunks]
     sums = _sum_over_pipeline(chunks, pairs)
     for grads in pairs:
         for g, s in zip(grads, sums):
             if g is not None:
                 g.copy_(s)
+
+
+def _grad_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """The gradient Megatron's DDP accumulates (``main_grad``), else ``.grad`` (zeros if none yet)."""
+    grad = getattr(weight, "main_grad", None)
+    if grad is None:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+    return grad
+
+
+@torch.no_grad()
+def allreduce_tied_head_grads(d) -> None:
+    """With a tied LM head under PP > 1: sums the gradients of the embedding (first stage) and of
+    the last stage's copy over the embedding group and writes the sum into both. ``d``: a chunk or
+    this rank's list of chunks; a no-op without a tied head or without a pipeline."""
+    chunks = as_chunks(d)
+    if not chunks[0].tied_head or ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    for c in chunks:
+        if c.pre_process or c.post_process:
+            collectives.all_reduce_(_grad_buffer(c.shared_embedding_or_output_weight()), group=ps.get_embedding_group())
+
+
+def allreduce_shared_grads(d) -> None:
+    """Sums the gradients of every tensor several pipeline stages hold (the stacks' bias tables, a
+    tied head's copy of the embedding), after the schedule's backward. ``d``: a chunk or a list."""
+    allreduce_relative_bias_grads(d)
+    allreduce_tied_head_grads(d)

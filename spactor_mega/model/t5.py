@@ -1,4 +1,6 @@
-"""The discriminator D: T5 v1.1 (HF ``T5ForConditionalGeneration``-exact) from Megatron-Core parts.
+"""The discriminator D: a T5 (HF ``T5ForConditionalGeneration`` / ``MT5...`` / ``UMT5...``-exact) from
+Megatron-Core parts. T5 v1.1 by default; ``model.feed_forward``, ``model.tie_word_embeddings`` and
+``model.relative_attention_per_layer`` give T5 v1.0, UMT5 and UL2-style feed-forwards.
 
 Layout (parameter names are what :mod:`spactor_mega.model.hf_mapping` maps):
 
@@ -7,10 +9,15 @@ Layout (parameter names are what :mod:`spactor_mega.model.hf_mapping` maps):
 - ``encoder`` / ``decoder``: :class:`T5Stack`, a Megatron ``TransformerBlock`` (``.layers`` is a
   ``ModuleList`` of ``TransformerLayer``; ``.final_layernorm`` a :class:`T5RMSNorm`) plus the
   stack's own ``relative_attention_bias`` (bidirectional buckets in the encoder, causal in the
-  decoder), computed once per forward and shared by all layers of the stack. Cross-attention
-  gets no position bias.
-- ``lm_head``: ``ColumnParallelLinear`` ``[V/tp, d_model]``, untied, no ``d_model**-0.5``
-  rescaling (v1.1 unties the head). Its logits stay vocab-parallel for
+  decoder), computed once per forward and shared by all layers of the stack; with
+  ``relative_attention_per_layer`` (UMT5) each layer's self-attention holds its own table instead
+  (``layers.<k>.self_attention.core_attention.relative_attention_bias``). Cross-attention gets no
+  position bias.
+- ``lm_head``: ``ColumnParallelLinear`` ``[V/tp, d_model]``: untied without rescaling (v1.1), or
+  with ``tie_word_embeddings`` (v1.0) the embedding itself, read by the decoder output times
+  ``d_model**-0.5``: on a stage holding the embedding the head has no weight of its own; a later
+  pipeline stage holds a copy that :mod:`spactor_mega.model.stages` keeps equal to it (as Megatron
+  does for tied output layers). Its logits stay vocab-parallel for
   ``tensor_parallel.vocab_parallel_cross_entropy``.
 
 Tensors are batch-first at this module's edges and sequence-first ``[s, b, h]`` inside.
@@ -50,7 +57,6 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer import transformer_block
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
     TransformerBlockSubmodules,
@@ -60,7 +66,7 @@ from megatron.core.utils import get_pg_size
 
 from spactor_mega.data.special_tokens import PAD_ID
 
-from .attention import RelativePositionBias, additive_padding_mask
+from .attention import RelativeBiasSpec, RelativePositionBias, additive_attention_mask, additive_padding_mask
 from .init import initialize_discriminator, mark_tensor_parallel
 from .norm import T5RMSNorm
 from .spec import t5_decoder_layer_spec, t5_encoder_layer_spec, t5_transformer_config
@@ -115,26 +121,31 @@ def padding_mask_or_none(mask: Optional[torch.Tensor], has_padding: Optional[boo
 
 
 class T5Stack(TransformerBlock):
-    """A Megatron ``TransformerBlock`` of T5 layers + final RMSNorm + the stack's relative bias."""
+    """A Megatron ``TransformerBlock`` of T5 layers + final RMSNorm + the relative position bias:
+    the stack's one table (``relative_attention_bias``), or with ``per_layer_bias`` (UMT5) one in
+    each layer's self-attention (the stack has none then)."""
 
     def __init__(
         self,
         config: TransformerConfig,
-        layer_spec: ModuleSpec,
         num_layers: int,
         *,
-        bidirectional: bool,
+        decoder: bool,
         num_buckets: int = 32,
         max_distance: int = 128,
+        per_layer_bias: bool = False,
         pre_process: bool = True,
         post_process: bool = True,
         pg_collection=None,
         layer_offset: int = 0,
     ):
-        """``num_layers`` is the number of layers *held* (a pipeline stage's share), the first of
-        them global layer ``layer_offset``; ``config.num_layers`` stays the stack's total.
-        ``post_process``: this part holds the stack's last layer (gets the final norm). The
+        """``decoder``: causal self-attention and cross-attention layers; else an encoder stack
+        (bidirectional). ``num_layers`` is the number of layers *held* (a pipeline stage's share),
+        the first of them global layer ``layer_offset``; ``config.num_layers`` stays the stack's
+        total. ``post_process``: this part holds the stack's last layer (gets the final norm). The
         weights are set by the model holding the stack (:mod:`spactor_mega.model.init`)."""
+        bias = RelativeBiasSpec(bidirectional=not decoder, num_buckets=num_buckets, max_distance=max_distance)
+        layer_spec = (t5_decoder_layer_spec if decoder else t5_encoder_layer_spec)(bias if per_layer_bias else None)
         spec = TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=T5RMSNorm)
         super().__init__(
             config=config,
@@ -144,8 +155,10 @@ class T5Stack(TransformerBlock):
             post_process=post_process,
             pg_collection=pg_collection,
         )
-        self.relative_attention_bias = RelativePositionBias(
-            config, bidirectional, num_buckets, max_distance, tp_group=self.tp_group
+        self.causal = decoder
+        self.num_buckets = num_buckets
+        self.relative_attention_bias = None if per_layer_bias else RelativePositionBias(
+            config, bias.bidirectional, num_buckets, max_distance, tp_group=self.tp_group
         )
         self.layer_offset = layer_offset
         # Under sequence parallelism the hidden states are 1 / TP of the sequence.
@@ -171,14 +184,19 @@ class T5Stack(TransformerBlock):
         context: Optional[torch.Tensor] = None,
         context_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Bias once, then every layer. ``hidden_states``/``context`` ``[s, b, h]`` (this rank's
-        sequence shards under sequence parallelism); masks bool ``[b, s]`` over whole sequences
-        (True = real token) or None for no padding."""
+        """Bias (or, with per-layer tables, the masks alone) once, then every layer.
+        ``hidden_states``/``context`` ``[s, b, h]`` (this rank's sequence shards under sequence
+        parallelism); masks bool ``[b, s]`` over whole sequences (True = real token) or None for no
+        padding."""
         q_len = hidden_states.size(0) * self.sequence_shards  # core attention sees whole sequences
-        bias = self.relative_attention_bias.attention_bias(q_len, q_len, key_padding_mask)
+        dtype = self.config.params_dtype
+        if self.relative_attention_bias is not None:
+            bias = self.relative_attention_bias.attention_bias(q_len, q_len, key_padding_mask)
+        else:  # each layer adds its own table (UMT5)
+            bias = additive_attention_mask(q_len, q_len, self.causal, key_padding_mask, dtype, hidden_states.device)
         context_mask = None
         if context is not None:
-            context_mask = additive_padding_mask(context_padding_mask, bias.dtype)
+            context_mask = additive_padding_mask(context_padding_mask, dtype)
         # The bias travels as the (additive, float) self-attention mask, not as `attention_bias`:
         # Megatron's activation recompute passes attention_mask through its checkpoint function as
         # an argument (so the bias table's gradient is carried), but captures attention_bias in a
@@ -189,6 +207,14 @@ class T5Stack(TransformerBlock):
             context=context,
             context_mask=context_mask,
         )
+
+
+def _mark_replica(sharded) -> None:
+    """Marks a ``ShardedTensor`` as a replica of one saved elsewhere (first replica-id axis 1)."""
+    if hasattr(sharded, "replica_id"):
+        rid = sharded.replica_id
+        rid = tuple(rid) if isinstance(rid, (tuple, list)) else (rid,)
+        sharded.replica_id = (1, *rid[1:])
 
 
 @dataclass
@@ -254,6 +280,7 @@ class T5Discriminator(MegatronModule):
         buckets = dict(
             num_buckets=model_cfg.relative_attention_num_buckets,
             max_distance=model_cfg.relative_attention_max_distance,
+            per_layer_bias=model_cfg.relative_attention_per_layer,
         )
         if pre_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
@@ -268,9 +295,8 @@ class T5Discriminator(MegatronModule):
         if add_encoder:
             self.encoder = T5Stack(
                 encoder_config,
-                t5_encoder_layer_spec(),
                 encoder_layers[1] - encoder_layers[0],
-                bidirectional=True,
+                decoder=False,
                 pre_process=True,  # hidden states are always passed explicitly (see stage_forward)
                 post_process=self.ends_encoder,
                 layer_offset=encoder_layers[0],
@@ -281,14 +307,16 @@ class T5Discriminator(MegatronModule):
                 raise ValueError("the last stage must hold the last decoder layer")
             self.decoder = T5Stack(
                 decoder_config,
-                t5_decoder_layer_spec(),
                 decoder_layers[1] - decoder_layers[0],
-                bidirectional=False,
+                decoder=True,
                 pre_process=True,
                 post_process=decoder_layers[1] == n_dec,
                 layer_offset=decoder_layers[0],
                 **buckets,
             )
+        # T5 v1.0: the LM head is the embedding, read by a decoder output scaled by d_model**-0.5.
+        self.tied_head = model_cfg.tie_word_embeddings
+        self.output_scale = model_cfg.d_model**-0.5 if self.tied_head else 1.0
         if post_process:
             self.lm_head = tensor_parallel.ColumnParallelLinear(
                 model_cfg.d_model,
@@ -298,8 +326,16 @@ class T5Discriminator(MegatronModule):
                 bias=False,
                 gather_output=False,
                 skip_bias_add=False,
+                # tied, with the embedding on this stage: the head reads it (no weight of its own)
+                skip_weight_param_allocation=self.tied_head and pre_process,
             )
         mark_tensor_parallel(self)
+        if self.tied_head and post_process and not pre_process:
+            # A later stage's copy of the embedding, kept equal to it by model.stages (as Megatron
+            # keeps a tied output layer): counted once by the grad norm, in a bucket of its own.
+            self.lm_head.weight.shared = True
+        if self.tied_head and (pre_process or post_process):
+            self.shared_embedding_or_output_weight().shared_embedding = True
         initialize_discriminator(self, model_cfg.init, init_seed)
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -373,16 +409,20 @@ class T5Discriminator(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Megatron's; relative-bias tables replicated on several stages are saved by the first
-        stage holding them (the others are marked replicas)."""
+        stage holding them (the others are marked replicas), and a later stage's copy of a tied
+        head is a replica of ``embedding.weight`` (loaded from it, as Megatron's tied output layer)."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         for stack, (start, end) in (("encoder", self.encoder_layers), ("decoder", self.decoder_layers)):
             first_holder = start == 0
             if end > start and not first_holder:
                 for key, value in sd.items():
-                    if key.startswith(f"{prefix}{stack}.relative_attention_bias.") and hasattr(value, "replica_id"):
-                        rid = value.replica_id
-                        rid = tuple(rid) if isinstance(rid, (tuple, list)) else (rid,)
-                        value.replica_id = (1, *rid[1:])
+                    if key.startswith(f"{prefix}{stack}.relative_attention_bias."):
+                        _mark_replica(value)
+        head = sd.get(f"{prefix}lm_head.weight")
+        if self.tied_head and head is not None:
+            head.key = f"{prefix}embedding.weight"
+            head.allow_shape_mismatch = True  # as the embedding's own entry (Megatron's)
+            _mark_replica(head)
         return sd
 
     # ---- pieces (the step function and G use these) -------------------------------------------
@@ -429,10 +469,18 @@ class T5Discriminator(MegatronModule):
         )
         return self._dropout(hidden)
 
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        """With a tied head: the embedding on the first stage, the last stage's copy elsewhere
+        (Megatron's name for it)."""
+        return self.embedding.weight if self.pre_process else self.lm_head.weight
+
     def lm_logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits ``[s_dec, b, V/tp]`` for every decoder position: under sequence
         parallelism the head all-gathers the shards, and ``s_dec`` is the padded length."""
-        logits, _ = self.lm_head(decoder_hidden)
+        if self.tied_head:
+            decoder_hidden = decoder_hidden * self.output_scale
+        weight = self.embedding.weight if self.tied_head and self.pre_process else None
+        logits, _ = self.lm_head(decoder_hidden, weight=weight)
         return logits
 
     def forward(

@@ -267,7 +267,7 @@ def _generator_config(cfg: Config) -> Config:
 
 def stage_parameters(cfg: Config, layout: Layout, stage: int, vocab_size: int) -> int:
     """D's parameters one TP rank of (virtual) ``stage`` holds: its layers, the embedding on the first
-    stage, the LM head on the last, each stack's bias table and final norm where it has layers;
+    stage, the LM head (or a tied head's copy of the embedding) on the last, each stack's bias table and final norm where it has layers;
     everything but the norms split by TP."""
     s = layout.stages.stages[stage]
     ne, nd = len(s.encoder_layers), len(s.decoder_layers)
@@ -280,6 +280,9 @@ def stage_parameters(cfg: Config, layout: Layout, stage: int, vocab_size: int) -
                 replicated += count({name: shape})
             else:
                 split += count({name: shape})
+    last = layout.stages.num_stages - 1
+    if cfg.model.tie_word_embeddings and stage == last != 0:  # the last stage's copy of the tied embedding
+        split += vocab_size * cfg.model.d_model
     return split // layout.tp + replicated
 
 

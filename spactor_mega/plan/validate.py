@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from spactor_mega.config import INIT_SCHEMES, Config, ConfigError
+from spactor_mega.config import FEED_FORWARDS, HF_MODEL_TYPES, INIT_SCHEMES, Config, ConfigError
 from spactor_mega.plan.derived import generator_num_layers, uses_bf16
 from spactor_mega.plan.engines import ENGINES, engine_spec
 from spactor_mega.plan.layout import config_layout
@@ -63,6 +63,16 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          f"model.recompute_method must be uniform or block, got {m.recompute_method!r}")
     need(m.recompute_num_layers >= 1, f"model.recompute_num_layers must be >= 1, got {m.recompute_num_layers}")
     need(m.init in INIT_SCHEMES, f"model.init must be one of {', '.join(INIT_SCHEMES)}, got {m.init!r}")
+    need(m.feed_forward in FEED_FORWARDS,
+         f"model.feed_forward must be one of {', '.join(FEED_FORWARDS)}, got {m.feed_forward!r}")
+    need(m.hf_model_type in HF_MODEL_TYPES,
+         f"model.hf_model_type must be one of {', '.join(HF_MODEL_TYPES)}, got {m.hf_model_type!r}")
+    need(m.relative_attention_per_layer == (m.hf_model_type == "umt5"),
+         f"model.relative_attention_per_layer={m.relative_attention_per_layer} does not fit model.hf_model_type="
+         f"{m.hf_model_type}: UMT5 has a bias table per layer, T5 and mT5 one per stack; change one of them")
+    need(not (m.tie_word_embeddings and m.hf_model_type == "mt5"),
+         "model.tie_word_embeddings=true with model.hf_model_type=mt5: HF's MT5 never rescales a tied head; "
+         "use hf_model_type t5 for a tied model")
     need(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive or unset, got {m.vocab_size}")
 
     need(t.engine in ENGINES, f"train.engine must be one of {', '.join(ENGINES)}, got {t.engine!r}")

@@ -43,7 +43,7 @@ from spactor_mega.curriculum import Phase
 from spactor_mega.data.host_side import encoder_padding
 from spactor_mega.model.spactor import unwrap
 from spactor_mega.parallel import collectives
-from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks
+from spactor_mega.model.stages import allreduce_shared_grads, as_chunks
 from spactor_mega.training.metrics import average_metrics, mean_of_micro_batches, metrics_reducer
 
 
@@ -191,7 +191,7 @@ def pipeline_step(objective, micro_batches: list, d, g=None, rtd_head=None, *, p
         forward_only=forward_only,
     )
     if reduce_bias_grads and not forward_only:
-        allreduce_relative_bias_grads(inner)
+        allreduce_shared_grads(inner)
     if not pipelined:
         return average_metrics(outputs)
     return _pipeline_metrics(outputs, objective.metric_names(phase), generator_metrics, objective.mlm_weight,

@@ -81,7 +81,7 @@ def test_per_tensor_statistics_follow_the_scheme(parallel, scheme):
     m = cfg.model
     dims = dict(d=m.d_model, d_kv=m.d_kv, heads=m.num_heads, d_ff=m.d_ff)
     hf = megatron_to_hf({k: v for k, v in d.state_dict().items() if torch.is_tensor(v)},
-                        m.num_heads, m.num_encoder_layers, m.num_decoder_layers)
+                        m)
     seen = set()
     for name, t in hf.items():
         tensor = name.split(".")[-2]

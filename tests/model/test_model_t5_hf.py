@@ -71,11 +71,11 @@ def test_hf_mapping_round_trip(d_and_hf):
     d, hf = d_and_hf
     cfg = d.model_cfg
     ours = {k: v for k, v in d.state_dict().items() if torch.is_tensor(v)}
-    to_hf = megatron_to_hf(ours, cfg.num_heads, cfg.num_encoder_layers, cfg.num_decoder_layers)
+    to_hf = megatron_to_hf(ours, cfg)
     hf_sd = hf.state_dict()
     for k, v in to_hf.items():
         assert torch.equal(v, hf_sd[k]), k
-    back = hf_to_megatron(to_hf, cfg.num_heads, cfg.num_encoder_layers, cfg.num_decoder_layers)
+    back = hf_to_megatron(to_hf, cfg)
     assert set(back) == set(ours)
     for k, v in ours.items():
         assert torch.equal(back[k], v), k

@@ -58,7 +58,7 @@ from spactor_mega.config import Config
 from spactor_mega.curriculum import Phase
 from spactor_mega.model.generator import GeneratorDDP
 from spactor_mega.model.spactor import SpactorObjective
-from spactor_mega.model.stages import allreduce_relative_bias_grads, as_chunks, build_stage_chunks
+from spactor_mega.model.stages import allreduce_shared_grads, as_chunks, build_stage_chunks
 from spactor_mega.parallel import collectives
 from spactor_mega.plan.layout import config_layout, replans_at_tau
 from spactor_mega.training.engines.base import adafactor_state_on, eval_mode, torch_adafactor
@@ -194,7 +194,7 @@ class MegatronEngine:
             for model in engine._models():
                 finalize_model_grads([model], num_tokens)
             if engine.pp > 1:
-                allreduce_relative_bias_grads([c.module for c in engine.d_chunks])
+                allreduce_shared_grads([c.module for c in engine.d_chunks])
 
         config = self.d.config
         config.no_sync_func = no_sync
