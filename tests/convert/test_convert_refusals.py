@@ -30,12 +30,13 @@ def _edited_hf(src, dst, **changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"feed_forward_proj": "relu"}, r"T5 v1\.0 \(ReLU feed-forward\); only T5 v1\.1"),
-    ({"tie_word_embeddings": True, "scale_decoder_outputs": None}, "tied input/output embeddings"),
-    ({"model_type": "bart"}, "model_type 'bart' is not T5"),
+    ({"feed_forward_proj": "gelu"}, r"feed_forward_proj 'gelu'; the feed-forwards that can be imported are relu, "),
+    # a v1.1 folder (two head tensors) whose config asks for v1.0's rescale
+    ({"tie_word_embeddings": True, "scale_decoder_outputs": None}, "an untied LM head with the decoder-output rescale"),
+    ({"model_type": "bart"}, "model_type 'bart' is not of the T5 family"),
     ({"architectures": ["T5EncoderModel"]}, "has no T5ForConditionalGeneration"),
 ])
-def test_from_hf_refuses_what_is_not_t5_v11(random_hf_t5, tmp_path, changes, message):
+def test_from_hf_refuses_what_it_cannot_train(random_hf_t5, tmp_path, changes, message):
     source = _edited_hf(random_hf_t5, tmp_path / "hf", **changes)
     with pytest.raises(ImportRefused, match=message):
         import_from_hf(source, tmp_path / "out")
