@@ -99,9 +99,13 @@ def prepare_checkpoint_dir(save_dir: str | Path, step: int) -> Path:
     return path
 
 
+TOKENIZER_CONFIG = "tokenizer_config.json"  # an HF tokenizer folder's config, copied beside spiece.model
+
+
 def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_file: Optional[Path]) -> Path:
     """After every rank wrote its part of ``path`` (a :func:`prepare_checkpoint_dir` folder;
-    collective): tokenizer, ``run.json`` with every file's size, the folder renamed to
+    collective): tokenizer (``spiece.model``, and the ``tokenizer_config.json`` beside the model file
+    if there is one), ``run.json`` with every file's size, the folder renamed to
     ``iter_NNNNNNN``, then ``latest``; then the retention policy of ``record``'s config. Returns
     the published folder."""
     _barrier()
@@ -110,6 +114,11 @@ def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_
     if _rank() == 0:
         if tokenizer_file is not None:
             shutil.copy(tokenizer_file, path / "spiece.model")
+            # An HF tokenizer's config beside it states its sentinels (e.g. UMT5's extra_ids): kept
+            # with the model file, so the checkpoint's tokenizer numbers them the same way.
+            sentinels = Path(tokenizer_file).parent / TOKENIZER_CONFIG
+            if sentinels.is_file():
+                shutil.copy(sentinels, path / TOKENIZER_CONFIG)
         files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
         save_fault_point("before_record", step)
         _write_durably(path / RUN_RECORD, json.dumps({**record, FILES: files}, indent=2, default=str))

@@ -87,7 +87,7 @@ def head_is_tied(hf_model, source: Path) -> bool:
     return tied
 
 
-def config_for_hf_model(doc: dict, tied: bool, tokenizer_file: Path, tp: int, pp: int):
+def config_for_hf_model(doc: dict, tied: bool, tokenizer: Path, tp: int, pp: int):
     """Our :class:`~spactor_mega.config.Config` for the HF model ``doc`` (sizes and kind from it;
     dropout-free continued pretraining)."""
     cfg = Config()
@@ -107,7 +107,7 @@ def config_for_hf_model(doc: dict, tied: bool, tokenizer_file: Path, tp: int, pp
     # not divide them, so the checkpoint loads under any such TP and no zero-logit rows are added.
     m.make_vocab_size_divisible_by = 1
     m.dropout = 0.0  # continued pretraining; fine-tuning configs on the hub carry 0.1
-    cfg.data.tokenizer = str(tokenizer_file)
+    cfg.data.tokenizer = str(tokenizer)
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
     return cfg
 
@@ -131,8 +131,8 @@ def import_from_hf(hf_dir: str | Path, save_dir: str | Path, *, tp: int = 1, pp:
             bad = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
             raise ImportRefused(f"{hf_dir}: the weights do not fit its config.json ({', '.join(bad[:3])} missing or "
                                 "of another shape)")
-        cfg = config_for_hf_model(doc, head_is_tied(hf, hf_dir), (save_dir / "iter_0000000" / "spiece.model").resolve(),
-                                  tp, pp)
+        # The checkpoint folder, not its spiece.model: a tokenizer_config.json there keeps the sentinels' numbering
+        cfg = config_for_hf_model(doc, head_is_tied(hf, hf_dir), (save_dir / "iter_0000000").resolve(), tp, pp)
         validate(cfg, tp * pp)
         vocab = model_vocab_size(cfg.model, tokenizer.model_vocab_size, tp)
         m = cfg.model
