@@ -42,6 +42,7 @@ class Family:
     extra_ids: int  # tokenizer_config.json's extra_ids: 0 for in-model sentinels
 
 
+# t5-v1_1 stands for Flan-T5 too (the same architecture and files); gated-silu for UL2-style models.
 FAMILIES = {
     f.name: f
     for f in (

@@ -126,8 +126,9 @@ class T5SentencePieceTokenizer:
         if not inside and declared is not None:
             num_sentinels = declared
         if not inside and num_sentinels <= 0:
+            source = f"{config.name} declares none" if declared is not None else "none are asked for"
             raise TokenizerError(
-                f"{folder}: tokenizer has no sentinel tokens (<extra_id_k>): {config.name} declares none and "
+                f"{folder}: tokenizer has no sentinel tokens (<extra_id_k>): {source} and "
                 f"{self.model_file.name} holds none; span corruption needs them: use a T5 tokenizer with "
                 "extra_ids=100 (or an mT5-style model holding them as its top pieces)"
             )

@@ -137,9 +137,13 @@ def test_mt5_sentinel_pieces_leave_ordinary_text_as_it_was(mt5_dir, demo_tokeniz
 
 
 def test_mt5_ids_match_hugging_face_on_the_same_folder(mt5_dir):
-    hf = _hf_tokenizer(mt5_dir)
+    from transformers import T5Tokenizer
+
+    hf = T5Tokenizer.from_pretrained(str(mt5_dir), extra_ids=0)  # as google/mt5-*'s tokenizer_config.json
     ours = T5SentencePieceTokenizer(mt5_dir)
     assert len(hf) == ours.vocab_size
+    assert hf.convert_ids_to_tokens([ours.sentinel_id(k) for k in (0, 1, 99)]) == [
+        "\u2581<extra_id_0>", "\u2581<extra_id_1>", "\u2581<extra_id_99>"]
     texts = demo_texts()
     with_sentinels = _with_spaced_sentinels(texts[:50], 100)
     assert sum(t.count("<extra_id_") for t in with_sentinels) > 100
@@ -193,3 +197,20 @@ def test_sentinels_both_inside_the_model_and_declared_are_refused(mt5_dir, tmp_p
     with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: declares extra_ids 100 but spiece\.model "
                                              r"already holds 100 sentinel pieces"):
         T5SentencePieceTokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mt5", "umt5"])
+def test_hf_extra_ids_writes_the_tokenizer_back_the_same_way(family, demo_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    (tmp_path / "in").mkdir()
+    write_tokenizer(family, tmp_path / "in", demo_tokenizer_dir / "spiece.model")
+    source = T5SentencePieceTokenizer(tmp_path / "in")
+    out = tmp_path / "out"  # what an export writes: the .model and HF's files for hf_extra_ids
+    out.mkdir()
+    shutil.copy(source.model_file, out / "spiece.model")
+    T5Tokenizer.from_pretrained(str(out), extra_ids=source.hf_extra_ids).save_pretrained(str(out))
+    back = T5SentencePieceTokenizer(out)
+    assert (back.sp_size, back.num_sentinels, back.sentinel_id(0), back.mask_id) == (
+        source.sp_size, source.num_sentinels, source.sentinel_id(0), source.mask_id)
+    assert len(AutoTokenizer.from_pretrained(str(out))) == source.vocab_size
