@@ -8,7 +8,7 @@ Reads D's full tensors through the checkpoint reader of the engine that wrote it
 model config from the checkpoint's ``run.json``, maps the tensors to HF names (:mod:`spactor_mega.model.hf_mapping`,
 consuming them, so the whole costs about one copy of the weights) and lets transformers write the
 folder: ``config.json`` (the model's kind: feed-forward, tied or untied head), safetensors shards, a
-``generation_config.json``; plus ``spiece.model`` and the tokenizer files (100 extra ids). G is
+``generation_config.json``; plus ``spiece.model`` and the tokenizer files (the sentinels as the tokenizer had them). G is
 dropped; the RTD head is written to ``rtd_head.safetensors`` only when asked for. The folder
 appears complete or not at all (written under a temporary name, then renamed).
 """
@@ -125,10 +125,11 @@ def write_hf_model(hf_state: dict, model_cfg, vocab_rows: int, folder: Path, max
     config_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
-def write_tokenizer(checkpoint: Path, folder: Path, num_sentinels: int) -> None:
-    """spiece.model plus the files ``AutoTokenizer.from_pretrained`` reads (T5Tokenizer, extra ids)."""
+def write_tokenizer(checkpoint: Path, folder: Path, extra_ids: int) -> None:
+    """spiece.model plus the files ``AutoTokenizer.from_pretrained`` reads (T5Tokenizer with the
+    tokenizer's own ``extra_ids``: 100 for T5, 0 for mT5's sentinels inside the model, UMT5's count)."""
     shutil.copy(checkpoint / "spiece.model", folder / "spiece.model")
-    T5Tokenizer.from_pretrained(str(folder), extra_ids=num_sentinels).save_pretrained(str(folder))
+    T5Tokenizer.from_pretrained(str(folder), extra_ids=extra_ids).save_pretrained(str(folder))
 
 
 def export_to_hf(
@@ -161,7 +162,7 @@ def export_to_hf(
         hf_state = megatron_to_hf(d, m, rows, consume=True, dtype=DTYPES[dtype])
         write_hf_model(hf_state, m, rows, tmp, max_shard_size, DTYPES[dtype])
         del hf_state
-        write_tokenizer(path, tmp, tokenizer.num_sentinels)
+        write_tokenizer(path, tmp, tokenizer.hf_extra_ids)
         if with_rtd_head:
             write_rtd_head(path, weights.get("rtd_head") or {}, tmp, DTYPES[dtype])
     except BaseException:

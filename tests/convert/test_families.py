@@ -49,6 +49,7 @@ def _worker(rank, world_size, imported: dict):
             initialize_parallel(tp, pp, seed=5)
             cfg = checkpoint_config(checkpoint, read_record(checkpoint))
             cfg.spactor.tau = 0.0
+            cfg.optim.lr, cfg.optim.warmup_steps = 1e-2, 1  # steps that change the loss visibly
             tok = T5SentencePieceTokenizer(checkpoint)
             batch = _batch(tok.sp_size)
             d, _, _ = build_spactor_modules(cfg, model_vocab_size(cfg.model, tok.model_vocab_size, tp))
@@ -70,10 +71,11 @@ def _worker(rank, world_size, imported: dict):
 
 
 @pytest.fixture(scope="module")
-def families(tmp_path_factory, hf_family_dirs):
+def families(tmp_path_factory, hf_family):
     from spactor_mega.convert.hf_import import import_from_hf
 
     work = tmp_path_factory.mktemp("families")
+    hf_family_dirs = {family: hf_family(family) for family in FAMILIES}
     imported = {family: {layout: str(import_from_hf(hf_family_dirs[family], work / family / layout, tp=tp, pp=pp))
                          for layout, (tp, pp) in LAYOUTS.items()} for family in FAMILIES}
     ours = run_distributed(_worker, 4, imported, timeout=1200)[0]
