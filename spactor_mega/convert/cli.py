@@ -1,4 +1,4 @@
-"""``spactor convert``: ``to-hf`` (a checkpoint -> HF T5 folder) and ``from-hf`` (HF T5 v1.1 -> checkpoint)."""
+"""``spactor convert``: ``to-hf`` (a checkpoint -> HF T5-family folder) and ``from-hf`` (HF T5, mT5, UMT5 -> checkpoint)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "examples:\n"
         "  spactor convert to-hf runs/demo/checkpoints t5-demo-hf\n"
         "  spactor convert to-hf runs/demo/checkpoints/iter_0000200 t5-demo-hf --dtype bf16 --with-rtd-head\n"
-        "  spactor convert from-hf t5-v1_1-base runs/t5b/checkpoints --tp 2 --pp 1"
+        "  spactor convert from-hf t5-v1_1-base runs/t5b/checkpoints --tp 2 --pp 1\n"
+        "  spactor convert from-hf mt5-base runs/mt5-base/checkpoints   # then: spactor train --config configs/continue-mt5.yaml"
     )
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     to_hf = sub.add_parser(
-        "to-hf", help="a checkpoint (any TP/PP/DP layout, Megatron or DeepSpeed) -> HF T5ForConditionalGeneration",
-        description="Writes a folder that T5ForConditionalGeneration.from_pretrained and AutoTokenizer.from_pretrained "
+        "to-hf", help="a checkpoint (any TP/PP/DP layout, Megatron or DeepSpeed) -> HF T5/MT5/UMT5ForConditionalGeneration",
+        description="Writes a folder that the model's class (model.hf_model_type) and AutoTokenizer.from_pretrained "
                     "load: config.json, safetensors weights, generation_config.json, spiece.model and tokenizer files. "
                     "The generator G is dropped.",
     )
@@ -30,11 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf.add_argument("--force", action="store_true", help="replace an existing output folder")
 
     from_hf = sub.add_parser(
-        "from-hf", help="an HF T5 v1.1 model -> a checkpoint to continue pretraining with SpacTor",
+        "from-hf", help="an HF T5 (v1.0, v1.1, Flan-T5, gated-SiLU), mT5 or UMT5 model -> a checkpoint to continue "
+                        "pretraining with SpacTor",
         description="Writes a training save dir (iter_0000000/, latest, config.yaml) holding D's weights; training "
-                    "from it (--train.resume SAVE_DIR) starts G, the RTD head and the optimizers afresh.",
+                    "from it (--train.resume SAVE_DIR) starts G, the RTD head, the optimizers and the step afresh.",
     )
-    from_hf.add_argument("hf_dir", help="HF model folder: config.json, weights, spiece.model")
+    from_hf.add_argument("hf_dir", help="HF model folder: config.json, weights, spiece.model, tokenizer_config.json")
     from_hf.add_argument("checkpoint", help="output save dir (must not exist unless --force)")
     from_hf.add_argument("--tp", type=int, default=1, help="tensor-parallel size to train with (vocab padding)")
     from_hf.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to train with (recorded)")
