@@ -1,7 +1,7 @@
 """Every public T5 family in and out exactly: T5 v1.0 (ReLU, tied head), T5 v1.1 / Flan-T5, mT5,
 UMT5 (a bias table per layer) and a UL2-style gated-SiLU T5, each a small random HF folder
 (tests/hf_families.py). Imported for TP = 1 and for TP = 2 x PP = 2: our encoder states and logits
-equal HF's (TP = 1), our loss equals HF's and training follows the TP = 1 run step for step
+equal HF's (under PP through Megatron's pipeline schedule), our loss equals HF's and training follows the TP = 1 run step for step
 (TP = 2 x PP = 2, where a tied head's copy on the last stage is summed with the embedding);
 exported back, every tensor is bitwise the original's and the config loads into the same class."""
 
@@ -27,6 +27,33 @@ def _batch(sp_size):
     from spactor_mega.model.synthetic import synthetic_batch
 
     return synthetic_batch(4, 20, 7, sp_size=sp_size, seed=11, pad_rows=1, with_mlm=False)  # one padded row
+
+
+def _pipeline_outputs(chunks, batch) -> list:
+    """A forward-only pass of Megatron's pipeline schedule over D's stages; on the last stage the
+    encoder states and the full-vocabulary logits (TP-gathered), batch-first; elsewhere []."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from spactor_mega.parallel.tensor_shards import gather_tp_tensor
+
+    s_dec = batch["dec_input"].size(1)
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        out = model.stage_forward(b["enc_tokens"] if model.pre_process else None, b["dec_input"], b["enc_mask"])
+
+        def outputs(output):
+            encoder, decoder = output
+            logits = gather_tp_tensor(model.lm_logits(decoder)[:s_dec], dim=-1)
+            return decoder.new_zeros(()), {"encoder": encoder.transpose(0, 1).clone(), "logits": logits.transpose(0, 1).clone()}
+
+        return out, outputs
+
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=chunks, num_microbatches=1,
+            seq_length=chunks[0].packed_length(batch["enc_tokens"].size(1), s_dec),
+            micro_batch_size=batch["enc_tokens"].size(0), forward_only=True)
 
 
 def _worker(rank, world_size, imported: dict):
@@ -55,19 +82,26 @@ def _worker(rank, world_size, imported: dict):
             d, _, _ = build_spactor_modules(cfg, model_vocab_size(cfg.model, tok.model_vocab_size, tp))
             for chunk in as_chunks(d):
                 load_model_weights(checkpoint, chunk)
-            if (tp, pp) == (1, 1) and rank == 0:
-                d.eval()
-                with torch.no_grad():
-                    o = d(batch["enc_tokens"], batch["dec_input"], batch["enc_mask"])
-                out[f"{family}/outputs"] = {"encoder": o.encoder_hidden.transpose(0, 1).clone(),
-                                            "logits": o.lm_logits.transpose(0, 1).clone()}
-                d.train()
+            for chunk in as_chunks(d):
+                chunk.eval()
+            if pp == 1:
+                if rank == 0:
+                    with torch.no_grad():
+                        o = d(batch["enc_tokens"], batch["dec_input"], batch["enc_mask"])
+                    out[f"{family}/{layout}/outputs"] = {"encoder": o.encoder_hidden.transpose(0, 1).clone(),
+                                                         "logits": o.lm_logits.transpose(0, 1).clone()}
+            else:
+                found = _pipeline_outputs(as_chunks(d), batch)
+                if found and rank == world_size - 1:  # the last stage's TP rank 1
+                    out[f"{family}/{layout}/outputs"] = found[0]
+            for chunk in as_chunks(d):
+                chunk.train()
             objective = SpactorObjective.from_config(cfg, mask_id=tok.mask_id, sample_vocab_size=tok.sp_size)
             engine = build_engine(cfg, d, None, None, objective, False)
             out[f"{family}/{layout}"] = [engine.train_step([batch], Phase.SC_ONLY)["loss"] for _ in range(STEPS)]
             del engine, d
     destroy_parallel()
-    return out if rank == 0 else None
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +112,7 @@ def families(tmp_path_factory, hf_family):
     hf_family_dirs = {family: hf_family(family) for family in FAMILIES}
     imported = {family: {layout: str(import_from_hf(hf_family_dirs[family], work / family / layout, tp=tp, pp=pp))
                          for layout, (tp, pp) in LAYOUTS.items()} for family in FAMILIES}
-    ours = run_distributed(_worker, 4, imported, timeout=1200)[0]
+    ours = {k: v for rank in run_distributed(_worker, 4, imported, timeout=1200) for k, v in rank.items()}
     return {"work": work, "imported": imported, "ours": ours, "hf": hf_family_dirs}
 
 
@@ -98,7 +132,7 @@ def _hf_model(folder: Path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_imported_model_computes_what_hf_computes(families, family):
-    """TP = 1: encoder states and logits within 1e-5; TP = 1 and TP = 2 x PP = 2: the first loss is
+    """TP = 1 and TP = 2 x PP = 2: encoder states and logits within 1e-5 of HF's, the first loss
     HF's loss on the batch (rel 1e-5), and the next steps agree between the layouts (rel 1e-5)."""
     from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
 
@@ -109,8 +143,9 @@ def test_imported_model_computes_what_hf_computes(families, family):
         ref = hf(input_ids=b["enc_tokens"], attention_mask=b["enc_mask"].long(), decoder_input_ids=b["dec_input"])
         loss = hf(input_ids=b["enc_tokens"], attention_mask=b["enc_mask"].long(), labels=labels).loss.item()
     ours = families["ours"]
-    _close(ours[f"{family}/outputs"]["encoder"], ref.encoder_last_hidden_state)
-    _close(ours[f"{family}/outputs"]["logits"][..., : ref.logits.shape[-1]], ref.logits)
+    for layout in LAYOUTS:
+        _close(ours[f"{family}/{layout}/outputs"]["encoder"], ref.encoder_last_hidden_state)
+        _close(ours[f"{family}/{layout}/outputs"]["logits"][..., : ref.logits.shape[-1]], ref.logits)
     tp1, tp2pp2 = ours[f"{family}/tp1"], ours[f"{family}/tp2pp2"]
     assert tp1[0] == pytest.approx(loss, rel=1e-5) and tp2pp2[0] == pytest.approx(loss, rel=1e-5), (tp1, tp2pp2, loss)
     assert tp2pp2 == pytest.approx(tp1, rel=1e-5) and tp1[-1] < tp1[0], (tp1, tp2pp2)
