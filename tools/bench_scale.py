@@ -14,8 +14,9 @@ ratios the model derives them from can:
     (``tests/plan/test_scale.py`` asserts the same at DP = 2);
 (d) activation memory: the dry run's estimate (``plan/memory.py``) against the bytes autograd keeps
     for D's stacks (``saved_tensors_hooks``), in bytes, per precision and recompute mode, at the
-    shapes ``tests/plan/test_activation_memory.py`` holds within 10% and at this bench's model
-    (``--device cuda`` on a GPU: D there, the GPU estimate).
+    shapes ``tests/plan/test_activation_memory.py`` holds to the byte and at this bench's model
+    (``--device cuda`` on a GPU: D there, the GPU estimate), also for T5 v1.0's ReLU feed-forward
+    and UMT5's bias table per layer.
 
 Usage: python tools/bench_scale.py [--parts a,b,c,d] [--d-model 256 --layers 4 --encoder-length 128]
 """
@@ -43,7 +44,7 @@ from spactor_mega.parallel.testing import run_distributed  # noqa: E402
 from spactor_mega.plan.layout import bubble_fraction  # noqa: E402
 from spactor_mega.plan.memory import RECOMPUTE  # noqa: E402
 from spactor_mega.plan.scale import Hardware, predict  # noqa: E402
-from tests.plan.test_activation_memory import SHAPES, Shape, activation_rows  # noqa: E402
+from tests.plan.test_activation_memory import KINDS, SHAPES, Shape, activation_rows  # noqa: E402
 from tests.plan.test_scale import (  # noqa: E402
     count_step_collectives,
     padding_bound,
@@ -93,7 +94,8 @@ def recompute_times(cfg, steps: int) -> dict[tuple[str, str], float]:
 
 def activation_memory_rows(cfg, device: str) -> list[list]:
     """The dry run's activation estimate (``plan/memory.py``) beside the bytes autograd keeps for
-    D's stacks, at the shapes tests/plan/test_activation_memory.py holds and at this bench's model."""
+    D's stacks, at the shapes and model kinds tests/plan/test_activation_memory.py holds and at this
+    bench's model."""
     decoder_length = batches(cfg, 1, False)[1].decoder_length
     m = cfg.model
     bench = Shape("bench", d_model=m.d_model, heads=m.num_heads, d_kv=m.d_kv, d_ff=m.d_ff,
@@ -101,7 +103,7 @@ def activation_memory_rows(cfg, device: str) -> list[list]:
                   micro_batch=cfg.train.micro_batch_size, encoder_length=cfg.data.encoder_seq_length,
                   decoder_length=decoder_length, dropout=m.dropout)
     rows = []
-    for shape, precision, recompute, estimate, measured in activation_rows((*SHAPES, bench), device):
+    for shape, precision, recompute, estimate, measured in activation_rows((*SHAPES, *KINDS, bench), device):
         described = (f"{shape.name}: d_model {shape.d_model}, {shape.heads}x{shape.d_kv} heads, d_ff {shape.d_ff}, "
                      f"{shape.encoder_layers}+{shape.decoder_layers} layers, {shape.micro_batch} x "
                      f"{shape.encoder_length}/{shape.decoder_length}, dropout {shape.dropout}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spactor_mega.config import Config
+from spactor_mega.config import Config, ModelConfig
 from spactor_mega.curriculum import Phase
 from spactor_mega.data.span_corruption import (
     mlm_capacity,
@@ -23,10 +23,18 @@ from spactor_mega.plan.scale import Hardware, describe_scale, predict
 
 
 def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
-    """Parameter counts of D (T5 v1.1), G (without the shared embedding) and the RTD head."""
+    """Parameter counts of D (a T5 of ``model``'s kind), G (without the shared embedding) and the RTD head."""
     return {"discriminator": count(t5_parameter_shapes(cfg.model, vocab_size)),
             "generator": count(generator_parameter_shapes(cfg)),
             "rtd_head": count(rtd_head_parameter_shapes(cfg.model.d_model))}
+
+
+def describe_kind(m: ModelConfig) -> str:
+    """The model's kind in one line: feed-forward, LM head, position bias, HF model type."""
+    head = "tied to the embedding (decoder output x d_model**-0.5)" if m.tie_word_embeddings else "untied"
+    bias = "one per layer" if m.relative_attention_per_layer else "one per stack"
+    return (f"model: feed-forward {m.feed_forward}, LM head {head}, relative position bias {bias}, "
+            f"HF model type {m.hf_model_type}")
 
 
 def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None,
@@ -41,6 +49,7 @@ def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None
     lines = [
         "config is valid",
         f"lengths: raw {raw} -> encoder {s} + decoder {targets} tokens ({spans} spans)",
+        describe_kind(cfg.model),
         f"parameters (vocab {vocab_size}): D {counts['discriminator'] / 1e6:,.1f}M, "
         f"G {counts['generator'] / 1e6:,.1f}M ({generator_num_layers(cfg)} layers, embedding shared), "
         f"RTD head {counts['rtd_head'] / 1e6:,.2f}M",

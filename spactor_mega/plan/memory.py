@@ -60,7 +60,8 @@ class _Shapes:
     """One rank's sizes: ``e`` bytes per activation element, ``b`` rows, ``h`` d_model, ``hq`` the
     rank's query width (heads / TP x d_kv), ``a`` its heads, ``f`` its d_ff, ``shard`` the share of the
     sequence an ``[s, b, h]`` tensor holds (1 / TP with sequence parallelism), ``mask`` bytes per
-    element of a dropout mask (0 without dropout), ``device`` where the attention kernels run."""
+    element of a dropout mask (0 without dropout), ``device`` where the attention kernels run,
+    ``gated`` the feed-forward's kind, ``layer_bias`` a position-bias table per layer (UMT5)."""
 
     e: int
     b: int
@@ -72,6 +73,8 @@ class _Shapes:
     dropout: float
     mask: int
     device: str
+    gated: bool
+    layer_bias: bool
 
     def hidden(self, s: int) -> float:
         """An ``[s, b, h]`` activation: a linear's input, a kept layer input."""
@@ -86,9 +89,18 @@ class _Shapes:
         return s * self.b * self.h * self.mask * self.shard
 
     def mlp(self, s: int) -> float:
-        """Megatron's gated MLP: fc1's output (2 f), GELU's output, the linear half plus
-        ``glu_linear_offset`` (a copy), their product (fc2's input)."""
-        return 5 * s * self.b * self.f * self.e
+        """Megatron's gated MLP: fc1's output (2 f, read by GELU's or SiLU's backward), the
+        activation's output, the linear half plus ``glu_linear_offset`` (a copy), their product
+        (fc2's input). The ungated ReLU MLP: ReLU's output alone (its backward reads the output,
+        and it is fc2's input)."""
+        return (5 if self.gated else 1) * s * self.b * self.f * self.e
+
+    def own_bias(self, s: int) -> float:
+        """A layer's own position bias (UMT5) outside a checkpoint: the embedding lookup's int64
+        bucket indices ``[s, s]`` (each layer's table caches its own) and, on CUDA, the bias
+        ``[1, heads, s, s]`` the fused kernel keeps (the decoder's: the table's plus the mask, a new
+        tensor per layer). Inside a checkpoint (selective, full) nothing: it is built there."""
+        return 8 * s * s + (self.device == "cuda") * self.a * s * s * self.e
 
 
 def _shapes(cfg: Config, device: str) -> _Shapes:
@@ -99,7 +111,8 @@ def _shapes(cfg: Config, device: str) -> _Shapes:
     mask = 0 if m.dropout == 0 else (1 if device == "cuda" else e)
     return _Shapes(e=e, b=cfg.train.micro_batch_size, h=m.d_model, hq=m.num_heads * m.d_kv // tp,
                    a=m.num_heads / tp, f=m.d_ff / tp, shard=1 / tp if p.sequence_parallel else 1.0,
-                   dropout=m.dropout, mask=mask, device=device)
+                   dropout=m.dropout, mask=mask, device=device, gated=m.feed_forward != "relu",
+                   layer_bias=m.relative_attention_per_layer)
 
 
 def _core_attention(x: _Shapes, s_q: int, s_kv: int, self_attention: bool, recompute: str) -> float:
@@ -108,7 +121,7 @@ def _core_attention(x: _Shapes, s_q: int, s_kv: int, self_attention: bool, recom
     projections = x.b * x.hq * x.e * (3 * s_q if self_attention else s_q + 2 * s_kv)
     proj_input = s_q * x.b * x.hq * x.e
     if recompute == "selective":  # Megatron's checkpoint keeps q, k, v (and the bias); recomputes the rest
-        return projections + proj_input
+        return projections + proj_input + 4  # + the mask type, which it passes as an int32 tensor
     fused = x.device == "cuda" or (not self_attention and x.dropout == 0)
     if fused:
         # SDPA's fused kernels (CUDA: memory-efficient attention, bias and dropout included; CPU:
@@ -134,8 +147,10 @@ def _core_attention(x: _Shapes, s_q: int, s_kv: int, self_attention: bool, recom
 def _layer(x: _Shapes, s: int, s_enc: int, cross: bool, recompute: str) -> float:
     """One T5 layer without checkpointing (``recompute`` none or selective): per block the pre-norm,
     the first linear's input, the block, the residual dropout; the decoder's cross-attention reads
-    the encoder output, which the stack counts once (:func:`_stack`)."""
+    the encoder output, which the stack counts once (:func:`_stack`); a layer's own position bias."""
     attention = x.norm(s) + x.hidden(s) + _core_attention(x, s, s, True, recompute) + x.drop(s)
+    if x.layer_bias and recompute == "none":
+        attention += x.own_bias(s)
     mlp = x.norm(s) + x.hidden(s) + x.mlp(s) + x.drop(s)
     if cross:
         attention += x.norm(s) + x.hidden(s) + _core_attention(x, s, s_enc, False, recompute) + x.drop(s)
@@ -147,7 +162,9 @@ def _stack(x: _Shapes, cfg: Config, layers: int, s: int, s_enc: int, decoder: bo
     (the embedding's saved indices), the embedding's and the final dropout, the final norm, the
     position bias' bucket indices (int64 ``[s, s]``), the bias itself where the fused kernel or a
     checkpoint keeps it (``[1, heads, s, s]``, one tensor for all layers), the decoder's causal mask
-    (bool ``[s, s]``) and the encoder output its cross-attentions read."""
+    (bool ``[s, s]``) and the encoder output its cross-attentions read. With a table per layer
+    (UMT5) the layers count their own bias (:meth:`_Shapes.own_bias`) and the stack keeps only the
+    decoder's additive causal mask (``[1, 1, s, s]``), where checkpoints take it as an input."""
     if layers == 0:
         return 0.0
     m = cfg.model
@@ -162,9 +179,12 @@ def _stack(x: _Shapes, cfg: Config, layers: int, s: int, s_enc: int, decoder: bo
             per_layers = -(-layers // n) * x.hidden(s)
     else:
         per_layers = layers * _layer(x, s, s_enc, decoder, recompute)
-    keeps_bias = x.device == "cuda" or recompute != "none"
-    once = (8 * x.b * s + 2 * x.drop(s) + x.norm(s) + 8 * s * s + keeps_bias * x.a * s * s * x.e
-            + decoder * (s * s + x.hidden(s_enc)))
+    if x.layer_bias:
+        bias = decoder * (recompute != "none") * s * s * x.e
+    else:
+        keeps_bias = x.device == "cuda" or recompute != "none"
+        bias = 8 * s * s + keeps_bias * x.a * s * s * x.e + decoder * s * s
+    once = 8 * x.b * s + 2 * x.drop(s) + x.norm(s) + bias + decoder * x.hidden(s_enc)
     return per_layers + once
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 from spactor_mega.config import Config, ConfigError
 from spactor_mega.parallel.cpu_compat import import_deepspeed
 from spactor_mega.plan.derived import uses_bf16
+from spactor_mega.plan.flops import feed_forward_matmuls
 
 from .megatron import (
     model_state_bytes as replicated_state_bytes,  # ZeRO-0 keeps what plain DDP keeps
@@ -278,7 +279,8 @@ def _deepspeed_estimate(cfg: Config, total_params: int, dp: int) -> str:
         cpu, gpu = deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs(
             total_params, dp, 1, cpu_offload=z.offload_optimizer != "none")
     else:
-        largest = max(m.d_model * 2 * m.d_ff + m.d_model * m.d_ff, 4 * m.d_model * m.num_heads * m.d_kv)
+        # the largest layer: a feed-forward (two or three d_model x d_ff matrices) or the attention's four
+        largest = max(feed_forward_matmuls(m.feed_forward) * m.d_model * m.d_ff, 4 * m.d_model * m.num_heads * m.d_kv)
         cpu, gpu, _ = deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs(
             total_params, largest, dp, 1, cpu_offload=z.offload_optimizer != "none",
             cpu_offload_params=z.offload_param != "none", zero_init=False,
