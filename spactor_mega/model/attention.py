@@ -134,10 +134,13 @@ class RelativePositionBias(MegatronModule):
             num_buckets, self.heads_per_partition, dtype=config.params_dtype, device=_param_device(config)
         ))
         tensor_parallel.set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
-        self._buckets: dict = {}
+
+    # Shared by every table of the same bucketing (not one per instance): UMT5's per-layer tables
+    # then look up one index tensor, which autograd keeps once for the stack, not once per layer.
+    _buckets: dict = {}
 
     def _bucket_table(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-        key = (q_len, k_len, str(device))
+        key = (q_len, k_len, str(device), self.bidirectional, self.num_buckets, self.max_distance)
         table = self._buckets.get(key)
         if table is None:
             ctx = torch.arange(q_len, dtype=torch.long, device=device)[:, None]

@@ -96,11 +96,11 @@ class _Shapes:
         return (5 if self.gated else 1) * s * self.b * self.f * self.e
 
     def own_bias(self, s: int) -> float:
-        """A layer's own position bias (UMT5) outside a checkpoint: the embedding lookup's int64
-        bucket indices ``[s, s]`` (each layer's table caches its own) and, on CUDA, the bias
-        ``[1, heads, s, s]`` the fused kernel keeps (the decoder's: the table's plus the mask, a new
-        tensor per layer). Inside a checkpoint (selective, full) nothing: it is built there."""
-        return 8 * s * s + (self.device == "cuda") * self.a * s * s * self.e
+        """A layer's own position bias (UMT5) outside a checkpoint: on CUDA, the bias ``[1, heads,
+        s, s]`` the fused kernel keeps (the decoder's: the table's plus the mask, a new tensor per
+        layer); its int64 bucket indices are shared by the stack's tables and counted once there
+        (:func:`_stack`). Inside a checkpoint (selective, full) nothing: it is built there."""
+        return (self.device == "cuda") * self.a * s * s * self.e
 
 
 def _shapes(cfg: Config, device: str) -> _Shapes:
@@ -163,8 +163,9 @@ def _stack(x: _Shapes, cfg: Config, layers: int, s: int, s_enc: int, decoder: bo
     position bias' bucket indices (int64 ``[s, s]``), the bias itself where the fused kernel or a
     checkpoint keeps it (``[1, heads, s, s]``, one tensor for all layers), the decoder's causal mask
     (bool ``[s, s]``) and the encoder output its cross-attentions read. With a table per layer
-    (UMT5) the layers count their own bias (:meth:`_Shapes.own_bias`) and the stack keeps only the
-    decoder's additive causal mask (``[1, 1, s, s]``), where checkpoints take it as an input."""
+    (UMT5) the layers count their own bias (:meth:`_Shapes.own_bias`) and the stack keeps the bucket
+    indices their tables share (outside checkpoints) or the decoder's additive causal mask (``[1, 1,
+    s, s]``, which checkpoints take as an input)."""
     if layers == 0:
         return 0.0
     m = cfg.model
@@ -179,8 +180,8 @@ def _stack(x: _Shapes, cfg: Config, layers: int, s: int, s_enc: int, decoder: bo
             per_layers = -(-layers // n) * x.hidden(s)
     else:
         per_layers = layers * _layer(x, s, s_enc, decoder, recompute)
-    if x.layer_bias:
-        bias = decoder * (recompute != "none") * s * s * x.e
+    if x.layer_bias:  # the shared bucket indices outside checkpoints; the decoder's mask into them
+        bias = (recompute == "none") * 8 * s * s + decoder * (recompute != "none") * s * s * x.e
     else:
         keeps_bias = x.device == "cuda" or recompute != "none"
         bias = 8 * s * s + keeps_bias * x.a * s * s * x.e + decoder * s * s
