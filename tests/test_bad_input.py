@@ -69,6 +69,20 @@ def test_a_hang_factor_that_is_no_multiple_of_the_median(preset, capsys):
         "spactor train: error: train.hang_factor must be 0 (off) or above 1 (a multiple of the median step), got 0.5")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--model.feed_forward", "gated-relu"),
+     "model.feed_forward must be one of relu, gated-gelu, gated-silu, got 'gated-relu'"),
+    (("--model.hf_model_type", "umt5"),
+     "model.relative_attention_per_layer=False does not fit model.hf_model_type=umt5: UMT5 has a bias table per "
+     "layer, T5 and mT5 one per stack; change one of them"),
+    (("--model.hf_model_type", "mt5", "--model.tie_word_embeddings", "true"),
+     "model.tie_word_embeddings=true with model.hf_model_type=mt5: HF's MT5 never rescales a tied head; use "
+     "hf_model_type t5 for a tied model"),
+])
+def test_a_model_kind_that_no_t5_has_is_refused(preset, capsys, flags, message):
+    assert refused(capsys, "train", "--config", str(preset[0]), *flags) == f"spactor train: error: {message}"
+
+
 def test_lr_below_the_default_min_lr_is_our_line_not_megatrons_assert(preset):
     """As a user runs it: a fresh `spactor` process (before the check, Megatron's scheduler died in
     `assert self.max_lr >= self.min_lr`)."""
