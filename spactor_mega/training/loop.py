@@ -58,6 +58,7 @@ from spactor_mega.training.metrics import RunLogger, mean_over_data_parallel
 from spactor_mega.training.nonfinite import SkippedSteps, inject_test_nan
 from spactor_mega.training.numerics import set_float_numerics
 from spactor_mega.training.preemption import StopRequests, inject_test_fault
+from spactor_mega.training.tau_signals import hybrid_signals
 from spactor_mega.training.watchdog import HangWatchdog, point_flight_recorder_dump
 
 
@@ -280,8 +281,9 @@ def evaluate(engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int, 
         result.update({name: replaced[k] for k, name in HYBRID_EVAL_NAMES.items() if k in replaced})
     # The same batches: the SC-only objective reads their span-corruption fields, not the MLM ones.
     clean = engine.eval_step(micro_batches, Phase.SC_ONLY)
-    return mean_over_data_parallel({**{k: clean[k] for k in ("sc_loss", "sc_accuracy", "z_loss") if k in clean},
-                                    **result})
+    evaluation = mean_over_data_parallel({**{k: clean[k] for k in ("sc_loss", "sc_accuracy", "z_loss") if k in clean},
+                                          **result})
+    return {**evaluation, **hybrid_signals(evaluation)}
 
 
 def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: int, checkpoint, record) -> Engine:

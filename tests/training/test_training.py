@@ -1,6 +1,7 @@
 """The trainer end to end on tiny models: exact resume across tau, the stage switch, learning."""
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,14 @@ def test_validation_sc_loss_is_on_clean_inputs_before_tau(work):
     assert {"sc_loss", "sc_loss_replaced", "rtd_loss", "mlm_loss", "hybrid_loss", "rtd_recall"} <= set(hybrid)
     assert hybrid["sc_loss"] == sc["sc_loss"] and hybrid["sc_accuracy"] == sc["sc_accuracy"]
     assert hybrid["sc_loss_replaced"] != hybrid["sc_loss"]  # D reading G's replacements is another curve
+    # the signals of spactor_mega/training/tau_signals.py, from the same evaluation
+    p = hybrid["replaced_fraction"]
+    prior = -p * math.log(p) - (1 - p) * math.log(1 - p)
+    assert hybrid["rtd_prior_entropy"] == pytest.approx(prior, rel=1e-12)
+    assert hybrid["rtd_info_gain"] == pytest.approx(prior - hybrid["rtd_loss"], rel=1e-12)
+    assert hybrid["rtd_info_gain_fraction"] == pytest.approx(hybrid["rtd_info_gain"] / prior, rel=1e-12)
+    assert hybrid["sc_replaced_gap"] == pytest.approx(hybrid["sc_loss_replaced"] - hybrid["sc_loss"], rel=1e-12)
+    assert not {"rtd_info_gain", "sc_replaced_gap"} & set(sc)  # hybrid evaluations only
 
 
 def test_config_rejections_name_the_field(tmp_path):
