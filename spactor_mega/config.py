@@ -22,7 +22,7 @@ import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -99,6 +99,27 @@ class GeneratorConfig:
     temperature: float = 1.0  # Gumbel-max sampling temperature
 
 
+AUTO_TAU_SIGNALS = ("rtd_gain", "sc_gap", "grad_cosine")  # AutoTauConfig.signal
+
+
+@dataclass
+class AutoTauConfig:
+    """With spactor.tau: auto, the hybrid phase ends where the chosen signal says it stops helping."""
+
+    # rtd_gain | sc_gap | grad_cosine: what is measured every `interval` steps; rtd_gain: a hybrid validation's
+    # RTD information gain (nats), past the threshold below threshold x its peak so far; sc_gap: its SC-loss
+    # gap of replaced vs clean input, likewise; grad_cosine: the cosine of D's SC and auxiliary gradients on
+    # a fixed validation micro-batch (two extra backward passes), past the threshold at or below it
+    signal: str = "rtd_gain"
+    threshold: float = 0.5  # rtd_gain, sc_gap: a fraction of the signal's peak in (0, 1); grad_cosine: a cosine
+    patience: int = 3  # consecutive measurements past the threshold that end the hybrid phase there
+    min_steps: int = 1000  # the hybrid phase lasts at least this many steps
+    # ... and at most this many: tau is max_steps when the signal never says stop (the bound the FLOPs
+    # model, the memory plan and --dry-run assume)
+    max_steps: int = 100000
+    interval: int = 500  # steps between measurements
+
+
 @dataclass
 class SpactorConfig:
     """The objective: span corruption, MLM on top, RTD, and the two-stage curriculum."""
@@ -106,7 +127,10 @@ class SpactorConfig:
     noise_density: float = 0.15  # fraction of a chunk's tokens span corruption replaces (T5: 0.15)
     mean_noise_span_length: float = 3.0  # mean length of a corrupted span (T5: 3)
     mlm_fraction: float = 0.15  # of SC input tokens that are not sentinels, EOS or pad
-    tau: float = 0  # first SC-only step; 0 = plain T5, inf = hybrid throughout
+    # first SC-only step; 0 = plain T5, inf = hybrid throughout, auto = where the run's own signals say
+    # (spactor.auto_tau)
+    tau: Union[float, str] = 0
+    auto_tau: AutoTauConfig = field(default_factory=AutoTauConfig)  # how tau: auto decides
     mlm_weight: float = 1.0  # weight of G's MLM loss in the hybrid phase
     rtd_weight: float = 10.0  # weight of D's replaced-token-detection loss in the hybrid phase
     z_loss: float = 0.0  # T5X's auxiliary z-loss on D's LM logits, z_loss * log(Z)^2 (T5X default 1e-4; 0: off)
@@ -278,14 +302,49 @@ def _section_types() -> dict[str, type]:
     return {name: hints[name] for name in SECTIONS}
 
 
+def _subsections() -> dict[str, type]:
+    """``{"section" or "section.sub": its dataclass}``: the sections and, inside them, the fields
+    that are sections of their own (``spactor.auto_tau``), set as ``section.sub.field``."""
+    out = {}
+
+    def walk(prefix: str, cls: type) -> None:
+        out[prefix] = cls
+        for name, hint in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(hint):
+                walk(f"{prefix}.{name}", hint)
+
+    for name, cls in _section_types().items():
+        walk(name, cls)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def leaf_fields() -> dict[str, tuple[Any, Any]]:
+    """``{name: (type, default)}`` of every field a user sets, named ``section.field`` or
+    ``section.sub.field``, in the schema's order."""
+    out = {}
+    for prefix, cls in _subsections().items():
+        hints, defaults = typing.get_type_hints(cls), cls()
+        for f in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(hints[f.name]):
+                out[f"{prefix}.{f.name}"] = (hints[f.name], getattr(defaults, f.name))
+    return dict(sorted(out.items(), key=lambda item: list(_subsections()).index(item[0].rsplit(".", 1)[0])))
+
+
 def _parse_value(raw: str, annotation: Any) -> Any:
-    """Parses a command-line string into the field's declared type."""
+    """Parses a command-line string into the field's declared type (a union: the first that parses)."""
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin is typing.Union and args:
-        if raw.lower() in ("none", "null", ""):
+        if type(None) in typing.get_args(annotation) and raw.lower() in ("none", "null", ""):
             return None
-        return _parse_value(raw, args[0])
+        errors = []
+        for arg in args:
+            try:
+                return _parse_value(raw, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
     if annotation is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
@@ -301,14 +360,35 @@ def _parse_value(raw: str, annotation: Any) -> Any:
     return raw
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+def _numbers_as_floats(value: Any, annotation: Any) -> Any:
+    """YAML reads `.inf` and `1e-3` as floats but `100` as an int: a float field gets a float."""
+    floats = annotation is float or (typing.get_origin(annotation) is typing.Union and float in typing.get_args(annotation))
+    return float(value) if floats and isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def set_field(cfg: "Config", name: str, value: Any, where: str = "config") -> None:
+    """Sets the field ``name`` (``section.field`` or ``section.sub.field``); a mapping given for a
+    subsection sets its fields. Unknown names are refused naming the known ones."""
+    section, _, rest = name.partition(".")
     if section not in SECTIONS:
         raise ConfigError(f"{where}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
-    sub = getattr(cfg, section)
-    names = {f.name for f in dataclasses.fields(sub)}
-    if key not in names:
-        raise ConfigError(f"{where}: unknown field {section}.{key}; known: {', '.join(sorted(names))}")
-    setattr(sub, key, value)
+    target, path, keys = getattr(cfg, section), section, rest.split(".")
+    for i, key in enumerate(keys):
+        names = {f.name for f in dataclasses.fields(target)}
+        if key not in names:
+            raise ConfigError(f"{where}: unknown field {path}.{key}; known: {', '.join(sorted(names))}")
+        path = f"{path}.{key}"
+        if i < len(keys) - 1:
+            target = getattr(target, key)
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(f"{where}: {path} is a field, not a section")
+    if dataclasses.is_dataclass(getattr(target, key)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {path} must be a mapping of its fields")
+        for sub, sub_value in value.items():
+            set_field(cfg, f"{path}.{sub}", sub_value, where)
+        return
+    setattr(target, key, _numbers_as_floats(value, leaf_fields()[path][0]))
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
@@ -333,14 +413,11 @@ def config_from_dict(doc: Any, where: str, cfg: Optional[Config] = None) -> Conf
     cfg = cfg or Config()
     if not isinstance(doc, dict):
         raise ConfigError(f"{where}: expected a mapping of sections, got {type(doc).__name__}")
-    hints = {name: typing.get_type_hints(t) for name, t in _section_types().items()}
     for section, values in doc.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping")
         for key, value in values.items():
-            if section in hints and key in hints[section] and hints[section][key] is float and value is not None:
-                value = float(value)  # YAML reads `.inf` and `1e-3` fine, but `100` as int
-            _apply(cfg, section, key, value, where)
+            set_field(cfg, f"{section}.{key}", value, where)
     return cfg
 
 
@@ -357,7 +434,7 @@ def field_comments() -> dict[str, str]:
     lines = source.splitlines()
     trailing = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
                 if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1].lstrip()[:1] != "#"}
-    sections = {t.__name__: name for name, t in _section_types().items()}
+    sections = {t.__name__: name for name, t in _subsections().items()}
     out = {}
     for node in ast.parse(source).body:
         if not (isinstance(node, ast.ClassDef) and node.name in sections):
@@ -370,37 +447,38 @@ def field_comments() -> dict[str, str]:
                     i -= 1
                 after = [trailing[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in trailing]
                 out[f"{sections[node.name]}.{stmt.target.id}"] = _comment_text(above + after)
-    return out
+    return {name: out[name] for name in leaf_fields()}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``--config`` and one ``--section.field`` flag per config field."""
     parser.add_argument("--config", help="YAML preset (see configs/); flags below override it")
+    fields = leaf_fields()
     for section, section_type in _section_types().items():
         group = parser.add_argument_group(f"{section} ({section_type.__doc__ or ''}".strip() + ")")
-        defaults = section_type()
-        for f in dataclasses.fields(section_type):
-            default = getattr(defaults, f.name)
+        for name, (_, default) in fields.items():
+            if name.split(".")[0] != section:
+                continue
             group.add_argument(
-                f"--{section}.{f.name}",
-                dest=f"cfg:{section}.{f.name}",
+                f"--{name}",
+                dest=f"cfg:{name}",
                 metavar="VALUE",
                 default=argparse.SUPPRESS,
-                help=f"{field_comments()[f'{section}.{f.name}']} (default: {default})".replace("%", "%%"),  # argparse formats %
+                help=f"{field_comments()[name]} (default: {default})".replace("%", "%%"),  # argparse formats %
             )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Builds the config: defaults <- YAML (``--config``) <- ``--section.field`` flags."""
     cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
-    hints = {name: typing.get_type_hints(t) for name, t in _section_types().items()}
+    fields = leaf_fields()
     for dest, raw in vars(args).items():
         if not dest.startswith("cfg:"):
             continue
-        section, key = dest[4:].split(".", 1)
+        name = dest[4:]
         try:
-            value = _parse_value(raw, hints[section][key])
+            value = _parse_value(raw, fields[name][0])
         except ValueError as e:
-            raise ConfigError(f"--{section}.{key}: {e}") from None
-        _apply(cfg, section, key, value, f"--{section}.{key}")
+            raise ConfigError(f"--{name}: {e}") from None
+        set_field(cfg, name, value, f"--{name}")
     return cfg

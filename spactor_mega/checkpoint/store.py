@@ -30,7 +30,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from spactor_mega.config import ConfigError
-from spactor_mega.curriculum import Phase, phase_at
+from spactor_mega.curriculum import Phase, phase_at, tau_bound
 from spactor_mega.errors import UserError
 from spactor_mega.parallel import collectives
 from spactor_mega.plan.derived import uses_bf16
@@ -159,13 +159,15 @@ def apply_retention(save_dir: str | Path, written: int, keep_last: int, keep_eve
     return doomed
 
 
-def make_record(cfg, step: int, vocab_size: int, **extra) -> dict:
+def make_record(cfg, step: int, vocab_size: int, tau: Optional[float] = None, **extra) -> dict:
     """A checkpoint's run.json: step, samples consumed, curriculum phase, resolved precision,
-    layout, padded vocab, the config."""
+    layout, padded vocab, the config. ``tau``: the run's tau where it is not the config's number
+    (``spactor.tau: auto``: the decided one, or its bound until then)."""
     p = cfg.parallel
+    tau = tau_bound(cfg.spactor) if tau is None else tau
     return {
         "format": CHECKPOINT_FORMAT, "step": step, "consumed_samples": step * cfg.train.global_batch_size,
-        "phase": phase_at(step, cfg.spactor.tau).name, "precision": "bf16" if uses_bf16(cfg) else "fp32",
+        "phase": phase_at(step, tau).name, "precision": "bf16" if uses_bf16(cfg) else "fp32",
         "tensor_model_parallel_size": p.tensor_model_parallel_size,
         "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
         "vocab_size": vocab_size, "config": cfg.to_dict(), **extra,

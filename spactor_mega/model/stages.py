@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state as ps
 
+from spactor_mega.curriculum import tau_bound
 from spactor_mega.parallel import collectives
 from spactor_mega.plan.derived import generator_num_layers
 from spactor_mega.plan.layout import config_layout
@@ -54,7 +55,7 @@ def build_spactor_modules(
 ):
     """(D, G or None, RTD head or None) for ``cfg`` (a :class:`spactor_mega.config.Config`).
 
-    ``with_generator`` defaults to ``cfg.spactor.tau > 0``. With PP > 1 this rank's pipeline
+    ``with_generator`` defaults to ``tau > 0`` (tau auto: its bound). With PP > 1 this rank's pipeline
     stage (:func:`build_stage_chunks`: G on stage 0, the RTD head
     on the last stage, None elsewhere) of ``stage_split`` (default: the config's layout); with
     virtual stages (V > 1) D is this rank's list of V chunks.
@@ -62,7 +63,7 @@ def build_spactor_modules(
     the layout (see :func:`build_modules`).
     """
     if with_generator is None:
-        with_generator = cfg.spactor.tau > 0
+        with_generator = tau_bound(cfg.spactor) > 0
     if ps.get_pipeline_model_parallel_world_size() > 1:
         chunks, g, rtd = build_stage_chunks(
             cfg, vocab_size, stage_split, with_generator=with_generator, params_dtype=params_dtype,
@@ -136,7 +137,7 @@ def build_stage_chunks(
     if len(split) != pp * vp:
         raise ValueError(f"the stage split has {len(split)} stages but PP x V = {pp} x {vp}")
     if with_generator is None:
-        with_generator = cfg.spactor.tau > 0
+        with_generator = tau_bound(cfg.spactor) > 0
     chunks, g, rtd = [], None, None
     for chunk in range(vp):
         stage = chunk * pp + rank

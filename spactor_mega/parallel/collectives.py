@@ -78,11 +78,13 @@ def any_rank(flag: bool, group=None) -> bool:
     return bool(max_over_ranks([int(flag)], group)[0])
 
 
-def max_over_ranks(values: Sequence[int], group=None) -> list[int]:
-    """The element-wise maximum of integer ``values`` over ``group`` (one collective)."""
+def max_over_ranks(values: Sequence[float], group=None) -> list:
+    """The element-wise maximum of ``values`` over ``group`` (one collective): ints stay ints
+    (int64), floats are exact (float64; the maximum of equal values is that value)."""
     if not _active(group):
         return list(values)
-    t = torch.tensor(list(values), dtype=torch.int64, device=group_device(group))
+    floats = any(isinstance(v, float) for v in values)
+    t = torch.tensor(list(values), dtype=torch.float64 if floats else torch.int64, device=group_device(group))
     dist.all_reduce(t, op=ReduceOp.MAX, group=group)
     return t.tolist()
 

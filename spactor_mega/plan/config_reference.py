@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass
 
-from spactor_mega.config import Config, field_comments
+from spactor_mega.config import Config, field_comments, leaf_fields
 from spactor_mega.plan.engines import ENGINES
 
 # "a | b | c: meaning" -> the allowed values a, b, c (config.py's convention for a field's comment)
@@ -34,7 +34,7 @@ class FieldDoc:
 def _type_name(annotation: typing.Any) -> str:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Union and args:
-        return f"{_type_name(args[0])} or None"
+        return " or ".join([_type_name(a) for a in args] + (["None"] if type(None) in typing.get_args(annotation) else []))
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -62,25 +62,21 @@ def _engines(*texts: str) -> tuple[str, ...]:
 
 
 def field_docs() -> list[FieldDoc]:
-    """One :class:`FieldDoc` per config field, in the schema's order."""
+    """One :class:`FieldDoc` per config field (``section.field``, ``section.sub.field``), in the schema's order."""
     comments = field_comments()
     hints = typing.get_type_hints(Config)
     out = []
-    for section in dataclasses.fields(Config):
-        section_type = hints[section.name]
-        defaults, field_hints = section_type(), typing.get_type_hints(section_type)
-        for f in dataclasses.fields(section_type):
-            name = f"{section.name}.{f.name}"
-            comment = comments[name]
-            annotation = field_hints[f.name]
-            out.append(FieldDoc(
-                name=name,
-                type=_type_name(annotation),
-                default=_value_text(getattr(defaults, f.name)),
-                choices=("true", "false") if annotation is bool else choices_of(comment),
-                engines=_engines(comment, section_type.__doc__ or ""),
-                meaning=comment,
-            ))
+    for name, (annotation, default) in leaf_fields().items():
+        comment = comments[name]
+        section_doc = hints[name.split(".")[0]].__doc__ or ""
+        out.append(FieldDoc(
+            name=name,
+            type=_type_name(annotation),
+            default=_value_text(default),
+            choices=("true", "false") if annotation is bool else choices_of(comment),
+            engines=_engines(comment, section_doc),
+            meaning=comment,
+        ))
     return out
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from spactor_mega.config import Config, ConfigError
-from spactor_mega.curriculum import Phase
+from spactor_mega.curriculum import Phase, tau_bound
 from spactor_mega.data.span_corruption import mlm_capacity, noise_counts, random_spans_helper
 from spactor_mega.plan.engines import engine_spec
 from spactor_mega.plan.flops import sample_flops
@@ -304,7 +304,7 @@ def replans_at_tau(cfg: Config) -> bool:
     both phases and no given ``parallel.pipeline_layout`` (the optimizers' checkpoints hold their
     state under global parameter names, so it moves between stages)."""
     return (cfg.parallel.pipeline_model_parallel_size > 1 and not cfg.parallel.pipeline_layout
-            and 0 < cfg.spactor.tau < cfg.train.steps)
+            and 0 < tau_bound(cfg.spactor) < cfg.train.steps)
 
 
 def config_layout(cfg: Config, vocab_size: int = DEFAULT_VOCAB_SIZE, phase: Phase = Phase.SC_ONLY) -> PipelineLayout:
@@ -317,7 +317,7 @@ def config_layout(cfg: Config, vocab_size: int = DEFAULT_VOCAB_SIZE, phase: Phas
     encoder_length = cfg.data.encoder_seq_length
     raw_length, decoder_length = random_spans_helper(encoder_length, s.noise_density, s.mean_noise_span_length)
     extra = {}
-    if phase is Phase.HYBRID and (replans_at_tau(cfg) or s.tau >= cfg.train.steps):
+    if phase is Phase.HYBRID and (replans_at_tau(cfg) or tau_bound(s) >= cfg.train.steps):
         _, spans = noise_counts(raw_length, s.noise_density, s.mean_noise_span_length)
         flops = sample_flops(cfg, encoder_length, decoder_length, vocab_size,
                              mlm_capacity(encoder_length, spans, s.mlm_fraction))

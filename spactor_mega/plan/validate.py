@@ -8,10 +8,27 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from spactor_mega.config import FEED_FORWARDS, HF_MODEL_TYPES, INIT_SCHEMES, Config, ConfigError
+from spactor_mega.config import AUTO_TAU_SIGNALS, FEED_FORWARDS, HF_MODEL_TYPES, INIT_SCHEMES, Config, ConfigError
+from spactor_mega.curriculum import RELATIVE_SIGNALS
 from spactor_mega.plan.derived import generator_num_layers, uses_bf16
 from spactor_mega.plan.engines import ENGINES, engine_spec
 from spactor_mega.plan.layout import config_layout
+
+
+def _validate_auto_tau(a, need) -> None:
+    """``spactor.auto_tau`` (with ``spactor.tau: auto``), one line per field."""
+    need(a.signal in AUTO_TAU_SIGNALS,
+         f"spactor.auto_tau.signal must be one of {', '.join(AUTO_TAU_SIGNALS)}, got {a.signal!r}")
+    if a.signal in RELATIVE_SIGNALS:
+        need(0 < a.threshold < 1, f"spactor.auto_tau.threshold must be in (0, 1) for signal {a.signal} (a fraction of "
+             f"its peak), got {a.threshold}")
+    else:
+        need(-1 <= a.threshold <= 1, f"spactor.auto_tau.threshold must be in [-1, 1] for signal {a.signal} (a cosine), "
+             f"got {a.threshold}")
+    need(a.patience >= 1, f"spactor.auto_tau.patience must be >= 1, got {a.patience}")
+    need(a.interval >= 1, f"spactor.auto_tau.interval must be >= 1, got {a.interval}")
+    need(1 <= a.min_steps <= a.max_steps, f"spactor.auto_tau.min_steps must be in [1, max_steps={a.max_steps}], got "
+         f"{a.min_steps}")
 
 
 def validate(cfg: Config, world_size: int = 1) -> Config:
@@ -27,7 +44,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(0.0 < s.noise_density < 1.0, f"spactor.noise_density must be in (0, 1), got {s.noise_density}")
     need(s.mean_noise_span_length >= 1.0, f"spactor.mean_noise_span_length must be >= 1, got {s.mean_noise_span_length}")
     need(0.0 <= s.mlm_fraction < 1.0, f"spactor.mlm_fraction must be in [0, 1), got {s.mlm_fraction}")
-    need(not math.isnan(s.tau) and s.tau >= 0, f"spactor.tau must be >= 0 (0 = plain T5, inf = hybrid throughout), got {s.tau}")
+    need(s.tau == "auto" or (isinstance(s.tau, (int, float)) and not isinstance(s.tau, bool) and not math.isnan(s.tau)
+                             and s.tau >= 0),
+         f"spactor.tau must be >= 0 (0 = plain T5, inf = hybrid throughout) or auto, got {s.tau!r}")
+    if s.tau == "auto":
+        _validate_auto_tau(s.auto_tau, need)
     need(s.mlm_weight >= 0, f"spactor.mlm_weight must be >= 0, got {s.mlm_weight}")
     need(s.rtd_weight >= 0, f"spactor.rtd_weight must be >= 0, got {s.rtd_weight}")
     need(s.z_loss >= 0, f"spactor.z_loss must be >= 0 (T5X uses 1e-4; 0 turns it off), got {s.z_loss}")

@@ -28,7 +28,7 @@ from spactor_mega.checkpoint.store import (
     recorded_skipped_steps,
 )
 from spactor_mega.config import Config
-from spactor_mega.curriculum import Phase, phase_at
+from spactor_mega.curriculum import AutoTau, Phase, phase_at
 from spactor_mega.data.dataset import (
     PretrainingSampler,
     SpactorBatchBuilder,
@@ -97,6 +97,8 @@ def train(cfg: Config) -> RunResult:
     )
     builder = SpactorBatchBuilder(corruption, tokenizer.sp_size, cfg.spactor.mlm_fraction)
     eval_samples = max(t.eval_batches * t.micro_batch_size * dp_size, 1)
+    if cfg.spactor.tau == "auto":  # its measurements read a layout-free number of held-out samples
+        eval_samples = max(eval_samples, auto_tau_samples(t))
     train_set, valid_set = build_datasets(
         cfg.data.train_data, cfg.data.valid_data, cfg.data.split, corruption, t.seed,
         t.steps * t.global_batch_size, eval_samples, cfg.data.cache_dir,
@@ -110,13 +112,19 @@ def train(cfg: Config) -> RunResult:
     check_save_dir(t.save_dir, checkpoint_bytes(cfg, vocab))  # before anything is built
     checkpoint = find_checkpoint(t.resume, t.save_dir)
     record = read_record(checkpoint) if checkpoint else {"step": 0, "consumed_samples": 0}
+    # tau: the config's, or with tau auto its bound until the run's signals decide (state restored on resume)
+    auto = AutoTau.from_config(cfg.spactor.auto_tau, record.get("auto_tau")) if cfg.spactor.tau == "auto" else None
+
+    def tau() -> float:
+        return auto.tau if auto else float(cfg.spactor.tau)
+
     # this rank builds its stage of it (all of D when PP = 1); balanced for the phase the run starts in
-    layout = config_layout(cfg, vocab, phase_at(int(record["step"]), cfg.spactor.tau))
+    layout = config_layout(cfg, vocab, phase_at(int(record["step"]), tau()))
     if checkpoint is not None:
         check_resumable(checkpoint, record, cfg, vocab, layout.describe())
     step, consumed = int(record["step"]), int(record["consumed_samples"])
     bf16 = uses_bf16(cfg)
-    engine = _build_engine(cfg, vocab, layout, tokenizer, bf16, step, checkpoint, record)
+    engine = _build_engine(cfg, vocab, layout, tokenizer, bf16, step, checkpoint, record, tau())
 
     flops = sample_flops(cfg, corruption.encoder_length, corruption.decoder_length, vocab, builder.mlm_capacity)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -132,7 +140,7 @@ def train(cfg: Config) -> RunResult:
         f"[train] world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x DP {dp_size}"
         f"{pipeline}; "
         f"D {counts['discriminator'] / 1e6:.2f}M params per rank, G {generator_num_layers(cfg)} layers "
-        f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={cfg.spactor.tau}; "
+        f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={_tau_text(cfg, auto)}; "
         f"FLOPs/sample hybrid {format_flops(flops.hybrid)}, SC-only {format_flops(flops.sc_only)}; "
         + (f"MFU against a {peak_tflops:g} TFLOP/s peak per device" if peak_tflops
            else "MFU not reported (no known peak for this device: set train.peak_tflops)")
@@ -140,26 +148,31 @@ def train(cfg: Config) -> RunResult:
     )
 
     accumulation = t.global_batch_size // (t.micro_batch_size * dp_size)
-    sampler = PretrainingSampler(t.steps * t.global_batch_size, consumed, t.micro_batch_size, dp_rank, dp_size)
-    # Whole micro-batches (MLM fields iff their step is hybrid), built ahead by cfg.data.num_workers workers.
-    loader = micro_batch_loader(
-        MicroBatchDataset(train_set, builder, sampler, t.global_batch_size, cfg.spactor.tau),
-        cfg.data.num_workers, cfg.data.prefetch_factor,
-    )
+
+    def make_loader(consumed_samples: int):
+        """Whole micro-batches from ``consumed_samples`` on (MLM fields iff their step is hybrid under
+        the tau known now), built ahead by cfg.data.num_workers workers."""
+        sampler = PretrainingSampler(t.steps * t.global_batch_size, consumed_samples, t.micro_batch_size, dp_rank,
+                                     dp_size)
+        return micro_batch_loader(MicroBatchDataset(train_set, builder, sampler, t.global_batch_size, tau()),
+                                  cfg.data.num_workers, cfg.data.prefetch_factor)
+
+    loader = make_loader(consumed)
     result = RunResult(step=step, checkpoint=checkpoint, tensorboard_dir=cfg.logging.tensorboard_dir)
     # non-finite steps, counted on from the checkpoint's counts
     skipped_steps = SkippedSteps(t.max_skipped_steps, *recorded_skipped_steps(record))
 
     def save(at_step: int) -> Path:
-        written = make_record(cfg, at_step, vocab, pipeline_layout=layout.describe(),
-                              skipped_steps=skipped_steps.total, skipped_in_a_row=skipped_steps.in_a_row)
+        written = make_record(cfg, at_step, vocab, tau(), pipeline_layout=layout.describe(),
+                              skipped_steps=skipped_steps.total, skipped_in_a_row=skipped_steps.in_a_row,
+                              **({"auto_tau": auto.state()} if auto else {}))
         return engine.save(t.save_dir, at_step, written, tokenizer.model_file)
 
     eval_multiple = p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size > 1 else 1
 
     def run_eval(at_step: int) -> None:
         """Validates the weights that enter step ``at_step``: the hybrid terms too while it is hybrid."""
-        evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, phase_at(at_step, cfg.spactor.tau),
+        evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, phase_at(at_step, tau()),
                               eval_multiple)
         result.evals.append({"step": at_step, **evaluation})
         log.scalars(at_step, evaluation, prefix="valid")
@@ -175,7 +188,7 @@ def train(cfg: Config) -> RunResult:
     last_time = time.perf_counter()
     watchdog = HangWatchdog(t.hang_factor, rank)
     while step < t.steps:
-        phase = phase_at(step, cfg.spactor.tau)
+        phase = phase_at(step, tau())
         hybrid = phase is Phase.HYBRID
         if not hybrid and engine.has_generator:
             engine.release_generator()  # and, when the SC-only balance differs, the stages rebuilt to it
@@ -223,6 +236,14 @@ def train(cfg: Config) -> RunResult:
             break  # raised below, once the saves started are complete
         if t.eval_interval > 0 and (step % t.eval_interval == 0 or step == t.steps) and valid_set is not None:
             run_eval(step)
+        if auto is not None and auto.measures_at(step):
+            value = measure_tau_signal(auto, engine, valid_set, builder, t, dp_rank, dp_size, eval_multiple)
+            log.scalars(step, {auto.metric: value}, prefix="auto_tau")
+            if auto.observe(step, value):
+                loader = make_loader(step * t.global_batch_size)  # later batches without MLM fields
+                log.scalars(step, {"tau": tau()})
+                log.line(f"[train] step {step}: tau auto: {auto.metric} {value:.4g} past its threshold "
+                         f"{auto.patience} measurement(s) in a row; tau = {step}, SC only from here")
         exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.steps
         stopping = stop_requests.agreed_stop() if step < t.steps else None  # the same on every rank
         if (t.save_interval > 0 and step % t.save_interval == 0) or step == t.steps or exiting or stopping:
@@ -258,15 +279,16 @@ HYBRID_EVAL_NAMES = {
 
 
 def evaluate(engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int, phase: Phase,
-             multiple: int = 1) -> dict[str, float]:
-    """Validation on the first ``eval_batches`` micro-batches of the held-out split, cut to a
-    multiple of ``multiple`` (Megatron's interleaved schedule needs a multiple of PP).
+             multiple: int = 1, samples: Optional[int] = None) -> dict[str, float]:
+    """Validation on the first ``eval_batches`` micro-batches per data-parallel rank of the held-out
+    split (or its first ``samples`` samples), cut to a multiple of ``multiple`` (Megatron's
+    interleaved schedule needs a multiple of PP).
 
     ``sc_loss`` is always D's SC loss on the clean (not replaced) inputs, so it is comparable
     before and after tau and with plain T5; in the hybrid phase the hybrid objective's terms follow
     under :data:`HYBRID_EVAL_NAMES` (on the same samples, with their MLM masks and G's replacements)."""
-    sampler = PretrainingSampler(min(len(valid_set), t.eval_batches * t.micro_batch_size * dp_size), 0,
-                                 t.micro_batch_size, dp_rank, dp_size)
+    samples = t.eval_batches * t.micro_batch_size * dp_size if samples is None else samples
+    sampler = PretrainingSampler(min(len(valid_set), samples), 0, t.micro_batch_size, dp_rank, dp_size)
     hybrid = phase is Phase.HYBRID
     micro_batches = []
     for indices in sampler:
@@ -286,11 +308,12 @@ def evaluate(engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int, 
     return {**evaluation, **hybrid_signals(evaluation)}
 
 
-def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: int, checkpoint, record) -> Engine:
+def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: int, checkpoint, record,
+                  tau: float) -> Engine:
     """This rank's modules inside the engine, restored from ``checkpoint``. The modules are
     referenced by the engine only (not by the loop), so releasing G at tau frees it."""
     d, g, rtd = build_spactor_modules(
-        cfg, vocab, with_generator=phase_at(step, cfg.spactor.tau) is Phase.HYBRID,
+        cfg, vocab, with_generator=phase_at(step, tau) is Phase.HYBRID,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, stage_split=layout.stage_split(),
     )
     weights_only = checkpoint is not None and record.get("weights_only", False)
@@ -303,6 +326,32 @@ def _build_engine(cfg: Config, vocab: int, layout, tokenizer, bf16: bool, step: 
     if checkpoint is not None and not weights_only:
         engine.load(checkpoint)
     return engine
+
+
+def auto_tau_samples(t) -> int:
+    """Held-out samples a tau-auto measurement reads: ``eval_batches`` global batches' worth, the same
+    number under any layout (a validation reads ``eval_batches`` micro-batches per DP rank)."""
+    return t.eval_batches * t.global_batch_size
+
+
+def measure_tau_signal(auto: AutoTau, engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int,
+                       multiple: int) -> float:
+    """The value of ``auto``'s signal for the weights entering this step, the same on every rank: a
+    hybrid validation's metric on :func:`auto_tau_samples` held-out samples (the samples, and their
+    grouping into micro-batches, do not depend on the layout), agreed by one collective."""
+    if valid_set is None:
+        raise RuntimeError("spactor.tau auto measures on the validation split; the run has none")
+    evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, Phase.HYBRID, multiple,
+                          samples=auto_tau_samples(t))
+    return collectives.max_over_ranks([float(evaluation[auto.metric])])[0]
+
+
+def _tau_text(cfg: Config, auto: Optional[AutoTau]) -> str:
+    if auto is None:
+        return f"{cfg.spactor.tau}"
+    if auto.decided is not None:
+        return f"auto, decided {auto.decided}"
+    return f"auto ({auto.signal}, between steps {auto.min_steps} and {auto.max_steps})"
 
 
 def on_device(batch: dict) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spactor_mega.config import Config, ConfigError
+from spactor_mega.config import Config, ConfigError, set_field
 from spactor_mega.curriculum import Phase
 
 from spactor_mega.plan.validate import validate
@@ -33,9 +33,8 @@ def tiny_config(work: Path, **overrides) -> Config:
         save_interval=0, eval_interval=0, eval_batches=2, seed=7,
     )
     cfg.logging = dataclasses.replace(cfg.logging, tensorboard_dir=str(work / "tb"), progress=False, log_interval=1000)
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
+    for key, value in overrides.items():  # section__field or section__sub__field
+        set_field(cfg, key.replace("__", "."), value)
     return cfg
 
 
