@@ -44,3 +44,21 @@ def tiny_spm(tmp_path_factory, tiny_corpus_texts):
 
     out = tmp_path_factory.mktemp("tiny_spm")
     return train_sentencepiece(iter(tiny_corpus_texts), out / "tiny", vocab_size=200)
+
+
+@pytest.fixture(scope="session")
+def hf_family(tmp_path_factory, tiny_spm):
+    """``hf_family(name, config_style="hub")`` -> a small HF folder of that public T5 family
+    (``tests/hf_families.py``: FAMILIES), built on first use and kept for the session."""
+    from tests.hf_families import build_hf_family
+
+    built = {}
+
+    def get(name, config_style="hub"):
+        key = (name, config_style)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"hf_{name}_{config_style}")
+            built[key] = build_hf_family(name, folder, tiny_spm, config_style=config_style)
+        return built[key]
+
+    return get

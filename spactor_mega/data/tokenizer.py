@@ -1,13 +1,29 @@
-"""SentencePiece tokenizer with T5's conventions and sentinels.
+"""SentencePiece tokenizer with T5's conventions and sentinels, in every public T5 family's layout.
 
-Ids follow Hugging Face's ``T5Tokenizer(extra_ids=100)`` exactly, so exported checkpoints
-and public T5 ``spiece.model`` files interoperate unchanged:
+Ids follow Hugging Face's ``T5Tokenizer`` on the same folder exactly, so exported checkpoints
+and public ``spiece.model`` files interoperate unchanged:
 
 - SentencePiece pieces keep their ids: pad 0, EOS 1, unk 2, no BOS.
+- ``sp_size`` is the number of ids below the sentinels (the word pieces): the data pipeline
+  treats ids ``>= sp_size`` as sentinels or the mask and samples replacements below it.
 - ``<extra_id_k>`` = ``sp_size + num_sentinels - 1 - k``: ``<extra_id_0>`` is the highest id.
+  The sentinels live in one of two places:
+
+  - appended above the pieces (T5, Flan-T5, UMT5): the model has none, the folder's
+    ``tokenizer_config.json`` declares ``extra_ids`` N > 0 (HF appends them as added tokens;
+    t5-base: 32,000 pieces, ``<extra_id_0>`` = 32,099; UMT5: 256,000 pieces plus its N), and a
+    ``.model`` with no config beside it gets the default 100;
+  - inside the ``.model`` as its top N pieces ``▁<extra_id_k>`` (or ``<extra_id_k>``), k = 0
+    the last piece (mT5's ``mc4.250000.100extra``: 250,100 pieces, ``<extra_id_0>`` = 250,099,
+    ``sp_size`` 250,000); its folder declares ``extra_ids`` 0. :attr:`sentinels_in_model`
+    says which, and :attr:`hf_extra_ids` is the ``extra_ids`` to write back on export.
+
+  Anything else (no sentinels anywhere, in-model ones not contiguous at the top, or both
+  layouts at once) is refused in one line naming the file.
 - One id above the sentinels, ``mask_id = sp_size + num_sentinels``, is SpacTor's MLM mask
   token: it is no word piece and no sentinel, and exported models carry it in the padded
-  embedding rows that HF T5 already has (32,100 tokens in a 32,128-row embedding).
+  embedding rows that HF T5 already has (32,100 tokens in a 32,128-row embedding; mT5's
+  250,100 in 250,112).
 
 Training a new model (:func:`train_sentencepiece`) uses the unigram algorithm with T5's ids.
 """
@@ -26,6 +42,8 @@ from spactor_mega.errors import UserError
 
 DEFAULT_NUM_SENTINELS = 100
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
+_SENTINEL_AFTER_TEXT_RE = re.compile(r"(?<=\S)<extra_id_(\d+)>")
+_SENTINEL_PIECE_RE = re.compile(r"\u2581?<extra_id_(\d+)>")  # how a sentinel is spelled inside a .model
 
 
 class TokenizerError(UserError):
@@ -45,9 +63,8 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
-def _sentinels_from_hf_config(folder: Path) -> Optional[int]:
-    """The ``extra_ids`` an HF tokenizer folder declares, or None when it has no config."""
-    config = folder / "tokenizer_config.json"
+def _sentinels_from_hf_config(config: Path) -> Optional[int]:
+    """The ``extra_ids`` an HF ``tokenizer_config.json`` declares, or None when there is none."""
     if not config.is_file():
         return None
     try:
@@ -60,20 +77,36 @@ def _sentinels_from_hf_config(folder: Path) -> Optional[int]:
     return sum(1 for t in specials if _SENTINEL_RE.fullmatch(str(t)))
 
 
+def _sentinels_in_model(sp: spm.SentencePieceProcessor, model_file: Path) -> int:
+    """How many ``<extra_id_k>`` pieces the model holds itself (mT5's layout), 0 when none;
+    refuses them unless they are its top pieces counting down (``<extra_id_0>`` the last)."""
+    size = sp.get_piece_size()
+    found = {}  # id -> k
+    for i, piece in enumerate(sp.id_to_piece(list(range(size)))):
+        m = _SENTINEL_PIECE_RE.fullmatch(piece) if "<extra_id_" in piece else None
+        if m:
+            found[i] = int(m.group(1))
+    for i, k in sorted(found.items()):
+        if k != size - 1 - i or k >= len(found):
+            raise TokenizerError(
+                f"{model_file}: its sentinel pieces are not its top {len(found)} pieces counting down from "
+                f"<extra_id_0> = id {size - 1} (<extra_id_{k}> is id {i}); span corruption needs <extra_id_k> "
+                f"= {size - 1} - k: rebuild the model with them last, or remove them and declare extra_ids"
+            )
+    return len(found)
+
+
 class T5SentencePieceTokenizer:
-    """Encodes text to T5 ids and back; knows pad, EOS, sentinel and mask ids."""
+    """Encodes text to T5 ids and back; knows pad, EOS, sentinel and mask ids.
+
+    ``path``: a ``.model`` file or a folder holding ``spiece.model``; the ``tokenizer_config.json``
+    beside the model (if any) declares the appended sentinels, ``num_sentinels`` where none does."""
 
     def __init__(self, path: str | Path, num_sentinels: int = DEFAULT_NUM_SENTINELS):
         self.model_file = resolve_model_file(path)
-        folder = Path(path) if Path(path).is_dir() else None
-        declared = _sentinels_from_hf_config(folder) if folder else None
-        if declared is not None:
-            num_sentinels = declared
-        if num_sentinels <= 0:
-            raise TokenizerError(
-                f"{folder or self.model_file}: tokenizer has no sentinel tokens (<extra_id_k>); "
-                "span corruption needs them: use a T5 tokenizer with extra_ids=100"
-            )
+        folder = self.model_file.parent
+        config = folder / "tokenizer_config.json"
+        declared = _sentinels_from_hf_config(config)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
         except (RuntimeError, OSError) as e:
@@ -84,15 +117,38 @@ class T5SentencePieceTokenizer:
                 f"{self.model_file}: pad/eos/unk ids are {ids}, T5 needs (0, 1, 2); "
                 "retrain with `spactor tokenizer train`"
             )
-        self.sp_size = self.sp.get_piece_size()
-        self.num_sentinels = num_sentinels
+        inside = _sentinels_in_model(self.sp, self.model_file)
+        if inside and declared:
+            raise TokenizerError(
+                f"{config}: declares extra_ids {declared} but {self.model_file.name} already holds {inside} "
+                "sentinel pieces (HF would add a second set above them); set extra_ids to 0"
+            )
+        if not inside and declared is not None:
+            num_sentinels = declared
+        if not inside and num_sentinels <= 0:
+            source = f"{config.name} declares none" if declared is not None else "none are asked for"
+            raise TokenizerError(
+                f"{folder}: tokenizer has no sentinel tokens (<extra_id_k>): {source} and "
+                f"{self.model_file.name} holds none; span corruption needs them: use a T5 tokenizer with "
+                "extra_ids=100 (or an mT5-style model holding them as its top pieces)"
+            )
+        # Sentinels inside the model (mT5) take its top ids; appended ones (T5, UMT5) follow them.
+        self.sentinels_in_model = inside > 0
+        self.num_sentinels = inside or num_sentinels
+        self.sp_size = self.sp.get_piece_size() - inside
         self.pad_id, self.eos_id, self.unk_id = PAD_ID, EOS_ID, UNK_ID
 
     # Sizes and special ids -------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        """Pieces plus sentinels, as HF's ``len(T5Tokenizer)``."""
+        """Word pieces plus sentinels, as HF's ``len(T5Tokenizer)`` on the same folder."""
         return self.sp_size + self.num_sentinels
+
+    @property
+    def hf_extra_ids(self) -> int:
+        """The ``extra_ids`` HF's ``T5Tokenizer`` needs to give these ids: 0 where the model holds the
+        sentinels (HF would otherwise append a second set), their number where they are appended."""
+        return 0 if self.sentinels_in_model else self.num_sentinels
 
     @property
     def mask_id(self) -> int:
@@ -115,9 +171,15 @@ class T5SentencePieceTokenizer:
 
     # Encoding --------------------------------------------------------------------------
     def encode(self, text: str, add_eos: bool = False) -> list[int]:
-        """Text to ids; ``<extra_id_k>`` in the text becomes its sentinel id as in HF."""
+        """Text to ids; ``<extra_id_k>`` in the text becomes its sentinel id wherever it stands. HF
+        agrees for appended sentinels; for in-model ones HF matches the piece ``▁<extra_id_k>``
+        only at the start or after a space, and spells ``x<extra_id_0>`` out in pieces."""
         if "<extra_id_" not in text:
             ids = self.sp.encode(text)
+        elif self.sentinels_in_model:
+            # The model's pieces are "▁<extra_id_k>": give each sentinel its word boundary and let
+            # SentencePiece match them, so that text after one starts without a boundary, as in HF.
+            ids = self.sp.encode(_SENTINEL_AFTER_TEXT_RE.sub(self._bounded, text))
         else:
             ids = []
             pos = 0
@@ -132,6 +194,9 @@ class T5SentencePieceTokenizer:
         if add_eos:
             ids.append(EOS_ID)
         return ids
+
+    def _bounded(self, m: re.Match) -> str:
+        return (" " if int(m.group(1)) < self.num_sentinels else "") + m.group(0)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; sentinels as ``<extra_id_k>``, the mask as ``<mask>``, pad/EOS dropped."""
