@@ -43,6 +43,7 @@ CHECKPOINT_FORMAT = 2
 ADAFACTOR_PER_RANK_UNTIL = "4773a7c"
 LATEST = "latest"
 FILES = "files"  # run.json's {path relative to the checkpoint: size in bytes}
+TOKENIZER_CONFIG = "tokenizer_config.json"  # carried beside spiece.model: its sentinels (data/tokenizer.py)
 
 
 class CheckpointError(UserError):
@@ -101,7 +102,7 @@ def prepare_checkpoint_dir(save_dir: str | Path, step: int) -> Path:
 
 def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_file: Optional[Path]) -> Path:
     """After every rank wrote its part of ``path`` (a :func:`prepare_checkpoint_dir` folder;
-    collective): tokenizer, ``run.json`` with every file's size, the folder renamed to
+    collective): tokenizer (``spiece.model`` and the ``tokenizer_config.json`` beside it, if any), ``run.json`` with every file's size, the folder renamed to
     ``iter_NNNNNNN``, then ``latest``; then the retention policy of ``record``'s config. Returns
     the published folder."""
     _barrier()
@@ -110,6 +111,10 @@ def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_
     if _rank() == 0:
         if tokenizer_file is not None:
             shutil.copy(tokenizer_file, path / "spiece.model")
+            # the HF tokenizer_config.json beside it declares its appended sentinels (UMT5: extra_ids 300)
+            declared = Path(tokenizer_file).parent / TOKENIZER_CONFIG
+            if declared.is_file():
+                shutil.copy(declared, path / TOKENIZER_CONFIG)
         files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
         save_fault_point("before_record", step)
         _write_durably(path / RUN_RECORD, json.dumps({**record, FILES: files}, indent=2, default=str))
