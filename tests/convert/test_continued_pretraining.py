@@ -11,10 +11,16 @@ imported model's. The imported weights are random, so this shows that the path t
 - UMT5 (a relative-attention bias table per layer, 300 appended sentinels) on the DeepSpeed engine,
   ZeRO-2 over DP = 2 (AdamW: ZeRO-2 shards what Adafactor factors): the export keeps the sentinels.
 
-One launch per engine (2 processes each); everything else runs in the test process.
+One launch per engine (2 processes each); everything else runs in the test process. And each
+``configs/continue-*.yaml`` preset holds its public model as `from-hf` reads it from the hub's
+config.json, and its dry run prices that model.
 """
 
+import contextlib
+import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +33,18 @@ from tests.training.engine_runs import train_and_inspect
 from tests.training.test_training import tiny_config
 
 STEPS, TAU = 20, 10
+ROOT = Path(__file__).resolve().parents[2]
+_BASE = dict(d_model=768, d_kv=64, num_heads=12, num_layers=12, relative_attention_num_buckets=32, layer_norm_epsilon=1e-6)
+# The fields of each preset's model that its hub config.json states (t5-base: no feed_forward_proj, so ReLU)
+HUB_CONFIGS = {
+    "continue-t5.yaml": (dict(_BASE, model_type="t5", d_ff=3072, vocab_size=32128), True),
+    "continue-flan-t5.yaml": (dict(_BASE, model_type="t5", d_ff=2048, feed_forward_proj="gated-gelu",
+                                   num_decoder_layers=12, relative_attention_max_distance=128, vocab_size=32128), False),
+    "continue-mt5.yaml": (dict(_BASE, model_type="mt5", d_ff=2048, feed_forward_proj="gated-gelu",
+                               num_decoder_layers=12, vocab_size=250112), False),
+    "continue-umt5.yaml": (dict(_BASE, model_type="umt5", d_ff=2048, feed_forward_proj="gated-gelu",
+                                num_decoder_layers=12, relative_attention_max_distance=128, vocab_size=256384), False),
+}
 
 
 def _config(work, save_dir, **overrides):
@@ -135,3 +153,33 @@ def test_the_tied_heads_copy_stays_the_embedding_under_pp2(t5_v1_0_megatron_pp2)
 
 def test_umt5_continues_on_the_deepspeed_engine_with_zero2(umt5_deepspeed_zero2):
     _assert_trained_and_exported(umt5_deepspeed_zero2)
+
+
+def _hf_parameters(doc: dict, tied: bool) -> int:
+    """The HF model's parameter count (built on the meta device: no memory, no init)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.for_model(doc["model_type"], **{k: v for k, v in doc.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    body = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("lm_head."))
+    return body + (0 if tied else model.lm_head.weight.numel())  # transformers 5.x ties every head it builds
+
+
+@pytest.mark.parametrize("preset", sorted(HUB_CONFIGS))
+def test_each_continue_preset_is_its_public_model(preset, monkeypatch):
+    from spactor_mega.cli import main
+    from spactor_mega.convert.hf_import import config_for_hf_model
+
+    doc, tied = HUB_CONFIGS[preset]
+    cfg = load_yaml(ROOT / "configs" / preset)
+    assert cfg.model == config_for_hf_model(doc, tied, Path("spiece.model"), 1, 1).model
+    # starts from the import folder's iter_0000000 (its tokenizer too), later from the run's own latest
+    assert cfg.train.resume == "auto" and Path(cfg.data.tokenizer) == Path(cfg.train.save_dir) / "iter_0000000"
+    assert cfg.spactor.tau == cfg.train.steps / 4
+    monkeypatch.chdir(ROOT)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["train", "--config", f"configs/{preset}", "--dry-run"]) == 0
+    vocab, d_millions = re.search(r"parameters \(vocab (\d+)\): D ([\d,.]+)M", out.getvalue()).groups()
+    assert int(vocab) == doc["vocab_size"]
+    assert d_millions == f"{_hf_parameters(doc, tied) / 1e6:,.1f}"
