@@ -34,12 +34,14 @@ from tests.training.test_training import tiny_config
 
 STEPS, TAU = 20, 10
 ROOT = Path(__file__).resolve().parents[2]
-_BASE = dict(d_model=768, d_kv=64, num_heads=12, num_layers=12, relative_attention_num_buckets=32, layer_norm_epsilon=1e-6)
+_BASE = dict(d_model=768, d_kv=64, num_heads=12, num_layers=12, relative_attention_num_buckets=32,
+             layer_norm_epsilon=1e-6)
 # The fields of each preset's model that its hub config.json states (t5-base: no feed_forward_proj, so ReLU)
 HUB_CONFIGS = {
     "continue-t5.yaml": (dict(_BASE, model_type="t5", d_ff=3072, vocab_size=32128), True),
     "continue-flan-t5.yaml": (dict(_BASE, model_type="t5", d_ff=2048, feed_forward_proj="gated-gelu",
-                                   num_decoder_layers=12, relative_attention_max_distance=128, vocab_size=32128), False),
+                                   num_decoder_layers=12, relative_attention_max_distance=128,
+                                   vocab_size=32128), False),
     "continue-mt5.yaml": (dict(_BASE, model_type="mt5", d_ff=2048, feed_forward_proj="gated-gelu",
                                num_decoder_layers=12, vocab_size=250112), False),
     "continue-umt5.yaml": (dict(_BASE, model_type="umt5", d_ff=2048, feed_forward_proj="gated-gelu",
@@ -124,7 +126,8 @@ def _assert_trained_and_exported(run) -> None:
     exported_tokenizer = T5SentencePieceTokenizer(run["exported"])
     assert (exported_tokenizer.num_sentinels, exported_tokenizer.sentinels_in_model) == (
         ours.num_sentinels, ours.sentinels_in_model)
-    assert len(AutoTokenizer.from_pretrained(str(run["exported"]))) == len(AutoTokenizer.from_pretrained(str(run["hf_dir"])))
+    hf_tokenizers = [AutoTokenizer.from_pretrained(str(run[folder])) for folder in ("exported", "hf_dir")]
+    assert len(hf_tokenizers[0]) == len(hf_tokenizers[1])
     assert type(AutoModelForSeq2SeqLM.from_pretrained(str(run["exported"]))) is hf_class(family)
 
     before = _held_out_sc_loss(run["hf_dir"], family, ours, cfg.data.encoder_seq_length)

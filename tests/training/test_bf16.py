@@ -7,10 +7,10 @@ for the Megatron engine (AdamW, Adafactor) and the DeepSpeed engine (ZeRO 0-3, Z
 optimizer offload, Adafactor under ZeRO-0), and 4 processes for the Megatron engine under TP = 2 x
 PP = 2. The T5 variants an import brings train there too: gated-SiLU with a bias table per layer
 (UMT5's) at DP = 2, T5 v1.0's ReLU with the tied, rescaled head at TP = 2 x PP = 2 (where the last
-stage holds a copy of the embedding). Every run is 12 steps with tau = 6; the stopped runs stop at step 4 (before tau, so the
-checkpoint holds G, the RTD head and their optimizer) and resume across tau. The DeepSpeed AdamW runs
-are compared with the ZeRO-2 fp32 run (in fp32 the ZeRO stages give the same losses to 1e-5,
-tests/training/test_deepspeed.py).
+stage holds a copy of the embedding). Every run is 12 steps with tau = 6; the stopped runs stop at
+step 4 (before tau, so the checkpoint holds G, the RTD head and their optimizer) and resume across tau.
+The DeepSpeed AdamW runs are compared with the ZeRO-2 fp32 run (in fp32 the ZeRO stages give the same
+losses to 1e-5, tests/training/test_deepspeed.py).
 
 Tolerance: a bf16 run's loss is within BF16_REL (relative) of the fp32 run's at every step. Measured
 max over 20 steps (tau 10; the suite now runs 12, for its time), three measurements: 2.6e-4 (Megatron AdamW; Adafactor 6e-5; ZeRO 1-3 and
