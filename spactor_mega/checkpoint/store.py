@@ -43,6 +43,7 @@ CHECKPOINT_FORMAT = 2
 ADAFACTOR_PER_RANK_UNTIL = "4773a7c"
 LATEST = "latest"
 FILES = "files"  # run.json's {path relative to the checkpoint: size in bytes}
+TOKENIZER_CONFIG = "tokenizer_config.json"  # carried beside spiece.model: its sentinels (data/tokenizer.py)
 
 
 class CheckpointError(UserError):

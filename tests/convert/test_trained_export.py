@@ -14,15 +14,17 @@ import torch
 from tests.training.test_training import DEMO, run, tiny_config
 
 
-def _held_out_example(tokenizer, encoder_length):
-    """One SC example from a demo *train* shard document (the runs here train on the validation shard)."""
+def held_out_examples(tokenizer, encoder_length, rows: int = 1):
+    """``rows`` SC examples (inputs, targets, decoder length), one from each of the first demo *train*
+    shard documents long enough (the runs here train on the validation shard)."""
     from spactor_mega.data.span_corruption import SpanCorruption, sample_keys
 
     corruption = SpanCorruption(encoder_length, tokenizer.first_sentinel_id, tokenizer.num_sentinels)
     with gzip.open(sorted(DEMO.glob("c4-train.*.json.gz"))[0], "rt", encoding="utf-8") as f:
-        ids = next(ids for ids in (tokenizer.encode(json.loads(line)["text"]) for line in f)
-                   if len(ids) >= corruption.raw_length)
-    inputs, targets = corruption(np.array([ids[: corruption.raw_length]]), sample_keys(99, np.array([0])))
+        long_enough = (ids for ids in (tokenizer.encode(json.loads(line)["text"]) for line in f)
+                       if len(ids) >= corruption.raw_length)
+        raw = [next(long_enough)[: corruption.raw_length] for _ in range(rows)]
+    inputs, targets = corruption(np.array(raw), sample_keys(99, np.arange(rows)))
     return torch.from_numpy(inputs), torch.from_numpy(targets), corruption.decoder_length
 
 
@@ -46,7 +48,7 @@ def test_exported_model_fills_sentinels_like_ours(trained, tmp_path):
     cfg, result = trained
     checkpoint = Path(result["checkpoint"])
     tokenizer = T5SentencePieceTokenizer(cfg.data.tokenizer)
-    enc, targets, decoder_length = _held_out_example(tokenizer, cfg.data.encoder_seq_length)
+    enc, targets, decoder_length = held_out_examples(tokenizer, cfg.data.encoder_seq_length)
 
     with single_process_parallel():
         d = T5Discriminator(cfg.model, model_vocab_size(cfg.model, tokenizer.model_vocab_size, 1))

@@ -5,14 +5,17 @@ Two launches train every configuration in turn (module fixtures) and inspect eac
 its run: 2 processes (DP = 2, 2 micro-batches per rank, so gradients are accumulated and all-reduced)
 for the Megatron engine (AdamW, Adafactor) and the DeepSpeed engine (ZeRO 0-3, ZeRO-2 with CPU
 optimizer offload, Adafactor under ZeRO-0), and 4 processes for the Megatron engine under TP = 2 x
-PP = 2. Every run is 12 steps with tau = 6; the stopped runs stop at step 4 (before tau, so the
-checkpoint holds G, the RTD head and their optimizer) and resume across tau. The DeepSpeed AdamW runs
-are compared with the ZeRO-2 fp32 run (in fp32 the ZeRO stages give the same losses to 1e-5,
-tests/training/test_deepspeed.py).
+PP = 2. The T5 variants an import brings train there too: gated-SiLU with a bias table per layer
+(UMT5's) at DP = 2, T5 v1.0's ReLU with the tied, rescaled head at TP = 2 x PP = 2 (where the last
+stage holds a copy of the embedding). Every run is 12 steps with tau = 6; the stopped runs stop at
+step 4 (before tau, so the checkpoint holds G, the RTD head and their optimizer) and resume across tau.
+The DeepSpeed AdamW runs are compared with the ZeRO-2 fp32 run (in fp32 the ZeRO stages give the same
+losses to 1e-5, tests/training/test_deepspeed.py).
 
 Tolerance: a bf16 run's loss is within BF16_REL (relative) of the fp32 run's at every step. Measured
 max over 20 steps (tau 10; the suite now runs 12, for its time), three measurements: 2.6e-4 (Megatron AdamW; Adafactor 6e-5; ZeRO 1-3 and
-offload 2e-4; TP = 2 x PP = 2 1.9e-4), so BF16_REL = 2e-3. DeepSpeed ZeRO-0 accumulates micro-batch
+offload 2e-4; TP = 2 x PP = 2 1.9e-4; over the 12 steps, gated-SiLU with per-layer tables 1.2e-4, ReLU with
+the tied head at TP = 2 x PP = 2 4.9e-5), so BF16_REL = 2e-3. DeepSpeed ZeRO-0 accumulates micro-batch
 gradients in the bf16 ``.grad`` (DeepSpeed 0.19.8 refuses fp32 accumulation without ZeRO) and
 measured 4.7e-3: ZERO0_BF16_REL = 2e-2.
 """
@@ -42,6 +45,10 @@ ZERO = {
     "zero2_offload": dict(zero_stage=2, offload_optimizer="cpu"),
 }
 RESUMED = ("megatron_adamw", "megatron_adafactor", "zero2")  # also stopped at STOP and resumed in bf16
+# The T5 variants of an import (model options beside the default v1.1's)
+SILU_BIAS_PER_LAYER = dict(model__feed_forward="gated-silu", model__relative_attention_per_layer=True,
+                           model__hf_model_type="umt5")
+RELU_TIED = dict(model__feed_forward="relu", model__tie_word_embeddings=True)
 # The fp32 run each bf16 run is compared with (its own where not named here).
 REFERENCE = {name: "zero2" for name in ZERO}
 
@@ -145,6 +152,7 @@ def dp2(tmp_path_factory):
     for name, zero in ZERO.items():
         runs += _runs(work, name, zero=zero, resumed=name in RESUMED)
     runs += _runs(work, "zero0_adafactor", "adafactor", zero=ZERO["zero0"])
+    runs += _runs(work, "megatron_silu_bias_per_layer", **SILU_BIAS_PER_LAYER)
     return run_distributed(_train_and_inspect, 2, runs, timeout=1200)[0]
 
 
@@ -155,11 +163,12 @@ def tp2pp2(tmp_path_factory):
     layout = dict(parallel__tensor_model_parallel_size=2, parallel__pipeline_model_parallel_size=2,
                   train__micro_batch_size=4)
     runs = _runs(work, "tp2pp2_adamw", **layout) + _runs(work, "tp2pp2_adafactor", "adafactor", **layout)
+    runs += _runs(work, "tp2pp2_relu_tied", **RELU_TIED, **layout)
     return run_distributed(_train_and_inspect, 4, runs, timeout=1200)
 
 
-DP2_RUNS = ["megatron_adamw", "megatron_adafactor", *ZERO, "zero0_adafactor"]
-TP2PP2_RUNS = ["tp2pp2_adamw", "tp2pp2_adafactor"]
+DP2_RUNS = ["megatron_adamw", "megatron_adafactor", *ZERO, "zero0_adafactor", "megatron_silu_bias_per_layer"]
+TP2PP2_RUNS = ["tp2pp2_adamw", "tp2pp2_adafactor", "tp2pp2_relu_tied"]
 
 
 def _follows_fp32(results: dict, name: str) -> None:
