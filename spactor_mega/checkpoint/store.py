@@ -43,7 +43,7 @@ CHECKPOINT_FORMAT = 2
 ADAFACTOR_PER_RANK_UNTIL = "4773a7c"
 LATEST = "latest"
 FILES = "files"  # run.json's {path relative to the checkpoint: size in bytes}
-TOKENIZER_CONFIG = "tokenizer_config.json"  # carried beside spiece.model: its sentinels (data/tokenizer.py)
+TOKENIZER_CONFIG = "tokenizer_config.json"  # an HF tokenizer folder's config (its sentinels), copied beside spiece.model
 
 
 class CheckpointError(UserError):
@@ -98,9 +98,6 @@ def prepare_checkpoint_dir(save_dir: str | Path, step: int) -> Path:
     _barrier()
     save_fault_point("before_shards", step)
     return path
-
-
-TOKENIZER_CONFIG = "tokenizer_config.json"  # an HF tokenizer folder's config, copied beside spiece.model
 
 
 def commit_checkpoint(save_dir: str | Path, path: Path, record: dict, tokenizer_file: Optional[Path]) -> Path:

@@ -17,7 +17,7 @@ from spactor_mega.plan.inventory import (
     rtd_head_parameter_shapes,
     t5_parameter_shapes,
 )
-from spactor_mega.plan.layout import config_layout, replans_at_tau
+from spactor_mega.plan.layout import DEFAULT_VOCAB_SIZE, config_layout, replans_at_tau
 from spactor_mega.plan.memory import describe_activations, describe_memory
 from spactor_mega.plan.scale import Hardware, describe_scale, predict
 
@@ -37,9 +37,12 @@ def describe_kind(m: ModelConfig) -> str:
             f"HF model type {m.hf_model_type}")
 
 
-def describe(cfg: Config, vocab_size: int = 32128, world_size: int | None = None,
+def describe(cfg: Config, vocab_size: int | None = None, world_size: int | None = None,
              hardware: Hardware | None = None) -> str:
-    """The dry run's text; with ``hardware``, the scale model's prediction for ``world_size`` GPUs of it."""
+    """The dry run's text; with ``hardware``, the scale model's prediction for ``world_size`` GPUs of it.
+    ``vocab_size``: the embedding's rows; None: ``model.vocab_size`` (an imported model's, e.g. mT5's
+    250,112) or T5's 32,128."""
+    vocab_size = vocab_size or cfg.model.vocab_size or DEFAULT_VOCAB_SIZE
     s = cfg.data.encoder_seq_length
     raw, targets = random_spans_helper(s, cfg.spactor.noise_density, cfg.spactor.mean_noise_span_length)
     _, spans = noise_counts(raw, cfg.spactor.noise_density, cfg.spactor.mean_noise_span_length)

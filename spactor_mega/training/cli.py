@@ -6,7 +6,6 @@ import argparse
 
 from spactor_mega.config import add_config_arguments, config_from_args
 from spactor_mega.plan.dry_run import describe
-from spactor_mega.plan.layout import DEFAULT_VOCAB_SIZE
 from spactor_mega.plan.scale import Hardware, hardware
 from spactor_mega.plan.validate import validate
 
@@ -46,9 +45,7 @@ def run(args: argparse.Namespace) -> int:
         world = args.world_size or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
         hw = hardware(args.gpu, cfg.train.precision != "fp32", cfg.train.peak_tflops, efficiency=args.efficiency,
                       gpus_per_node=args.gpus_per_node, nvlink_gbs=args.nvlink_gbs, network_gbs=args.network_gbs)
-        # an imported model's rows (mT5: 250,112), else T5's
-        vocab = cfg.model.vocab_size or DEFAULT_VOCAB_SIZE
-        print(describe(validate(cfg, world), vocab, world_size=world, hardware=hw))
+        print(describe(validate(cfg, world), world_size=world, hardware=hw))
         return 0
     # The training stack (Megatron, DeepSpeed) is imported only to train: --help and --dry-run
     # stay instant. train() validates the config before any process group exists.
