@@ -12,7 +12,7 @@ from spactor_mega.plan.validate import validate
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Pretrain a T5 v1.1 encoder-decoder with SpacTor: span corruption plus replaced-token detection "
+        "Pretrain a T5 encoder-decoder (v1.1 by default; v1.0, mT5, UMT5 kinds: model.*) with SpacTor: span corruption plus replaced-token detection "
         "for steps < spactor.tau, span corruption only after. Launch one process per device with torchrun "
         "(or launch/*.sh); on one machine without a launcher it runs as a single process."
     )
