@@ -1,8 +1,9 @@
 """What a study runs: its config, and the arms x seeds it expands to, each an ordinary train config.
 
 A study compares, on one base train config, span corruption only (tau = 0), SpacTor(tau) at the
-taus given, SpacTor(inf) (hybrid throughout) and, on a generator axis, SpacTor(taus[0]) with other
-generator sizes; every arm runs each seed, with the same steps and, for one seed, the same data
+taus given, SpacTor(inf) (hybrid throughout), SpacTor(auto) arms whose tau the run's own signals
+choose (``spactor.tau: auto``, one arm per signal) and, on a generator axis, SpacTor(taus[0]) with
+other generator sizes; every arm runs each seed, with the same steps and, for one seed, the same data
 order (the data order is a function of ``train.seed`` only). Pure: no torch, no process group.
 """
 
@@ -17,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from spactor_mega.config import Config, ConfigError, config_from_dict, load_yaml, read_yaml
+from spactor_mega.config import AutoTauConfig, Config, ConfigError, config_from_dict, load_yaml, read_yaml, set_field
 
 
 @dataclass
@@ -28,6 +29,8 @@ class StudyConfig:
     taus: list = field(default_factory=list)  # SpacTor(tau) arms; SC only (tau 0) and SpacTor(inf) always run
     # The generator axis: each entry ({generator field: value}) adds a SpacTor(taus[0]) arm with that generator
     generators: list = field(default_factory=list)
+    # tau-auto arms: each entry ({spactor.auto_tau field: value}, with its signal) adds an arm spactor-auto-<signal>
+    auto: list = field(default_factory=list)
     overrides: dict = field(default_factory=dict)  # {"section.field": value} for every arm
     eval_data: list = field(default_factory=list)  # extra held-out indexed datasets, evaluated beside valid
     quick: dict = field(default_factory=dict)  # --quick: study fields replaced (``overrides`` merged)
@@ -36,8 +39,9 @@ class StudyConfig:
 @dataclass(frozen=True)
 class Arm:
     name: str
-    tau: float
+    tau: float | str  # a step, inf, or "auto"
     generator: tuple = ()  # ((field, value), ...) over the base generator
+    auto_tau: tuple = ()  # ((spactor.auto_tau field, value), ...) of a tau-auto arm
 
 
 @dataclass
@@ -88,6 +92,14 @@ def _check(study: StudyConfig, path: Path) -> None:
             raise ConfigError(f"{path}: taus holds {tau!r}; give finite steps > 0 (tau 0 and inf are always run)")
     if study.generators and not study.taus:
         raise ConfigError(f"{path}: the generator axis runs at taus[0]; give at least one tau")
+    auto_fields = {f.name for f in dataclasses.fields(AutoTauConfig)}
+    signals = [entry.get("signal") for entry in study.auto if isinstance(entry, dict)]
+    for entry in study.auto:
+        if not isinstance(entry, dict) or "signal" not in entry or set(entry) - auto_fields:
+            raise ConfigError(f"{path}: each auto entry is a mapping of spactor.auto_tau fields ({', '.join(sorted(auto_fields))}) "
+                              f"with its signal, got {entry!r}")
+    if len(set(signals)) != len(signals):
+        raise ConfigError(f"{path}: auto arms are named by their signal; give each signal once, got {signals}")
     names = {f.name for f in dataclasses.fields(Config().generator)}
     for entry in study.generators:
         if not isinstance(entry, dict) or not entry or set(entry) - names:
@@ -99,6 +111,7 @@ def study_arms(study: StudyConfig) -> list[Arm]:
     arms = [Arm("sc", 0.0)]
     arms += [Arm(f"spactor-tau{_number(tau)}", float(tau)) for tau in study.taus]
     arms.append(Arm("spactor-inf", math.inf))
+    arms += [Arm(f"spactor-auto-{entry['signal']}", "auto", auto_tau=tuple(entry.items())) for entry in study.auto]
     for entry in study.generators:
         label = "-".join(f"{k}{_number(v)}" for k, v in entry.items())
         arms.append(Arm(f"spactor-tau{_number(study.taus[0])}-gen-{label}", float(study.taus[0]),
@@ -128,6 +141,8 @@ def arm_runs(study: StudyConfig, arms: Optional[list[str]] = None, seeds: Option
             cfg.spactor.tau = arm.tau
             for key, value in arm.generator:
                 setattr(cfg.generator, key, value)
+            for key, value in arm.auto_tau:
+                set_field(cfg, f"spactor.auto_tau.{key}", value, "study auto")
             cfg.train.seed = int(seed)
             cfg.train.save_dir = str(folder / "checkpoints")
             cfg.train.resume = "auto"  # each arm resumes where it stopped

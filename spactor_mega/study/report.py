@@ -34,25 +34,39 @@ def _reach(arm: dict, key: str, total: float, fmt) -> str:
     return text if stat["n"] == reach["seeds"] else f"{text}, {stat['n']}/{reach['seeds']} seeds"
 
 
+def _tau_text(arm: dict) -> str:
+    """A fixed tau, inf, or for a tau-auto arm the tau each seed chose."""
+    if arm["tau"] == "auto":
+        return "auto: " + ", ".join(str(arm["chosen_tau"][str(seed)]) for seed in arm["seeds"])
+    return f"{arm['tau']:g}" if arm["tau"] != "inf" else "inf"
+
+
+def _fixed_tau_within(arm: dict) -> bool:
+    """Whether the arm has one tau, inside its run (drawn dashed)."""
+    return isinstance(arm["tau"], (int, float)) and 0 < arm["tau"] < arm["steps"]
+
+
 def markdown_table(summary: dict) -> str:
-    """Per arm: final clean SC loss (mean ± std over seeds, and its difference from the SC arm's
-    final loss of the same seed), SC accuracy, the steps and FLOPs it
+    """Per arm: final clean SC loss (mean ± std over seeds, its difference from the SC arm's final
+    loss of the same seed and, for a tau-auto arm, from the best fixed tau's of the same seed), SC accuracy, the steps and FLOPs it
     needs to reach the SC arm's final loss (share of the SC arm's), measured vs modelled step cost,
     the hybrid phase's signals, and the training wall-clock."""
     target = summary.get("target")
     rows = [
-        "| arm | tau | seeds | final SC loss | minus SC arm's (same seed) | final SC accuracy "
+        "| arm | tau | seeds | final SC loss | minus SC arm's (same seed) | minus best fixed tau's (same seed) "
+        "| final SC accuracy "
         "| steps to SC arm's final loss (same seed) | FLOPs to it | hybrid/SC step cost: measured (FLOPs model) "
         "| RTD loss (prior) at last hybrid eval | RTD recall | G MLM accuracy | train wall-clock (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in summary["arms"]:
         signals, cost = arm.get("signals"), arm.get("step_cost")
         steps_total = target["steps"] if target else 1
         flops_total = target["flops"] if target else 1
         rows.append("| " + " | ".join([
-            arm["name"], f"{arm['tau']:g}" if arm["tau"] != "inf" else "inf", str(len(arm["seeds"])),
+            arm["name"], _tau_text(arm), str(len(arm["seeds"])),
             _pm(arm["final"]["sc_loss"]), _pm(arm.get("final_vs_sc"), signed=True) if arm["tau"] != 0 else "-",
+            _pm(arm.get("final_vs_best_fixed"), signed=True) if arm["tau"] == "auto" else "-",
             _pm(arm["final"]["sc_accuracy"]),
             _reach(arm, "steps", steps_total, lambda v: f"{v:.0f}"),
             _reach(arm, "flops", flops_total, format_flops),
@@ -91,7 +105,7 @@ def plot_study(summary: dict, out_dir: Path) -> list[Path]:
             color = f"C{i}"
             _band(ax, c[axis], c["sc_loss"], c["sc_loss_std"], color, f"{arm['name']} ({len(arm['seeds'])} seeds)")
             tau = arm["tau"]
-            if tau != "inf" and 0 < tau < arm["steps"]:
+            if _fixed_tau_within(arm):
                 x = tau if axis == "step" else _at(c["step"], c["flops"], tau)
                 ax.axvline(x, color=color, linestyle="--", linewidth=1)
         if summary.get("target"):
@@ -129,7 +143,7 @@ def _plot_paired_difference(summary: dict, path: Path) -> Path:
         if arm["tau"] == 0 or not c.get("minus_sc"):
             continue
         _band(ax, c["step"], c["minus_sc"], c["minus_sc_std"], f"C{i}", f"{arm['name']} ({len(arm['seeds'])} seeds)")
-        if arm["tau"] != "inf" and 0 < arm["tau"] < arm["steps"]:
+        if _fixed_tau_within(arm):
             ax.axvline(arm["tau"], color=f"C{i}", linestyle="--", linewidth=1)
     ax.axhline(0, color="gray", linewidth=1)
     return _save(fig, ax, "training step", "SC loss minus the SC arm's (same seed)",

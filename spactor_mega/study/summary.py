@@ -75,9 +75,11 @@ def run_curve(run: ArmRun) -> dict:
         if "rtd_loss" in record:
             curve["signals"].append({"step": step, **{k: record[k] for k in SIGNALS if k in record},
                                      "rtd_prior": binary_entropy(record.get("replaced_fraction", 0.0))})
-    for split, by_step in records.items():
-        if split not in ("train", "valid"):  # the extra evaluation sets
-            curve["extra"][split] = [by_step[s]["sc_loss"] for s in curve["step"] if s in by_step]
+    for split in (Path(prefix).name for prefix in run.config.data.eval_data):  # the extra evaluation sets
+        by_step = records.get(split, {})
+        curve["extra"][split] = [by_step[s]["sc_loss"] for s in curve["step"] if s in by_step]
+    # the run's tau: its first SC-only step (0-based; record s is the s-th step), or its last step + 1
+    curve["tau"] = next((s - 1 for s in range(1, last + 1) if train[s]["phase"] == Phase.SC_ONLY.value), last)
     curve["phase"] = {}
     for phase in Phase:
         steps = [train[s] for s in range(1, last + 1) if train[s]["phase"] == phase.value]
@@ -129,8 +131,10 @@ def summarize(runs: list[ArmRun]) -> dict:
                           for split in next(iter(seeds.values()))["extra"]}
         final["wall_s"] = mean_std([c["wall_s"][-1] for c in seeds.values()])
         final["flops"] = next(iter(seeds.values()))["flops"][-1]
+        tau = arm.tau if isinstance(arm.tau, str) else (arm.tau if math.isfinite(arm.tau) else "inf")
         arms.append({
-            "name": name, "tau": arm.tau if math.isfinite(arm.tau) else "inf", "generator": dict(arm.generator), "seeds": sorted(seeds),
+            "name": name, "tau": tau, "generator": dict(arm.generator), "seeds": sorted(seeds),
+            "chosen_tau": {str(seed): c["tau"] for seed, c in seeds.items()} if tau == "auto" else None,
             "steps": arm_runs[0].config.train.steps, "curve": mean_curve, "final": final,
             "signals": _signals(seeds), "step_cost": _step_cost(seeds, curves.get("sc")),
             "runs": {str(seed): curve for seed, curve in seeds.items()},
@@ -152,7 +156,23 @@ def summarize(runs: list[ArmRun]) -> dict:
             arm["final_vs_sc"] = mean_std([c["sc_loss"][-1] - sc_final[seed] for seed, c in paired.items()])
             arm["curve"]["minus_sc"], arm["curve"]["minus_sc_std"] = _paired_difference(
                 arm["curve"]["step"], paired, curves[sc["name"]])
+    _against_best_fixed_tau(arms, curves)
     return summary
+
+
+def _against_best_fixed_tau(arms: list[dict], curves: dict) -> None:
+    """For each tau-auto arm: per seed, its final SC loss minus that of the best fixed-tau arm (tau > 0,
+    inf included, base generator) of the same seed, and which arm that was."""
+    fixed = [a for a in arms if a["tau"] not in (0, "auto") and not a["generator"]]
+    for arm in (a for a in arms if a["tau"] == "auto"):
+        differences, best = [], {}
+        for seed, curve in curves[arm["name"]].items():
+            finals = {f["name"]: curves[f["name"]][seed]["sc_loss"][-1] for f in fixed if seed in curves[f["name"]]}
+            if finals:
+                best[str(seed)] = min(finals, key=finals.get)
+                differences.append(curve["sc_loss"][-1] - finals[best[str(seed)]])
+        arm["final_vs_best_fixed"] = mean_std(differences)
+        arm["best_fixed"] = best
 
 
 def _paired_difference(steps: list[int], curves: dict, sc_curves: dict) -> tuple[list, list]:

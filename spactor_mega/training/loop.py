@@ -219,6 +219,7 @@ def train(cfg: Config) -> RunResult:
             tokens_per_s=t.global_batch_size * corruption.encoder_length / seconds,
             flops_per_step=sample_cost * t.global_batch_size,
             tflops_per_s_per_rank=sample_cost * t.global_batch_size / seconds / world / 1e12,
+            **({"tau": tau()} if auto else {}),  # train/tau: the bound until the signals decide, then tau
         )
         if peak_tflops:
             metrics["mfu"] = mfu(sample_cost * t.global_batch_size, seconds, world, peak_tflops)
@@ -241,7 +242,6 @@ def train(cfg: Config) -> RunResult:
             log.scalars(step, {auto.metric: value}, prefix="auto_tau")
             if auto.observe(step, value):
                 loader = make_loader(step * t.global_batch_size)  # later batches without MLM fields
-                log.scalars(step, {"tau": tau()})
                 log.line(f"[train] step {step}: tau auto: {auto.metric} {value:.4g} past its threshold "
                          f"{auto.patience} measurement(s) in a row; tau = {step}, SC only from here")
         exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.steps

@@ -36,6 +36,7 @@ def _write_study(tmp: Path) -> Path:
     study = {
         "base": str(tmp / "base.yaml"), "out_dir": str(tmp / "study"), "seeds": [1, 2, 3], "taus": [20, 30],
         "generators": [{"depth_fraction": 0.5}],
+        "auto": [{"signal": "sc_gap", "threshold": 0.9, "patience": 1, "min_steps": 2, "max_steps": 40, "interval": 2}],
         "quick": {"taus": [4, 6], "overrides": {"train.steps": 8, "train.eval_interval": 2}},
     }
     (tmp / "study.yaml").write_text(yaml.safe_dump(study))
@@ -66,7 +67,8 @@ def test_quick_study_runs_every_arm_and_seed_and_plots(quick_study):
     config, out, first = quick_study
     summary = json.loads((out / "summary.json").read_text())
     names = [arm["name"] for arm in summary["arms"]]
-    assert names == ["sc", "spactor-tau4", "spactor-tau6", "spactor-inf", "spactor-tau4-gen-depth_fraction0.5"]
+    assert names == ["sc", "spactor-tau4", "spactor-tau6", "spactor-inf", "spactor-auto-sc_gap",
+                     "spactor-tau4-gen-depth_fraction0.5"]
     for arm in summary["arms"]:
         assert arm["seeds"] == [1, 2, 3]
         assert sorted(arm["runs"]) == ["1", "2", "3"]
@@ -78,11 +80,17 @@ def test_quick_study_runs_every_arm_and_seed_and_plots(quick_study):
     assert by_name["sc"]["signals"] is None  # SC only never runs the hybrid objective
     assert by_name["spactor-tau4"]["signals"]["step"] == 2  # the last eval point before tau
     assert by_name["spactor-inf"]["step_cost"]["flops_model"] > 1
+    auto = by_name["spactor-auto-sc_gap"]  # tau chosen by each seed's run: its first SC-only step
+    for seed, run in auto["runs"].items():
+        assert auto["chosen_tau"][seed] == run["tau"] and 2 <= run["tau"] <= 8, auto["chosen_tau"]
+    assert auto["final_vs_best_fixed"]["n"] == 3 and set(auto["best_fixed"].values()) <= {
+        "spactor-tau4", "spactor-tau6", "spactor-inf"}
     for name in ("loss_vs_step.png", "loss_vs_flops.png", "loss_minus_sc_vs_step.png", "rtd_vs_prior.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     table = (out / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in names)
-    assert "15 of 15 runs trained" in first.stderr
+    assert "| auto: " in table
+    assert "18 of 18 runs trained" in first.stderr
 
 
 def test_rerun_trains_nothing(quick_study):
@@ -90,7 +98,7 @@ def test_rerun_trains_nothing(quick_study):
     before = {p: p.read_bytes() for p in out.glob("*/seed*/metrics.jsonl")}
     again = _spactor("study", "--config", str(config), "--quick")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 of 15 runs trained, 15 were finished" in again.stderr
+    assert "0 of 18 runs trained, 18 were finished" in again.stderr
     assert "[train]" not in again.stderr
     assert {p: p.read_bytes() for p in out.glob("*/seed*/metrics.jsonl")} == before
 
@@ -146,7 +154,7 @@ def test_study_configs_expand_to_valid_arms():
 
     for name in ("study-cpu.yaml", "study-gpu.yaml"):
         study = load_study(REPO / "configs" / name)
-        taus = [arm.tau for arm in study_arms(study)]
+        taus = [arm.tau for arm in study_arms(study) if arm.tau != "auto"]
         assert taus[0] == 0 and math.inf in taus and len([t for t in taus if 0 < t < math.inf]) >= 2
         assert len(study.seeds) >= 3 and study.generators
         for run in arm_runs(study):
