@@ -62,6 +62,7 @@ from spactor_mega.model.stages import allreduce_shared_grads, as_chunks, build_s
 from spactor_mega.parallel import collectives
 from spactor_mega.plan.layout import config_layout, replans_at_tau
 from spactor_mega.training.engines.base import adafactor_state_on, eval_mode, torch_adafactor
+from spactor_mega.training.grad_agreement import pipeline_gradient_cosine
 from spactor_mega.training.engines.released import (
     ReleasedTensors,
     optimizer_state_tensors,
@@ -291,6 +292,13 @@ class MegatronEngine:
         if len(norms) > 1:
             metrics["generator_grad_norm"] = norms[1]
         return metrics
+
+    def gradient_cosine(self, micro_batch: dict) -> float:
+        """Through Megatron's schedule (:func:`~spactor_mega.training.grad_agreement.pipeline_gradient_cosine`)."""
+        if not self.has_generator:
+            raise RuntimeError("the gradient cosine needs the hybrid phase's modules (G was released at tau)")
+        self._gather_updated_params()  # on every rank: a DP collective with parallel.overlap_param_gather
+        return pipeline_gradient_cosine(self.objective, micro_batch, self.d_chunks, self.g, self.rtd, self._models())
 
     def _gather_updated_params(self) -> None:
         """With ``parallel.overlap_param_gather`` the all-gather of the parameters the distributed

@@ -1,0 +1,201 @@
+"""The gradient agreement (issue #22, signal 3): the cosine between the gradients of D's SC loss and
+of the auxiliary loss on D's embedding and encoder, as the engines measure it, equals a reference
+taken with ``torch.autograd.grad`` on one process (TP = 1, PP = 1, the same weights and micro-batch)
+to 1e-5: Megatron's engine at TP = 2 with sequence parallelism, at PP = 2 with the encoder's bias
+table on both stages, at TP = 2 x PP = 2 with a tied LM head (its last-stage copy of the embedding)
+and with virtual stages; DeepSpeed's (ZeRO-2) at TP = 2 x DP = 2. Every rank gets the same value.
+A measurement leaves training bitwise unchanged (dropout on: no RNG stream moves; the distributed
+optimizer with overlapped gradient reduction and parameter gather; DeepSpeed ZeRO-2), and the FLOPs
+of a measurement follow the FLOPs model."""
+
+import math
+
+import pytest
+
+from spactor_mega.parallel.testing import run_distributed
+
+VOCAB = 256
+TOLERANCE = 1e-5
+# layout name -> (engine, TP, PP, V, sequence parallel, tied LM head, stage split or None)
+LAYOUTS = {
+    "megatron-tp2-sp": ("megatron", 2, 1, 1, True, False, None),
+    # the encoder's layers on both stages: its bias table is held (and its gradient summed) twice
+    "megatron-pp2-bias-on-both": ("megatron", 1, 2, 1, False, False, [((0, 2), (0, 0)), ((2, 4), (0, 2))]),
+    "megatron-tp2pp2-tied-sp": ("megatron", 2, 2, 1, True, True, [((0, 3), (0, 0)), ((3, 4), (0, 2))]),
+    "megatron-pp2-virtual": ("megatron", 1, 2, 2, False, False,
+                             [((0, 1), (0, 0)), ((1, 2), (0, 0)), ((2, 4), (0, 1)), ((0, 0), (1, 2))]),
+    "deepspeed-zero2-tp2-dp2": ("deepspeed", 2, 1, 1, False, False, None),
+}
+STEPS = 3  # the bitwise check: a measurement after the first of them
+
+
+def _config(engine: str, tp: int, pp: int, vp: int, sequence_parallel: bool, tied: bool, dropout: float = 0.0):
+    from spactor_mega.model.synthetic import tiny_config
+
+    cfg = tiny_config(num_heads=4, num_encoder_layers=4, num_decoder_layers=2, tie_word_embeddings=tied,
+                      dropout=dropout)
+    p = cfg.parallel
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
+    p.virtual_pipeline_model_parallel_size, p.sequence_parallel = vp, sequence_parallel
+    cfg.train.seed = 5
+    cfg.train.micro_batch_size = 2
+    cfg.train.engine = engine
+    if engine == "deepspeed":
+        cfg.deepspeed.zero_stage = 2
+    return cfg
+
+
+def _objective(cfg):
+    from spactor_mega.model.spactor import SpactorObjective
+
+    return SpactorObjective(mask_id=250, sample_vocab_size=150, temperature=2.0, mlm_weight=1.0, rtd_weight=10.0,
+                            seed=cfg.train.seed, z_loss=1e-4)
+
+
+def _micro_batch(seed: int = 3):
+    from spactor_mega.model.synthetic import synthetic_batch
+
+    return synthetic_batch(2, 16, 6, mlm_slots=4, sp_size=150, seed=seed, pad_rows=1)
+
+
+def _engine(cfg, split, world_size: int):
+    import torch
+
+    from spactor_mega.model.stages import build_spactor_modules
+    from spactor_mega.parallel.state import initialize_parallel
+    from spactor_mega.training.engines import build_engine
+
+    p = cfg.parallel
+    initialize_parallel(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                        vp=p.virtual_pipeline_model_parallel_size, seed=11)
+    dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    cfg.train.global_batch_size = cfg.train.micro_batch_size * dp * (p.pipeline_model_parallel_size
+                                                                     if p.virtual_pipeline_model_parallel_size > 1 else 1)
+    modules = build_spactor_modules(cfg, VOCAB, stage_split=split, use_cpu_initialization=False)
+    return build_engine(cfg, *modules, _objective(cfg), torch.get_default_dtype() == torch.bfloat16)
+
+
+def _reference(cfg) -> float:
+    """The definition, by hand on one process: autograd.grad of L_sc (+ z-loss) and of
+    w_rtd L_rtd + w_mlm L_mlm with respect to D's embedding and encoder (eval mode)."""
+    import torch
+
+    from spactor_mega.data.host_side import encoder_padding
+    from spactor_mega.model.losses import rtd_loss, sc_loss
+    from spactor_mega.model.stages import build_spactor_modules
+    from spactor_mega.parallel.state import initialize_parallel
+
+    initialize_parallel(tp=1, pp=1, seed=11)
+    cfg.parallel.sequence_parallel = False
+    d, g, rtd = build_spactor_modules(cfg, VOCAB)
+    for module in (d, g, rtd):
+        module.eval()
+    objective, batch = _objective(cfg), _micro_batch()
+    gen = objective.generator_pass(batch, d, g)
+    mask, padded = batch["enc_mask"].bool(), encoder_padding(batch)
+    encoder_hidden = d.encode(gen["d_input"], mask, padded)
+    decoder_hidden = d.decode(batch["dec_input"], encoder_hidden, mask, padded)
+    l_sc, l_z = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"], objective.z_loss)
+    l_rtd = rtd_loss(rtd(encoder_hidden).transpose(0, 1), gen["is_replaced"], mask)
+    aux = objective.rtd_weight * l_rtd + objective.mlm_weight * gen["mlm_loss"]
+    params = [p for name, p in d.named_parameters() if name.startswith(("embedding.", "encoder."))]
+    flat = [torch.cat([x.flatten() for x in torch.autograd.grad(loss, params, retain_graph=True)]).double()
+            for loss in (l_sc + l_z, aux)]
+    return float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()))
+
+
+def _losses_with_and_without_measurement(cfg, split, world_size: int) -> list:
+    """Each run's losses and gradient norms over STEPS steps; the second run measures after step 1."""
+    from megatron.core import parallel_state as ps
+
+    from spactor_mega.curriculum import Phase
+    from spactor_mega.model.synthetic import synthetic_batch
+    from spactor_mega.parallel.state import destroy_parallel
+
+    runs = []
+    for measure in (False, True):
+        engine = _engine(cfg, split, world_size)
+        dp = ps.get_data_parallel_rank()
+        history = []
+        for step in range(STEPS):
+            batches = [synthetic_batch(2, 16, 6, mlm_slots=4, sp_size=150, seed=100 * step + 10 * dp + i, pad_rows=1)
+                       for i in range(cfg.train.global_batch_size // (cfg.train.micro_batch_size * ps.get_data_parallel_world_size()))]
+            metrics = engine.train_step(batches, Phase.HYBRID)
+            history.append((metrics["loss"], metrics["grad_norm"], metrics["generator_grad_norm"]))
+            if measure and step == 0:
+                assert math.isfinite(engine.gradient_cosine(_micro_batch()))
+        runs.append(history)
+        del engine
+        destroy_parallel(destroy_process_group=False)
+    return runs
+
+
+def _measure_all(rank, world_size):
+    import torch
+
+    from spactor_mega.parallel import collectives
+    from spactor_mega.parallel.state import destroy_parallel
+
+    out = {"measured": {}, "references": {}, "bitwise": {}}
+    try:
+        for name, (engine, tp, pp, vp, sp, tied, split) in LAYOUTS.items():
+            engine_obj = _engine(_config(engine, tp, pp, vp, sp, tied), split, world_size)
+            value = engine_obj.gradient_cosine(_micro_batch())
+            # the same value on every rank, bitwise
+            every = collectives.all_gather(torch.tensor([value], dtype=torch.float64))
+            out["measured"][name] = [float(v) for v in every]
+            del engine_obj
+            destroy_parallel(destroy_process_group=False)
+        for tied in (False, True):
+            out["references"][tied] = _reference(_config("megatron", 1, 1, 1, False, tied))
+            destroy_parallel(destroy_process_group=False)
+        # dropout on; the distributed optimizer with overlapped reduction and gather (DP = 2)
+        megatron = _config("megatron", 1, 2, 1, False, False, dropout=0.1)
+        p = megatron.parallel
+        p.distributed_optimizer = p.overlap_grad_reduce = p.overlap_param_gather = True
+        out["bitwise"]["megatron-pp2-dp2"] = _losses_with_and_without_measurement(megatron, None, world_size)
+        deepspeed = _config("deepspeed", 1, 1, 1, False, False, dropout=0.1)
+        out["bitwise"]["deepspeed-zero2-dp4"] = _losses_with_and_without_measurement(deepspeed, None, world_size)
+    finally:
+        destroy_parallel()
+    return out if rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return run_distributed(_measure_all, 4, timeout=600)[0]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_the_cosine_is_the_single_process_reference(measured, name):
+    values = measured["measured"][name]
+    tied = LAYOUTS[name][5]
+    want = measured["references"][tied]
+    assert len(set(values)) == 1, values  # every rank has the same value
+    assert values[0] == pytest.approx(want, abs=TOLERANCE), (name, values[0], want)
+
+
+def test_the_reference_is_not_degenerate(measured):
+    """The layouts would not be told apart by a cosine near 0 or 1; nor if tying changed nothing."""
+    untied, tied = measured["references"][False], measured["references"][True]
+    for value in (untied, tied):
+        assert 0.01 < abs(value) < 0.99, value
+    assert abs(untied - tied) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["megatron-pp2-dp2", "deepspeed-zero2-dp4"])
+def test_a_measurement_leaves_training_bitwise_unchanged(measured, name):
+    without, with_measurement = measured["bitwise"][name]
+    assert with_measurement == without
+
+
+def test_the_cost_is_two_hybrid_passes_of_the_micro_batch():
+    from spactor_mega.model.synthetic import tiny_config
+    from spactor_mega.plan.flops import gradient_cosine_flops, sample_flops
+
+    cfg = tiny_config()
+    cfg.train.micro_batch_size = 4
+    flops = sample_flops(cfg, 32, 8, VOCAB, 6)
+    assert gradient_cosine_flops(cfg, flops) == 2 * 4 * flops.hybrid
+    cfg.parallel.pipeline_model_parallel_size, cfg.parallel.virtual_pipeline_model_parallel_size = 2, 2
+    assert gradient_cosine_flops(cfg, flops) == 2 * 2 * 4 * flops.hybrid  # the interleaved schedule's PP copies
