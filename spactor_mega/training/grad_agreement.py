@@ -145,17 +145,16 @@ def pipeline_gradient_cosine(objective: SpactorObjective, micro_batch: dict, chu
         # of PP copies of the micro-batch is its gradient
         copies = ps.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
         try:
-            with contextlib.ExitStack() as stack:
-                for model in models:
-                    stack.enter_context(model.no_sync())
-                stack.enter_context(eval_mode(models))
-                stack.enter_context(preserved_rng())
+            with eval_mode(models), preserved_rng():
                 grads = []
                 for side in one_sided(objective):
                     for model in models:
-                        model.zero_grad_buffer()
-                    # sums the gradients of the tensors several stages hold (bias tables, a tied head)
-                    pipeline_step(side, [micro_batch] * copies, chunks, g, rtd_head, phase=Phase.HYBRID)
+                        model.zero_grad_buffer()  # (which also ends a no_sync: entered after it)
+                    with contextlib.ExitStack() as no_sync:
+                        for model in models:
+                            no_sync.enter_context(model.no_sync())
+                        # sums the gradients of the tensors several stages hold (bias tables, a tied head)
+                        pipeline_step(side, [micro_batch] * copies, chunks, g, rtd_head, phase=Phase.HYBRID)
                     grads.append([p.main_grad.clone() if not grads else p.main_grad for p in params])
                 sums = _agreement_sums(params, *grads, device)
         finally:

@@ -1,7 +1,7 @@
 """The gradient agreement (issue #22, signal 3): the cosine between the gradients of D's SC loss and
 of the auxiliary loss on D's embedding and encoder, as the engines measure it, equals a reference
 taken with ``torch.autograd.grad`` on one process (TP = 1, PP = 1, the same weights and micro-batch)
-to 1e-5: Megatron's engine at TP = 2 with sequence parallelism, at PP = 2 with the encoder's bias
+to 1e-5 (relative): Megatron's engine at TP = 2 with sequence parallelism, at PP = 2 with the encoder's bias
 table on both stages, at TP = 2 x PP = 2 with a tied LM head (its last-stage copy of the embedding)
 and with virtual stages; DeepSpeed's (ZeRO-2) at TP = 2 x DP = 2. Every rank gets the same value.
 A measurement leaves training bitwise unchanged (dropout on: no RNG stream moves; the distributed
@@ -124,10 +124,20 @@ def _losses_with_and_without_measurement(cfg, split, world_size: int) -> list:
             history.append((metrics["loss"], metrics["grad_norm"], metrics["generator_grad_norm"]))
             if measure and step == 0:
                 assert math.isfinite(engine.gradient_cosine(_micro_batch()))
+                history.append(("left", _gradients_left(engine)))
         runs.append(history)
         del engine
         destroy_parallel(destroy_process_group=False)
     return runs
+
+
+def _gradients_left(engine) -> float:
+    """The largest gradient the engine holds: Megatron DDP's buffers (D, G, the RTD head), or the
+    ``.grad`` of DeepSpeed's modules (ZeRO-2 keeps its reduced gradients in buffers of its own)."""
+    if hasattr(engine, "d_chunks"):
+        return max(float(buffer.grad_data.abs().max()) for model in engine._models() for buffer in model.buffers)
+    modules = (engine.d.module, engine.aux.module)
+    return max((float(p.grad.abs().max()) for m in modules for p in m.parameters() if p.grad is not None), default=0.0)
 
 
 def _measure_all(rank, world_size):
@@ -172,20 +182,22 @@ def test_the_cosine_is_the_single_process_reference(measured, name):
     tied = LAYOUTS[name][5]
     want = measured["references"][tied]
     assert len(set(values)) == 1, values  # every rank has the same value
-    assert values[0] == pytest.approx(want, abs=TOLERANCE), (name, values[0], want)
+    # relative: the cosines of these tiny models at init are small (~0.01)
+    assert values[0] == pytest.approx(want, rel=TOLERANCE), (name, values[0], want)
 
 
 def test_the_reference_is_not_degenerate(measured):
-    """The layouts would not be told apart by a cosine near 0 or 1; nor if tying changed nothing."""
+    """A tied head (the embedding's SC gradient grows by the head's) changes the cosine by far more
+    than the tolerance: the tied layout tells a missing copy of the head's gradient apart."""
     untied, tied = measured["references"][False], measured["references"][True]
-    for value in (untied, tied):
-        assert 0.01 < abs(value) < 0.99, value
-    assert abs(untied - tied) > 100 * TOLERANCE
+    assert all(0 < abs(value) < 1 for value in (untied, tied))
+    assert abs(untied - tied) > 1e3 * TOLERANCE * abs(untied)
 
 
 @pytest.mark.parametrize("name", ["megatron-pp2-dp2", "deepspeed-zero2-dp4"])
 def test_a_measurement_leaves_training_bitwise_unchanged(measured, name):
     without, with_measurement = measured["bitwise"][name]
+    assert with_measurement.pop(1) == ("left", 0.0)  # no gradient left behind
     assert with_measurement == without
 
 
