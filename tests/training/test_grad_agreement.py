@@ -145,6 +145,8 @@ def _measure_all(rank, world_size):
 
     from spactor_mega.parallel import collectives
     from spactor_mega.parallel.state import destroy_parallel
+    from spactor_mega.plan.flops import gradient_cosine_flops, sample_flops
+    from tests.plan.test_flops import flop_counter_mode
 
     out = {"measured": {}, "references": {}, "bitwise": {}}
     try:
@@ -156,6 +158,19 @@ def _measure_all(rank, world_size):
             out["measured"][name] = [float(v) for v in every]
             del engine_obj
             destroy_parallel(destroy_process_group=False)
+        # the FLOPs of a measurement, counted on each rank of TP = PP = 1, DP = 4: one replica computes
+        cfg = _config("megatron", 1, 1, 1, False, False)
+        engine_obj = _engine(cfg, None, world_size)
+        batch = _micro_batch()
+        recompute: list = []
+        with flop_counter_mode(recompute) as counter:
+            out["measured"]["megatron-dp4"] = [engine_obj.gradient_cosine(batch)]
+        out["flops"] = collectives.all_gather(torch.tensor([counter.get_total_flops() - sum(recompute)],
+                                                           dtype=torch.float64))
+        out["flops"] = [float(v) for v in out["flops"]]
+        out["flops_model"] = gradient_cosine_flops(cfg, sample_flops(cfg, 16, 6, VOCAB, 4))
+        del engine_obj
+        destroy_parallel(destroy_process_group=False)
         for tied in (False, True):
             out["references"][tied] = _reference(_config("megatron", 1, 1, 1, False, tied))
             destroy_parallel(destroy_process_group=False)
@@ -176,12 +191,12 @@ def measured():
     return run_distributed(_measure_all, 4, timeout=600)[0]
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", [*LAYOUTS, "megatron-dp4"])
 def test_the_cosine_is_the_single_process_reference(measured, name):
     values = measured["measured"][name]
-    tied = LAYOUTS[name][5]
+    tied = name in LAYOUTS and LAYOUTS[name][5]
     want = measured["references"][tied]
-    assert len(set(values)) == 1, values  # every rank has the same value
+    assert len(set(values)) == 1, values  # every rank has the same value (megatron-dp4: rank 0's alone)
     # relative: the cosines of these tiny models at init are small (~0.01)
     assert values[0] == pytest.approx(want, rel=TOLERANCE), (name, values[0], want)
 
@@ -201,13 +216,20 @@ def test_a_measurement_leaves_training_bitwise_unchanged(measured, name):
     assert with_measurement == without
 
 
-def test_the_cost_is_two_hybrid_passes_of_the_micro_batch():
+def test_a_measurement_costs_what_the_flops_model_says(measured):
+    """FlopCounterMode's matmuls (less the CPU flash kernel's recompute, as in tests/plan/test_flops.py)
+    of one measurement: the FLOPs model's two hybrid passes of the micro-batch, on one DP replica only."""
+    first, *others = measured["flops"]
+    assert first == pytest.approx(measured["flops_model"], rel=1e-12)
+    assert others == [0.0, 0.0, 0.0]
+
+
+def test_the_interleaved_schedule_runs_the_micro_batch_pp_times():
     from spactor_mega.model.synthetic import tiny_config
     from spactor_mega.plan.flops import gradient_cosine_flops, sample_flops
 
     cfg = tiny_config()
-    cfg.train.micro_batch_size = 4
     flops = sample_flops(cfg, 32, 8, VOCAB, 6)
-    assert gradient_cosine_flops(cfg, flops) == 2 * 4 * flops.hybrid
+    plain = gradient_cosine_flops(cfg, flops)
     cfg.parallel.pipeline_model_parallel_size, cfg.parallel.virtual_pipeline_model_parallel_size = 2, 2
-    assert gradient_cosine_flops(cfg, flops) == 2 * 2 * 4 * flops.hybrid  # the interleaved schedule's PP copies
+    assert gradient_cosine_flops(cfg, flops) == 2 * plain
