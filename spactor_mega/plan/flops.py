@@ -80,9 +80,11 @@ def gradient_cosine_flops(cfg: Config, flops: StepFlops) -> float:
     the whole run: a forward and a backward of the hybrid step per loss (SC alone, auxiliary
     alone) on one micro-batch of ``train.micro_batch_size``, computed by one DP replica:
     ``2 x flops.hybrid x micro_batch_size``, times PP with virtual pipeline stages (Megatron's
-    interleaved schedule needs PP micro-batches: the micro-batch is run PP times). An upper bound:
-    the SC pass back-propagates G and the RTD head with zero weight, the auxiliary one the decoder.
-    Per step on average: divide by the measurement interval."""
+    interleaved schedule needs PP micro-batches: the micro-batch is run PP times). Exact for the
+    Megatron engine, whose schedule back-propagates the whole step in both passes (the other side's
+    terms with weight 0; tests/training/test_grad_agreement.py counts it); an upper bound for
+    DeepSpeed's ``torch.autograd.grad``, which skips the weight gradients outside D's embedding and
+    encoder. Per step on average: divide by the measurement interval."""
     p = cfg.parallel
     copies = p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size > 1 else 1
     return 2 * flops.hybrid * cfg.train.micro_batch_size * copies

@@ -145,7 +145,7 @@ def pipeline_gradient_cosine(objective: SpactorObjective, micro_batch: dict, chu
         # of PP copies of the micro-batch is its gradient
         copies = ps.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
         try:
-            with eval_mode(models), preserved_rng():
+            with torch.enable_grad(), eval_mode(models), preserved_rng():
                 grads = []
                 for side in one_sided(objective):
                     for model in models:
@@ -171,7 +171,7 @@ def autograd_gradient_cosine(objective: SpactorObjective, micro_batch: dict, d, 
     params = shared_parameters(d)
     sums = torch.zeros(3, dtype=torch.float64, device=params[0].device)
     if _measures():
-        with eval_mode([d, g, rtd_head]), preserved_rng():
+        with torch.enable_grad(), eval_mode([d, g, rtd_head]), preserved_rng():
             grads = []
             for side in one_sided(objective):
                 loss, _ = side(micro_batch, d, g, rtd_head, phase=Phase.HYBRID)

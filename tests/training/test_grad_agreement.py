@@ -26,6 +26,7 @@ LAYOUTS = {
                              [((0, 1), (0, 0)), ((1, 2), (0, 0)), ((2, 4), (0, 1)), ((0, 0), (1, 2))]),
     "deepspeed-zero2-tp2-dp2": ("deepspeed", 2, 1, 1, False, False, None),
 }
+BIAS_TABLE = ("encoder.relative_attention_bias.",)
 STEPS = 3  # the bitwise check: a measurement after the first of them
 
 
@@ -75,9 +76,10 @@ def _engine(cfg, split, world_size: int):
     return build_engine(cfg, *modules, _objective(cfg), torch.get_default_dtype() == torch.bfloat16)
 
 
-def _reference(cfg) -> float:
+def _reference(cfg, prefixes=("embedding.", "encoder.")) -> float:
     """The definition, by hand on one process: autograd.grad of L_sc (+ z-loss) and of
-    w_rtd L_rtd + w_mlm L_mlm with respect to D's embedding and encoder (eval mode)."""
+    w_rtd L_rtd + w_mlm L_mlm with respect to D's embedding and encoder (eval mode), or the
+    parameters named by ``prefixes``."""
     import torch
 
     from spactor_mega.data.host_side import encoder_padding
@@ -98,7 +100,7 @@ def _reference(cfg) -> float:
     l_sc, l_z = sc_loss(d.lm_logits(decoder_hidden), batch["labels"], batch["dec_loss_mask"], objective.z_loss)
     l_rtd = rtd_loss(rtd(encoder_hidden).transpose(0, 1), gen["is_replaced"], mask)
     aux = objective.rtd_weight * l_rtd + objective.mlm_weight * gen["mlm_loss"]
-    params = [p for name, p in d.named_parameters() if name.startswith(("embedding.", "encoder."))]
+    params = [p for name, p in d.named_parameters() if name.startswith(prefixes)]
     flat = [torch.cat([x.flatten() for x in torch.autograd.grad(loss, params, retain_graph=True)]).double()
             for loss in (l_sc + l_z, aux)]
     return float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()))
@@ -146,7 +148,10 @@ def _measure_all(rank, world_size):
     from spactor_mega.parallel import collectives
     from spactor_mega.parallel.state import destroy_parallel
     from spactor_mega.plan.flops import gradient_cosine_flops, sample_flops
+    from spactor_mega.training import grad_agreement
     from tests.plan.test_flops import flop_counter_mode
+
+    shared = grad_agreement.SHARED_PREFIXES
 
     out = {"measured": {}, "references": {}, "bitwise": {}}
     try:
@@ -158,6 +163,19 @@ def _measure_all(rank, world_size):
             out["measured"][name] = [float(v) for v in every]
             del engine_obj
             destroy_parallel(destroy_process_group=False)
+        # the encoder's bias table alone (its part of the full cosine is below the tolerance): held
+        # by both stages, its gradient summed over them and counted once
+        grad_agreement.SHARED_PREFIXES = BIAS_TABLE
+        name = "megatron-pp2-bias-on-both"
+        engine, tp, pp, vp, sp, tied, split = LAYOUTS[name]
+        engine_obj = _engine(_config(engine, tp, pp, vp, sp, tied), split, world_size)
+        out["bias_table"] = [float(v) for v in collectives.all_gather(
+            torch.tensor([engine_obj.gradient_cosine(_micro_batch())], dtype=torch.float64))]
+        grad_agreement.SHARED_PREFIXES = shared
+        del engine_obj
+        destroy_parallel(destroy_process_group=False)
+        out["references"]["bias_table"] = _reference(_config("megatron", 1, 1, 1, False, False), BIAS_TABLE)
+        destroy_parallel(destroy_process_group=False)
         # the FLOPs of a measurement, counted on each rank of TP = PP = 1, DP = 4: one replica computes
         cfg = _config("megatron", 1, 1, 1, False, False)
         engine_obj = _engine(cfg, None, world_size)
@@ -199,6 +217,12 @@ def test_the_cosine_is_the_single_process_reference(measured, name):
     assert len(set(values)) == 1, values  # every rank has the same value (megatron-dp4: rank 0's alone)
     # relative: the cosines of these tiny models at init are small (~0.01)
     assert values[0] == pytest.approx(want, rel=TOLERANCE), (name, values[0], want)
+
+
+def test_a_bias_table_held_by_two_stages_counts_once_with_both_stages_gradients(measured):
+    values = measured["bias_table"]
+    assert len(set(values)) == 1, values
+    assert values[0] == pytest.approx(measured["references"]["bias_table"], rel=TOLERANCE)
 
 
 def test_the_reference_is_not_degenerate(measured):

@@ -57,11 +57,11 @@ from spactor_mega.parallel.cpu_compat import import_deepspeed
 from spactor_mega.parallel.state import self_group
 from spactor_mega.plan.engines.deepspeed import Adam, choose_adam, deepspeed_config
 from spactor_mega.training.engines.base import eval_mode, torch_adafactor
-from spactor_mega.training.grad_agreement import autograd_gradient_cosine
 from spactor_mega.training.engines.released import (
     ReleasedTensors,
     optimizer_state_tensors,
 )
+from spactor_mega.training.grad_agreement import autograd_gradient_cosine
 from spactor_mega.training.lr_schedule import build_lr_scheduler
 from spactor_mega.training.metrics import average_metrics
 from spactor_mega.training.nonfinite import (

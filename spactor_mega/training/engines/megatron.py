@@ -62,11 +62,11 @@ from spactor_mega.model.stages import allreduce_shared_grads, as_chunks, build_s
 from spactor_mega.parallel import collectives
 from spactor_mega.plan.layout import config_layout, replans_at_tau
 from spactor_mega.training.engines.base import adafactor_state_on, eval_mode, torch_adafactor
-from spactor_mega.training.grad_agreement import pipeline_gradient_cosine
 from spactor_mega.training.engines.released import (
     ReleasedTensors,
     optimizer_state_tensors,
 )
+from spactor_mega.training.grad_agreement import pipeline_gradient_cosine
 from spactor_mega.training.lr_schedule import build_lr_scheduler
 from spactor_mega.training.metrics import average_metrics, metrics_reducer
 from spactor_mega.training.nonfinite import any_rank_nonfinite
