@@ -26,7 +26,8 @@ LAYOUTS = {
                              [((0, 1), (0, 0)), ((1, 2), (0, 0)), ((2, 4), (0, 1)), ((0, 0), (1, 2))]),
     "deepspeed-zero2-tp2-dp2": ("deepspeed", 2, 1, 1, False, False, None),
 }
-BIAS_TABLE = ("encoder.relative_attention_bias.",)
+# the encoder's bias table and (so that counting the table twice changes the cosine) its final norm
+BIAS_TABLE = ("encoder.relative_attention_bias.", "encoder.final_layernorm.")
 STEPS = 3  # the bitwise check: a measurement after the first of them
 
 
@@ -163,8 +164,8 @@ def _measure_all(rank, world_size):
             out["measured"][name] = [float(v) for v in every]
             del engine_obj
             destroy_parallel(destroy_process_group=False)
-        # the encoder's bias table alone (its part of the full cosine is below the tolerance): held
-        # by both stages, its gradient summed over them and counted once
+        # the encoder's bias table (its part of the full cosine is below the tolerance) and final
+        # norm alone: the table held by both stages, its gradient summed over them and counted once
         grad_agreement.SHARED_PREFIXES = BIAS_TABLE
         name = "megatron-pp2-bias-on-both"
         engine, tp, pp, vp, sp, tied, split = LAYOUTS[name]
