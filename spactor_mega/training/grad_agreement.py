@@ -20,19 +20,23 @@ a TP-split tensor counts per shard; a tensor replicated over TP counts once (TP 
 sequence-parallel norm weight, whose per-rank gradient is partial, is summed over TP first; the
 relative-bias copies that several pipeline stages hold, and a tied LM head's last-stage copy of
 the embedding, are summed into each copy first (:func:`~spactor_mega.model.stages.allreduce_shared_grads`,
-as training does) and counted once (copies marked ``shared`` are skipped). The micro-batch is one
+as training does) and counted once (bias copies marked ``shared`` are skipped; the head's copy,
+named ``lm_head.``, is not in the set: its SC gradient reaches the embedding's). The micro-batch is one
 FIXED micro-batch the caller passes, identical on every rank (e.g. the first validation
 micro-batch), so there is nothing to average over DP: only the first DP replica computes, and one
 all-reduce over the world hands its value to every rank, bitwise the same everywhere. The modules
 run in eval mode (no dropout: dropout masks differ between TP layouts, and would make the cosine a
 function of one draw of them); G's replacements come from the samples' own keys, so the value is a
-function of the weights and the micro-batch only.
+function of the weights and the micro-batch only. NaN when either gradient is zero, and under
+DeepSpeed's ZeRO-3 (its parameters are partitioned outside the engine's forward; the engine says so once).
 
 Cost, per measurement: the two losses each take one forward and one backward of the whole hybrid
-step on the micro-batch (the pipeline schedule back-propagates one loss per run), at most
-``2 x`` the hybrid step's training FLOPs per sample ``x`` the micro-batch size (``x PP`` with virtual
-pipeline stages, whose schedule needs PP micro-batches: PP copies of it), once in the whole run
-(the other DP replicas wait): :func:`spactor_mega.plan.flops.gradient_cosine_flops`. Memory: a
+step on the micro-batch (the pipeline schedule back-propagates one loss per run): ``2 x`` the
+hybrid step's training FLOPs per sample (``StepFlops.hybrid``, forward + backward) ``x`` the
+micro-batch size (``x PP`` with virtual pipeline stages, whose schedule needs PP micro-batches: PP
+copies of it), once in the whole run (the other DP replicas wait at the final all-reduce):
+:func:`spactor_mega.plan.flops.gradient_cosine_flops`, exact for the Megatron engine (counted by
+the test), an upper bound for DeepSpeed's ``torch.autograd.grad``. Memory: a
 copy of this rank's ``g_sc`` for the included tensors (fp32 under Megatron's fp32 gradient
 buffers), freed when the measurement returns, on top of one micro-batch's activations.
 
