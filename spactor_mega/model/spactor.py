@@ -66,6 +66,9 @@ class SpactorObjective:
     temperature: float = 1.0
     seed: int = 1234
     z_loss: float = 0.0  # T5X's auxiliary z-loss on D's LM logits (0: off; T5X uses 1e-4)
+    # The SC loss's (+ z-loss's) weight in the hybrid total: 1 in training; 0 selects the auxiliary
+    # loss alone for the gradient agreement (spactor_mega.training.grad_agreement)
+    sc_weight: float = 1.0
 
     @classmethod
     def from_config(cls, cfg, *, mask_id: int, sample_vocab_size: int, forbidden_ids=(0, 1)):
@@ -167,6 +170,8 @@ class SpactorObjective:
         rtd_logits = rtd_head(encoder_hidden).transpose(0, 1)  # [b, s]
         l_rtd = rtd_loss(rtd_logits, is_replaced, enc_mask)
         mlm_loss = gen["mlm_loss"]
+        if self.sc_weight != 1.0:  # training keeps the term as it is (no extra op in its graph)
+            l_sc_total = self.sc_weight * l_sc_total
         total = self.mlm_weight * mlm_loss + self.rtd_weight * l_rtd + l_sc_total
         loss = total if mlm_loss.requires_grad else self.rtd_weight * l_rtd + l_sc_total
         with torch.no_grad():

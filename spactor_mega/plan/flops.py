@@ -75,6 +75,21 @@ def sample_flops(cfg: Config, encoder_length: int, decoder_length: int, vocab_si
     return StepFlops(discriminator=discriminator, generator=generator, rtd_head=rtd_head)
 
 
+def gradient_cosine_flops(cfg: Config, flops: StepFlops) -> float:
+    """FLOPs of one gradient-agreement measurement (:mod:`spactor_mega.training.grad_agreement`) in
+    the whole run: a forward and a backward of the hybrid step per loss (SC alone, auxiliary
+    alone) on one micro-batch of ``train.micro_batch_size``, computed by one DP replica:
+    ``2 x flops.hybrid x micro_batch_size``, times PP with virtual pipeline stages (Megatron's
+    interleaved schedule needs PP micro-batches: the micro-batch is run PP times). Exact for the
+    Megatron engine, whose schedule back-propagates the whole step in both passes (the other side's
+    terms with weight 0; tests/training/test_grad_agreement.py counts it); an upper bound for
+    DeepSpeed's ``torch.autograd.grad``, which skips the weight gradients outside D's embedding and
+    encoder. Per step on average: divide by the measurement interval."""
+    p = cfg.parallel
+    copies = p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size > 1 else 1
+    return 2 * flops.hybrid * cfg.train.micro_batch_size * copies
+
+
 def format_flops(value: float) -> str:
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
         if value >= scale:

@@ -32,6 +32,13 @@ class Engine(Protocol):
     def eval_step(self, micro_batches: list[dict], phase: Phase) -> dict[str, float]:
         """The objective's averaged metrics on ``micro_batches``, no gradients, nothing changed."""
 
+    def gradient_cosine(self, micro_batch: dict) -> float:
+        """The cosine between the gradients of D's SC loss and of the auxiliary (RTD + MLM) loss on
+        D's embedding and encoder, for ``micro_batch`` (the same micro-batch on every rank; it
+        carries the MLM fields): :mod:`spactor_mega.training.grad_agreement`. Collective; the same
+        value on every rank; NaN where the engine cannot measure it. Hybrid phase only (G held);
+        leaves gradients, optimizers and RNG states as they were."""
+
     def release_generator(self) -> None:
         """Drops G, the RTD head, their gradients and optimizer state (tau reached)."""
 

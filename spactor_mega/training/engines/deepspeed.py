@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import functools
 import math
 import sys
 import types
@@ -60,6 +61,7 @@ from spactor_mega.training.engines.released import (
     ReleasedTensors,
     optimizer_state_tensors,
 )
+from spactor_mega.training.grad_agreement import autograd_gradient_cosine
 from spactor_mega.training.lr_schedule import build_lr_scheduler
 from spactor_mega.training.metrics import average_metrics
 from spactor_mega.training.nonfinite import (
@@ -311,6 +313,18 @@ class DeepSpeedEngine:
         with eval_mode(e for e in (self.d, self.aux) if e is not None):
             return average_metrics([self._micro_step(b, phase)[1] for b in micro_batches])
 
+    def gradient_cosine(self, micro_batch: dict) -> float:
+        """By ``torch.autograd.grad`` on the engines' modules (:func:`~spactor_mega.training.grad_agreement
+        .autograd_gradient_cosine`); NaN under ZeRO-3, whose parameters are partitioned outside the engine's forward."""
+        if self.aux is None:
+            raise RuntimeError("the gradient cosine needs the hybrid phase's modules (G was released at tau)")
+        if self.cfg.deepspeed.zero_stage == 3:
+            _say_no_cosine_under_zero3()
+            return math.nan
+        parts = self.aux.module
+        return autograd_gradient_cosine(self.objective, micro_batch, self.d.module.discriminator, parts.generator,
+                                        parts.rtd_head)
+
     # Checkpoints ----------------------------------------------------------------------------
     def save(self, save_dir: str | Path, step: int, record: dict, tokenizer_file: Optional[Path]) -> Path:
         """``SAVE_DIR/iter_NNNNNNN/{discriminator,generator_rtd}/`` (DeepSpeed's own sharded
@@ -439,6 +453,15 @@ def _forget_zero3_engine(module: torch.nn.Module) -> None:
     for cached in [method, *cells]:
         if hasattr(cached, "cache_clear"):
             cached.cache_clear()
+
+
+@functools.cache
+def _say_no_cosine_under_zero3() -> None:
+    """Once per process: why the gradient cosine is NaN."""
+    if torch.distributed.get_rank() == 0:
+        print("[train] gradient cosine not measured (NaN): deepspeed.zero_stage=3 partitions D's parameters, which "
+              "torch.autograd.grad outside DeepSpeed's forward cannot read; use ZeRO 0-2 or the megatron engine",
+              file=sys.stderr, flush=True)
 
 
 def _overflowing(loss: torch.Tensor, engines: list) -> torch.Tensor:

@@ -66,6 +66,7 @@ from spactor_mega.training.engines.released import (
     ReleasedTensors,
     optimizer_state_tensors,
 )
+from spactor_mega.training.grad_agreement import pipeline_gradient_cosine
 from spactor_mega.training.lr_schedule import build_lr_scheduler
 from spactor_mega.training.metrics import average_metrics, metrics_reducer
 from spactor_mega.training.nonfinite import any_rank_nonfinite
@@ -291,6 +292,13 @@ class MegatronEngine:
         if len(norms) > 1:
             metrics["generator_grad_norm"] = norms[1]
         return metrics
+
+    def gradient_cosine(self, micro_batch: dict) -> float:
+        """Through Megatron's schedule (:func:`~spactor_mega.training.grad_agreement.pipeline_gradient_cosine`)."""
+        if not self.has_generator:
+            raise RuntimeError("the gradient cosine needs the hybrid phase's modules (G was released at tau)")
+        self._gather_updated_params()  # on every rank: a DP collective with parallel.overlap_param_gather
+        return pipeline_gradient_cosine(self.objective, micro_batch, self.d_chunks, self.g, self.rtd, self._models())
 
     def _gather_updated_params(self) -> None:
         """With ``parallel.overlap_param_gather`` the all-gather of the parameters the distributed
