@@ -48,7 +48,7 @@ from spactor_mega.model.t5 import model_vocab_size
 from spactor_mega.parallel import collectives
 from spactor_mega.parallel.state import initialize_parallel
 from spactor_mega.plan.derived import generator_num_layers, uses_bf16
-from spactor_mega.plan.flops import format_flops, sample_flops
+from spactor_mega.plan.flops import format_flops, gradient_cosine_flops, sample_flops
 from spactor_mega.plan.layout import config_layout
 from spactor_mega.plan.memory import checkpoint_bytes
 from spactor_mega.plan.mfu import device_peak_tflops, mfu
@@ -186,6 +186,7 @@ def train(cfg: Config) -> RunResult:
         run_eval(0)
 
     last_time = time.perf_counter()
+    measured_flops = 0.0  # a tau measurement's own training FLOPs (grad_cosine), added to the next step's
     watchdog = HangWatchdog(t.hang_factor, rank)
     while step < t.steps:
         phase = phase_at(step, tau())
@@ -211,18 +212,19 @@ def train(cfg: Config) -> RunResult:
         now = time.perf_counter()
         seconds, last_time = now - last_time, now
         sample_cost = flops.hybrid if hybrid else flops.sc_only
+        step_flops, measured_flops = sample_cost * t.global_batch_size + measured_flops, 0.0
         counts = engine.parameter_counts()
         metrics.update(
             phase=float(phase.value), step_time_s=seconds, data_wait_s=data_wait,
             generator_params=float(counts["generator"]),
             generator_optimizer_state=float(counts["generator_optimizer_state"]),
             tokens_per_s=t.global_batch_size * corruption.encoder_length / seconds,
-            flops_per_step=sample_cost * t.global_batch_size,
-            tflops_per_s_per_rank=sample_cost * t.global_batch_size / seconds / world / 1e12,
+            flops_per_step=step_flops,
+            tflops_per_s_per_rank=step_flops / seconds / world / 1e12,
             **({"tau": tau()} if auto else {}),  # train/tau: the bound until the signals decide, then tau
         )
         if peak_tflops:
-            metrics["mfu"] = mfu(sample_cost * t.global_batch_size, seconds, world, peak_tflops)
+            metrics["mfu"] = mfu(step_flops, seconds, world, peak_tflops)
         skipped_steps.count(metrics["skipped"] > 0)
         metrics["skipped_steps"] = float(skipped_steps.total)
         result.history.append({"step": step, **metrics})
@@ -239,6 +241,8 @@ def train(cfg: Config) -> RunResult:
             run_eval(step)
         if auto is not None and auto.measures_at(step):
             value = measure_tau_signal(auto, engine, valid_set, builder, t, dp_rank, dp_size, eval_multiple)
+            if auto.signal == "grad_cosine":  # two extra backward passes: counted with the next step
+                measured_flops = gradient_cosine_flops(cfg, flops)
             log.scalars(step, {auto.metric: value}, prefix="auto_tau")
             if auto.observe(step, value):
                 loader = make_loader(step * t.global_batch_size)  # later batches without MLM fields
@@ -336,14 +340,20 @@ def auto_tau_samples(t) -> int:
 
 def measure_tau_signal(auto: AutoTau, engine: Engine, valid_set, builder, t, dp_rank: int, dp_size: int,
                        multiple: int) -> float:
-    """The value of ``auto``'s signal for the weights entering this step, the same on every rank: a
-    hybrid validation's metric on :func:`auto_tau_samples` held-out samples (the samples, and their
-    grouping into micro-batches, do not depend on the layout), agreed by one collective."""
+    """The value of ``auto``'s signal for the weights entering this step, the same on every rank,
+    agreed by one collective: a hybrid validation's metric on :func:`auto_tau_samples` held-out
+    samples (the samples, and their grouping into micro-batches, do not depend on the layout), or
+    the gradient cosine on the validation split's first micro-batch, the same on every rank
+    (:mod:`spactor_mega.training.grad_agreement`)."""
     if valid_set is None:
         raise RuntimeError("spactor.tau auto measures on the validation split; the run has none")
-    evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, Phase.HYBRID, multiple,
-                          samples=auto_tau_samples(t))
-    return collectives.max_over_ranks([float(evaluation[auto.metric])])[0]
+    if auto.signal == "grad_cosine":
+        raw = collate_raw([valid_set[i] for i in range(t.micro_batch_size)])
+        value = engine.gradient_cosine(on_device(builder(raw["raw"], raw["key"], with_mlm=True)))
+    else:
+        value = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, Phase.HYBRID, multiple,
+                         samples=auto_tau_samples(t))[auto.metric]
+    return collectives.max_over_ranks([float(value)])[0]
 
 
 def _tau_text(cfg: Config, auto: Optional[AutoTau]) -> str:

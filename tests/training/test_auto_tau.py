@@ -52,6 +52,9 @@ def runs(tmp_path_factory):
     two = [
         ("dp2", tiny_config(work / "dp2", **AUTO)),
         ("tp2", tiny_config(work / "tp2", **AUTO, parallel__tensor_model_parallel_size=2)),
+        # the gradient cosine, measured by the engine: any cosine is <= 1, so it ends the phase at min_steps
+        ("cosine", tiny_config(work / "cosine", **{**AUTO, "spactor__auto_tau__signal": "grad_cosine",
+                                                   "spactor__auto_tau__threshold": 1.0, "spactor__auto_tau__min_steps": 4})),
     ]
     return {**run_distributed(_runs, 1, one, timeout=900)[0], **run_distributed(_runs, 2, two, timeout=900)[0]}
 
@@ -73,6 +76,15 @@ def test_the_decision_is_the_same_under_any_layout(runs):
     for name in ("dp2", "tp2"):
         values = [value for _, value in runs[name]["record"]["auto_tau"]["history"]]
         assert values == pytest.approx(reference, rel=1e-3, abs=1e-6), name
+
+
+def test_the_gradient_cosine_signal_decides_through_the_engine(runs):
+    state = runs["cosine"]["record"]["auto_tau"]
+    assert state["decided"] == 4 and [step for step, _ in state["history"]] == [2, 4]
+    assert all(-1 <= value <= 1 for _, value in state["history"])
+    assert runs["cosine"]["phases"] == [1.0] * 4 + [2.0] * 4
+    # the same switch as the validation signal's run: every loss the same, so measuring changed nothing
+    assert runs["cosine"]["losses"] == runs["dp2"]["losses"]
 
 
 def test_a_resumed_run_decides_as_the_uninterrupted_one(runs):
