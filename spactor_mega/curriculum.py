@@ -37,6 +37,16 @@ def tau_bound(spactor_cfg) -> float:
     return float(spactor_cfg.auto_tau.max_steps) if spactor_cfg.tau == "auto" else float(spactor_cfg.tau)
 
 
+def describe_tau(spactor_cfg, decided: Optional[int] = None) -> str:
+    """tau for a log line: the fixed value, or auto's signal and bounds (and, once made, its decision)."""
+    if spactor_cfg.tau != "auto":
+        return f"{spactor_cfg.tau}"
+    if decided is not None:
+        return f"auto, decided {decided}"
+    a = spactor_cfg.auto_tau
+    return f"auto ({a.signal}, between steps {a.min_steps} and {a.max_steps})"
+
+
 # "past the threshold": relative signals below threshold x their peak so far, absolute ones at or below it
 RELATIVE_SIGNALS = {"rtd_gain": "rtd_info_gain", "sc_gap": "sc_replaced_gap"}  # signal -> validation metric
 ABSOLUTE_SIGNALS = {"grad_cosine": "grad_cosine"}

@@ -48,6 +48,12 @@ HF_ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditiona
                     "umt5": "UMT5ForConditionalGeneration"}
 
 
+def feed_forward_of(doc: dict) -> str:
+    """A config.json's feed_forward_proj, with its class's default where it has none (T5Config:
+    relu; MT5Config and UMT5Config: gated-gelu)."""
+    return doc.get("feed_forward_proj", "relu" if doc.get("model_type") == "t5" else "gated-gelu")
+
+
 def read_hf_t5_config(hf_dir: Path) -> dict:
     """The folder's config.json, if it describes a T5-family encoder-decoder we can train (model
     type t5, mt5 or umt5 with a feed-forward of :data:`FEED_FORWARDS`); else a one-line refusal."""
@@ -67,7 +73,7 @@ def read_hf_t5_config(hf_dir: Path) -> dict:
     if architecture not in architectures:
         raise ImportRefused(f"{config_file}: architectures {architectures} has no {architecture}; an "
                             "encoder-decoder with its LM head is needed")
-    ff = doc.get("feed_forward_proj", "relu" if kind == "t5" else "gated-gelu")
+    ff = feed_forward_of(doc)
     if ff not in FEED_FORWARDS:
         raise ImportRefused(f"{config_file}: feed_forward_proj {ff!r}; the feed-forwards that can be imported are "
                             f"{', '.join(FEED_FORWARDS)}")
@@ -99,7 +105,7 @@ def config_for_hf_model(doc: dict, tied: bool, tokenizer: Path, tp: int, pp: int
     m.relative_attention_max_distance = doc.get("relative_attention_max_distance", 128)
     m.layer_norm_epsilon = doc.get("layer_norm_epsilon", 1e-6)
     m.hf_model_type = doc["model_type"]
-    m.feed_forward = doc.get("feed_forward_proj", "relu" if m.hf_model_type == "t5" else "gated-gelu")
+    m.feed_forward = feed_forward_of(doc)
     m.tie_word_embeddings = tied
     m.relative_attention_per_layer = m.hf_model_type == "umt5"
     m.vocab_size = doc["vocab_size"]

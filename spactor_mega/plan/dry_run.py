@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spactor_mega.config import Config, ModelConfig
-from spactor_mega.curriculum import Phase, tau_bound
+from spactor_mega.curriculum import Phase, describe_tau, tau_bound
 from spactor_mega.data.span_corruption import (
     mlm_capacity,
     noise_counts,
@@ -58,7 +58,7 @@ def describe(cfg: Config, vocab_size: int | None = None, world_size: int | None 
         f"RTD head {counts['rtd_head'] / 1e6:,.2f}M",
         f"FLOPs per step (batch {batch}): hybrid phase {format_flops(flops.hybrid * batch)}, "
         f"SC-only phase {format_flops(flops.sc_only * batch)}, ratio {flops.hybrid / flops.sc_only:.3f}",
-        f"tau {_tau_text(cfg.spactor)}, steps {cfg.train.steps}: total {format_flops(_total(cfg, flops) * batch)}"
+        f"tau {describe_tau(cfg.spactor)}, steps {cfg.train.steps}: total {format_flops(_total(cfg, flops) * batch)}"
         + (" (at most: tau auto ends the hybrid phase by auto_tau.max_steps)" if cfg.spactor.tau == "auto" else ""),
     ]
     lines += _memory(cfg, counts, world_size)
@@ -89,11 +89,6 @@ def _memory(cfg: Config, counts: dict[str, int], world_size: int | None) -> list
     dp = max((world_size or model_parallel) // model_parallel, 1)
     per_rank = counts["discriminator"] // model_parallel + counts["generator"] + counts["rtd_head"]
     return describe_memory(cfg, per_rank, dp)
-
-
-def _tau_text(s) -> str:
-    return (f"auto ({s.auto_tau.signal}, between steps {s.auto_tau.min_steps} and {s.auto_tau.max_steps})"
-            if s.tau == "auto" else f"{s.tau}")
 
 
 def _total(cfg: Config, flops) -> float:

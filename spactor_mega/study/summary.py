@@ -20,6 +20,7 @@ from typing import Optional
 from spactor_mega.curriculum import Phase
 from spactor_mega.errors import UserError
 from spactor_mega.study.plan import ArmRun
+from spactor_mega.training.tau_signals import binary_entropy
 
 QUALITY = ("sc_loss", "sc_accuracy")
 SIGNALS = ("rtd_loss", "rtd_prior", "rtd_recall", "mlm_accuracy", "replaced_fraction")
@@ -42,10 +43,6 @@ def read_records(path: Path) -> dict[str, dict[int, dict]]:
             raise UserError(f"{path}:{number}: not a metrics record (a JSON object with split and step); "
                             "delete the arm's folder and rerun the study to retrain it") from None
     return records
-
-
-def binary_entropy(p: float) -> float:
-    return 0.0 if p <= 0 or p >= 1 else -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
 
 def run_curve(run: ArmRun) -> dict:

@@ -28,7 +28,7 @@ from spactor_mega.checkpoint.store import (
     recorded_skipped_steps,
 )
 from spactor_mega.config import Config
-from spactor_mega.curriculum import AutoTau, Phase, phase_at
+from spactor_mega.curriculum import AutoTau, Phase, describe_tau, phase_at
 from spactor_mega.data.dataset import (
     PretrainingSampler,
     SpactorBatchBuilder,
@@ -140,7 +140,7 @@ def train(cfg: Config) -> RunResult:
         f"[train] world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x DP {dp_size}"
         f"{pipeline}; "
         f"D {counts['discriminator'] / 1e6:.2f}M params per rank, G {generator_num_layers(cfg)} layers "
-        f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={_tau_text(cfg, auto)}; "
+        f"{counts['generator'] / 1e6:.2f}M; {'bf16' if bf16 else 'fp32'}; tau={describe_tau(cfg.spactor, auto.decided if auto else None)}; "
         f"FLOPs/sample hybrid {format_flops(flops.hybrid)}, SC-only {format_flops(flops.sc_only)}; "
         + (f"MFU against a {peak_tflops:g} TFLOP/s peak per device" if peak_tflops
            else "MFU not reported (no known peak for this device: set train.peak_tflops)")
@@ -354,14 +354,6 @@ def measure_tau_signal(auto: AutoTau, engine: Engine, valid_set, builder, t, dp_
         value = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, Phase.HYBRID, multiple,
                          samples=auto_tau_samples(t))[auto.metric]
     return collectives.max_over_ranks([float(value)])[0]
-
-
-def _tau_text(cfg: Config, auto: Optional[AutoTau]) -> str:
-    if auto is None:
-        return f"{cfg.spactor.tau}"
-    if auto.decided is not None:
-        return f"auto, decided {auto.decided}"
-    return f"auto ({auto.signal}, between steps {auto.min_steps} and {auto.max_steps})"
 
 
 def on_device(batch: dict) -> dict:
