@@ -352,18 +352,37 @@ def _parse_value(raw: str, annotation: Any) -> Any:
             return False
         raise ValueError(f"expected true/false, got {raw!r}")
     if annotation is int:
-        return int(raw)
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
     if annotation is float:
-        return float(raw)  # accepts "inf"
+        try:
+            return float(raw)  # accepts "inf"
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
     if annotation is list or origin is list:
         return yaml.safe_load(raw) if raw.startswith("[") else [v for v in raw.split(",") if v]
     return raw
 
 
-def _numbers_as_floats(value: Any, annotation: Any) -> Any:
-    """YAML reads `.inf` and `1e-3` as floats but `100` as an int: a float field gets a float."""
-    floats = annotation is float or (typing.get_origin(annotation) is typing.Union and float in typing.get_args(annotation))
-    return float(value) if floats and isinstance(value, int) and not isinstance(value, bool) else value
+def _as_declared_number(value: Any, annotation: Any) -> Any:
+    """A YAML value for a numeric field as its declared type, or ValueError. YAML reads ``100`` as an int
+    (a float field gets a float) and ``1e-3`` as a string (it needs ``1.0e-3``): parsed as a flag is."""
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if int not in kinds and float not in kinds:
+        return value
+    if isinstance(value, str):
+        return _parse_value(value, annotation)
+    if value is None and type(None) in typing.get_args(annotation):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected {'an integer' if float not in kinds else 'a number'}, got {value!r}")
+    if float in kinds:
+        return float(value)
+    if not float(value).is_integer():
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(value)
 
 
 def set_field(cfg: "Config", name: str, value: Any, where: str = "config") -> None:
@@ -388,7 +407,10 @@ def set_field(cfg: "Config", name: str, value: Any, where: str = "config") -> No
         for sub, sub_value in value.items():
             set_field(cfg, f"{path}.{sub}", sub_value, where)
         return
-    setattr(target, key, _numbers_as_floats(value, leaf_fields()[path][0]))
+    try:
+        setattr(target, key, _as_declared_number(value, leaf_fields()[path][0]))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {path}: {e}") from None
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:

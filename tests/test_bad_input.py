@@ -3,17 +3,20 @@ file and the fix, no traceback, and (for data) nothing built first. The "Bad inp
 lists these beside the classes other tests cover."""
 
 import dataclasses
+import math
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from spactor_mega.cli import main
+from spactor_mega.config import leaf_fields, load_yaml
 from spactor_mega.data.prepare import ensure_data
-from tests.training.test_training import tiny_config
+from tests.training.test_training import run, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +57,82 @@ def test_a_missing_preset_is_named(tmp_path, capsys):
 
 def test_a_flag_value_of_the_wrong_type_names_the_flag(preset, capsys):
     line = refused(capsys, "train", "--config", str(preset[0]), "--train.steps", "ten")
-    assert line.startswith("spactor train: error: --train.steps: invalid literal for int() with base 10: 'ten'")
+    assert line == "spactor train: error: --train.steps: expected an integer, got 'ten'"
+
+
+# Numeric fields for which 0 is a meaningful setting (none takes -1); every other 0, -1 and non-number is refused
+LEGAL_ZERO = {
+    "model.dropout", "spactor.mlm_fraction", "spactor.tau", "spactor.mlm_weight", "spactor.rtd_weight", "spactor.z_loss",
+    "data.num_workers", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.adam_beta1",
+    "optim.adam_beta2", "optim.clip_grad", "train.seed", "train.save_interval", "train.keep_last_checkpoints",
+    "train.hang_factor", "train.eval_interval", "deepspeed.zero_stage",
+}
+# ... trained with 0 by other tests rather than by test_the_legal_zeros_train below
+TRAINED_WITH_ZERO_ELSEWHERE = {
+    "spactor.tau": "tests/training/test_training.py::test_flops_per_step_drop_to_the_sc_only_figure_at_tau (plain T5)",
+    "deepspeed.zero_stage": "tests/training/test_bf16.py (zero0, fp32 and bf16)",
+}
+
+
+def numeric_fields() -> list[str]:
+    def numeric(annotation) -> bool:
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        return int in kinds or float in kinds
+    return [name for name, (annotation, _) in leaf_fields().items() if numeric(annotation)]
+
+
+def engine_flags(name: str) -> list[str]:
+    """A DeepSpeed engine field is validated by the DeepSpeed engine (the Megatron engine ignores it)."""
+    return ["--train.engine", "deepspeed"] if name.startswith("deepspeed.") else []
+
+
+def test_every_numeric_field_refuses_zero_minus_one_and_a_non_number_in_one_line(preset, capsys, tmp_path):
+    """Walks the schema as a new user would: each numeric field set to 0, -1 and ``ten`` by a flag, and to
+    ``ten`` in a preset, under ``--dry-run``: one line naming the field from validation (so nothing is
+    built), or, for the settings in LEGAL_ZERO, a dry run that passes (and test_the_legal_zeros_train)."""
+    names = numeric_fields()
+    assert LEGAL_ZERO <= set(names)
+    base = yaml.safe_load(preset[0].read_text())
+    for name in names:
+        *sections, key = name.split(".")
+        for value in ("0", "-1", "ten"):
+            argv = ["train", "--config", str(preset[0]), *engine_flags(name), f"--{name}", value, "--dry-run"]
+            if value == "0" and name in LEGAL_ZERO:
+                assert main(argv) == 0, (name, capsys.readouterr().err)
+                capsys.readouterr()
+                continue
+            line = refused(capsys, *argv)
+            assert name in line, (name, value, line)
+        doc = yaml.safe_load(yaml.safe_dump(base))
+        leaf = doc
+        for section in sections:
+            leaf = leaf.setdefault(section, {})
+        leaf[key] = "ten"
+        bad = tmp_path / f"{name}.yaml"
+        bad.write_text(yaml.safe_dump(doc))
+        line = refused(capsys, "train", "--config", str(bad), *engine_flags(name), "--dry-run")
+        assert name in line, (name, line)
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers(preset, tmp_path):
+    """YAML 1.1 reads ``1e-3`` as a string: a numeric field parses it as the flag would."""
+    doc = yaml.safe_load(preset[0].read_text())
+    doc["optim"]["lr"], doc["train"]["steps"] = "1e-3", "12"
+    path = tmp_path / "strings.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_yaml(path)
+    assert (cfg.optim.lr, cfg.train.steps) == (1e-3, 12)
+
+
+def test_the_legal_zeros_train(preset):
+    """One short run with every legal 0 of LEGAL_ZERO at once (but those trained elsewhere): both phases, finite
+    losses, no skipped step."""
+    zeros = LEGAL_ZERO - set(TRAINED_WITH_ZERO_ELSEWHERE)
+    cfg = tiny_config(preset[0].parent / "zeros", **{name.replace(".", "__"): 0 for name in zeros})  # preset's data
+    assert cfg.spactor.tau == 4 and cfg.train.steps == 8
+    history = run(cfg)["history"]
+    assert [h["step"] for h in history] == list(range(1, 9))
+    assert all(math.isfinite(h["loss"]) and h["skipped_steps"] == 0 for h in history), history
 
 
 def test_a_world_size_that_tp_x_pp_does_not_divide(preset, capsys, monkeypatch):

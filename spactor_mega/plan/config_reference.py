@@ -102,7 +102,9 @@ def render_markdown() -> str:
         "preset). This page is generated from the schema when the site is built: the type and default are "
         "the dataclass's, the meaning is the field's comment in `config.py` (also shown by "
         "`spactor train --help`). `spactor_mega/plan/validate.py` refuses what cannot work, in one line "
-        "naming the field ([Bad input](../bad-input.md)). Engines: the values of `train.engine` that read the "
+        "naming the field ([Bad input](../bad-input.md)): every numeric field refuses 0, -1 and a non-number "
+        "unless the value means something (0: off, none, plain T5). A number YAML reads as a string (`1e-3`; "
+        "YAML 1.1 wants `1.0e-3`) is parsed as the flag would be. Engines: the values of `train.engine` that read the "
         "field (all: every engine).",
         "",
         "Sections: " + ", ".join(f"[{name}](#{name})" for name in sections) + ".",

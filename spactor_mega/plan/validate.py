@@ -27,6 +27,7 @@ def _validate_auto_tau(a, need) -> None:
              f"got {a.threshold}")
     need(a.patience >= 1, f"spactor.auto_tau.patience must be >= 1, got {a.patience}")
     need(a.interval >= 1, f"spactor.auto_tau.interval must be >= 1, got {a.interval}")
+    need(a.max_steps >= 1, f"spactor.auto_tau.max_steps must be >= 1, got {a.max_steps}")
     need(1 <= a.min_steps <= a.max_steps, f"spactor.auto_tau.min_steps must be in [1, max_steps={a.max_steps}], got "
          f"{a.min_steps}")
 
@@ -41,14 +42,26 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 
     for name in ("d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers"):
         need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    # T5's bucketing halves the buckets per direction and puts half of those below the exact range:
+    # the encoder needs >= 4 buckets, and positions past that exact range to share the log-spaced ones
+    need(m.relative_attention_num_buckets >= 4,
+         f"model.relative_attention_num_buckets must be >= 4 (T5: 32), got {m.relative_attention_num_buckets}")
+    need(m.relative_attention_max_distance > m.relative_attention_num_buckets // 2,
+         f"model.relative_attention_max_distance must exceed relative_attention_num_buckets / 2 = "
+         f"{m.relative_attention_num_buckets // 2} (T5: 128), got {m.relative_attention_max_distance}")
+    need(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    need(m.layer_norm_epsilon > 0, f"model.layer_norm_epsilon must be positive (T5: 1e-6), got {m.layer_norm_epsilon}")
+    need(m.init_method_std > 0, f"model.init_method_std must be positive, got {m.init_method_std}")
+    for name in ("d_ff", "num_heads"):
+        value = getattr(g, name)
+        need(value is None or value > 0, f"generator.{name} must be positive, or unset for D's, got {value}")
     need(0.0 < s.noise_density < 1.0, f"spactor.noise_density must be in (0, 1), got {s.noise_density}")
     need(s.mean_noise_span_length >= 1.0, f"spactor.mean_noise_span_length must be >= 1, got {s.mean_noise_span_length}")
     need(0.0 <= s.mlm_fraction < 1.0, f"spactor.mlm_fraction must be in [0, 1), got {s.mlm_fraction}")
     need(s.tau == "auto" or (isinstance(s.tau, (int, float)) and not isinstance(s.tau, bool) and not math.isnan(s.tau)
                              and s.tau >= 0),
          f"spactor.tau must be >= 0 (0 = plain T5, inf = hybrid throughout) or auto, got {s.tau!r}")
-    if s.tau == "auto":
-        _validate_auto_tau(s.auto_tau, need)
+    _validate_auto_tau(s.auto_tau, need)  # unused unless tau is auto, but a bad value is refused either way
     need(s.mlm_weight >= 0, f"spactor.mlm_weight must be >= 0, got {s.mlm_weight}")
     need(s.rtd_weight >= 0, f"spactor.rtd_weight must be >= 0, got {s.rtd_weight}")
     need(s.z_loss >= 0, f"spactor.z_loss must be >= 0 (T5X uses 1e-4; 0 turns it off), got {s.z_loss}")
@@ -58,6 +71,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(cfg.data.num_workers >= 0 and cfg.data.prefetch_factor >= 1, "data.num_workers must be >= 0 and "
          f"data.prefetch_factor >= 1, got {cfg.data.num_workers} and {cfg.data.prefetch_factor}")
     need(cfg.data.max_epochs > 0, f"data.max_epochs must be positive, got {cfg.data.max_epochs}")
+    need(cfg.data.tokenizer_vocab_size > 0,
+         f"data.tokenizer_vocab_size must be positive, got {cfg.data.tokenizer_vocab_size}")
+    need(cfg.data.preprocess_workers >= 1,
+         f"data.preprocess_workers must be >= 1, got {cfg.data.preprocess_workers}")
     # an extra evaluation set is reported under its file name: it must not collide with another's or a split's
     eval_names = [Path(str(prefix)).name for prefix in cfg.data.eval_data]
     need(len(set(eval_names)) == len(eval_names) and not {"train", "valid"} & set(eval_names),
@@ -65,7 +82,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          "names must differ from each other and from `train` and `valid`; rename or link the files")
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    need(tp >= 1 and pp >= 1, "parallel sizes must be >= 1")
+    need(tp >= 1, f"parallel.tensor_model_parallel_size must be >= 1, got {tp}")
+    need(pp >= 1, f"parallel.pipeline_model_parallel_size must be >= 1, got {pp}")
     need(world_size % (tp * pp) == 0,
          f"world size {world_size} is not divisible by tensor x pipeline parallel size {tp}x{pp}; "
          "launch a multiple of TP*PP processes")
@@ -75,7 +93,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         heads.append(("generator.num_heads", g.num_heads))
     for name, value in heads:
         need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
-    for name, value in (("model.d_ff", m.d_ff),) + ((("generator.d_ff", g.d_ff),) if g.d_ff else ()):
+    for name, value in (("model.d_ff", m.d_ff),) + ((("generator.d_ff", g.d_ff),) if g.d_ff is not None else ()):
         need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
     need(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
     need(m.recompute in ("none", "selective", "full"),
@@ -98,7 +116,15 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 
     need(t.engine in ENGINES, f"train.engine must be one of {', '.join(ENGINES)}, got {t.engine!r}")
     need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    need(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
     need(t.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    need(0 <= t.seed < 2**32, f"train.seed must be in [0, 2**32), got {t.seed}")
+    need(t.save_interval >= 0, f"train.save_interval must be >= 0 (0: only at the end), got {t.save_interval}")
+    need(t.exit_interval is None or t.exit_interval > 0,
+         f"train.exit_interval must be positive (or unset: no step-count stop), got {t.exit_interval}")
+    need(t.eval_interval >= 0, f"train.eval_interval must be >= 0 (0: no evaluations), got {t.eval_interval}")
+    need(t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}")
+    need(cfg.logging.log_interval >= 1, f"logging.log_interval must be >= 1, got {cfg.logging.log_interval}")
     need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
          f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x data-parallel "
          f"size = {t.micro_batch_size}x{dp}; change one of them")
@@ -131,6 +157,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          f"optim.lr_schedule must be inverse-sqrt, constant-inverse-sqrt, cosine or constant, got {o.lr_schedule!r}")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     need(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]; lower optim.min_lr")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(o, name) < 1, f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+    need(o.adam_eps > 0, f"optim.adam_eps must be positive (it keeps Adam's update finite), got {o.adam_eps}")
     need(t.peak_tflops is None or t.peak_tflops > 0,
          f"train.peak_tflops must be positive (or unset for the known GPUs' peaks), got {t.peak_tflops}")
     need(isinstance(t.allow_tf32, bool), f"train.allow_tf32 must be true or false, got {t.allow_tf32!r}")
