@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/spactor train --config configs/demo-cpu.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests  # the slowest tests, to keep the suite within its 25 minutes
 
 # NO_MKDOCS_2_WARNING: Material's banner about its successor, not a warning about this site
 docs: setup
