@@ -219,9 +219,11 @@ def model_card(cfg, record: dict, vocab_rows: int, folder: str, dtype: str = "fp
     )
     sections = [
         f"# {Path(folder).name}",
-        f"A {name} encoder-decoder pretrained with SpacTor by spactor_mega for {int(record['step']):,} steps, "
-        "exported by `spactor convert to-hf`. It is a pretrained model only: it fills the `<extra_id_k>` spans "
-        "of its input; fine-tune it for a task.",
+        (f"A {name} encoder-decoder imported from `{record.get('imported_from')}` by `spactor convert from-hf` "
+         "and exported unchanged: nothing below was trained here." if record.get("weights_only") else
+         f"A {name} encoder-decoder pretrained with SpacTor by spactor_mega for {int(record['step']):,} steps, "
+         "exported by `spactor convert to-hf`. It is a pretrained model only: it fills the `<extra_id_k>` spans "
+         "of its input; fine-tune it for a task."),
         "## Architecture", _architecture(cfg, vocab_rows, class_name),
         "## Parameters", _parameters(cfg, vocab_rows, with_rtd_head),
         "## Pretraining", _objective(cfg, record),

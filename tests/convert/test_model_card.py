@@ -131,7 +131,10 @@ def test_an_undecided_auto_tau_and_a_plain_t5_run_say_so():
     assert "not decided by step 700: hybrid up to here" in model_card(cfg, record, 256, "x")
     assert "| steps | 700 optimizer steps (700 hybrid, 0 SC only) |" in model_card(cfg, record, 256, "x")
     cfg.spactor.tau = 0
-    assert "| tau | 0 (fixed): plain T5 span corruption throughout" in model_card(cfg, record, 256, "x")
+    cfg.train.engine = "deepspeed"
+    text = model_card(cfg, record, 256, "x")
+    assert "| tau | 0 (fixed): plain T5 span corruption throughout" in text
+    assert "| engine | deepspeed (ZeRO stage 2, optimizer offload none) |" in text
 
 
 @pytest.mark.parametrize("license_id", ["Apache 2.0", "", "MIT"])
@@ -140,3 +143,11 @@ def test_a_license_that_is_no_hub_id_is_refused_in_one_line(license_id):
     cfg.model.license = license_id
     with pytest.raises(ConfigError, match=r"^model\.license must be a Hub license id [^\n]*$"):
         validate(cfg)
+
+
+def test_an_imported_model_exported_again_says_it_was_not_trained_here():
+    cfg, _ = _auto_tau_run()
+    record = make_record(cfg, 0, 256, weights_only=True, imported_from="/models/mt5-small")
+    text = ModelCard(model_card(cfg, record, 256, "x")).text
+    assert "imported from `/models/mt5-small` by `spactor convert from-hf` and exported unchanged" in text
+    assert "pretrained with SpacTor" not in text
