@@ -19,6 +19,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from spactor_mega.curriculum import AutoTau
 from spactor_mega.data.dataset import parse_blend
 from spactor_mega.data.span_corruption import random_spans_helper
 from spactor_mega.model.hf_mapping import hf_classes
@@ -46,16 +47,21 @@ def hub_datasets(data_cfg) -> list[str]:
     return ["allenai/c4"] if corpus and all(C4_SHARD.fullmatch(name) for name in corpus) else []
 
 
-def describe_tau(cfg, record: dict) -> str:
+def recorded_auto_tau(cfg, record: dict) -> AutoTau:
+    """``spactor.tau: auto``'s decision as the record's checkpoint left it."""
+    return AutoTau.from_config(cfg.spactor.auto_tau, record.get("auto_tau"))
+
+
+def tau_of_run(cfg, record: dict) -> str:
     """Where the hybrid phase ended (or ends), as the run decided it."""
-    s, step = cfg.spactor, int(record["step"])
+    s = cfg.spactor
     if s.tau == "auto":
-        a, decided = s.auto_tau, (record.get("auto_tau") or {}).get("decided")
+        a, decided = s.auto_tau, recorded_auto_tau(cfg, record).decided
         how = (f"auto (signal {a.signal}, threshold {a.threshold}, patience {a.patience}, measured every "
                f"{a.interval} steps between steps {a.min_steps} and {a.max_steps})")
         if decided is not None:
             return f"{decided}, decided by {how}"
-        return f"{how}, not decided by step {step}: hybrid up to here, at most until step {a.max_steps}"
+        return f"{how}, not decided by step {int(record['step'])}: hybrid up to here, at most until step {a.max_steps}"
     tau = float(s.tau)
     if tau == 0:
         return "0 (fixed): plain T5 span corruption throughout, no generator"
@@ -65,12 +71,10 @@ def describe_tau(cfg, record: dict) -> str:
 
 
 def hybrid_steps(cfg, record: dict) -> int:
-    """Of the record's steps, those trained in the hybrid phase (steps below tau)."""
-    step = int(record["step"])
-    if cfg.spactor.tau == "auto":
-        decided = (record.get("auto_tau") or {}).get("decided")
-        return step if decided is None else min(step, int(decided))
-    return int(min(step, float(cfg.spactor.tau)))
+    """Of the record's steps, those trained in the hybrid phase (steps below tau; an undecided auto
+    tau is its bound, auto_tau.max_steps)."""
+    tau = recorded_auto_tau(cfg, record).tau if cfg.spactor.tau == "auto" else float(cfg.spactor.tau)
+    return int(min(int(record["step"]), tau))
 
 
 def _table(rows, header: tuple = ("", "")) -> str:
@@ -115,7 +119,7 @@ def _parameters(cfg, vocab_rows: int, with_rtd_head: bool) -> str:
 
 
 def _objective(cfg, record: dict) -> str:
-    s, t, step = cfg.spactor, cfg.train, int(record["step"])
+    s, t, step, hybrid = cfg.spactor, cfg.train, int(record["step"]), hybrid_steps(cfg, record)
     length = cfg.data.encoder_seq_length
     raw_length, decoder_length = random_spans_helper(length, s.noise_density, s.mean_noise_span_length)
     samples = int(record.get("consumed_samples", step * t.global_batch_size))
@@ -127,9 +131,8 @@ def _objective(cfg, record: dict) -> str:
         ("hybrid loss (steps < tau)", f"SC + {s.mlm_weight:g} * MLM + {s.rtd_weight:g} * RTD{z} "
                                       f"(MLM on {s.mlm_fraction:g} of the SC inputs; G's temperature {cfg.generator.temperature:g})"),
         ("loss from tau on", f"SC{z}"),
-        ("tau", describe_tau(cfg, record)),
-        ("steps", f"{step:,} optimizer steps ({hybrid_steps(cfg, record):,} hybrid, "
-                  f"{step - hybrid_steps(cfg, record):,} SC only)"),
+        ("tau", tau_of_run(cfg, record)),
+        ("steps", f"{step:,} optimizer steps ({hybrid:,} hybrid, {step - hybrid:,} SC only)"),
         ("batch", f"{t.global_batch_size:,} sequences of {length} encoder input and {decoder_length} target tokens"),
         ("samples seen", f"{samples:,}"),
         ("tokens seen", f"{samples * length:,}: samples x {length} encoder input tokens (the corrupted text "
