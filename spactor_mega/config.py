@@ -83,6 +83,9 @@ class ModelConfig:
     # recomputes the first recompute_num_layers layers of each pipeline stage and keeps the rest
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1  # layers per recompute group (uniform) or recomputed per stage (block)
+    # The license `spactor convert to-hf` states in the exported model card (README.md's metadata): a Hub
+    # license id, e.g. apache-2.0, mit, cc-by-4.0, or other
+    license: str = "apache-2.0"
     # Vocabulary rows before that padding, and the rows an HF export gets. None: the
     # tokenizer's pieces + sentinels + mask (exported padded to make_vocab_size_divisible_by);
     # `spactor convert from-hf` sets the imported model's vocab_size (e.g. 32128).

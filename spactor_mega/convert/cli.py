@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf = sub.add_parser(
         "to-hf", help="a checkpoint (any TP/PP/DP layout, Megatron or DeepSpeed) -> HF T5/MT5/UMT5ForConditionalGeneration",
         description="Writes a folder that the model's class (model.hf_model_type) and AutoTokenizer.from_pretrained "
-                    "load: config.json, safetensors weights, generation_config.json, spiece.model and tokenizer files. "
-                    "The generator G is dropped.",
+                    "load: config.json, safetensors weights, generation_config.json, spiece.model and tokenizer files, "
+                    "and README.md, the model card (metadata for the Hub, the architecture, the run's objective, "
+                    "tau, steps, tokens, data and final validation). The generator G is dropped.",
     )
     to_hf.add_argument("checkpoint", help="a checkpoint directory (iter_NNNNNNN) or a save dir (its latest)")
     to_hf.add_argument("out", help="output folder (must not exist unless --force)")

@@ -8,7 +8,8 @@ Reads D's full tensors through the checkpoint reader of the engine that wrote it
 model config from the checkpoint's ``run.json``, maps the tensors to HF names (:mod:`spactor_mega.model.hf_mapping`,
 consuming them, so the whole costs about one copy of the weights) and lets transformers write the
 folder: ``config.json`` (the model's kind: feed-forward, tied or untied head), safetensors shards, a
-``generation_config.json``; plus ``spiece.model`` and the tokenizer files (the sentinels as the tokenizer had them). G is
+``generation_config.json``; plus ``spiece.model`` and the tokenizer files (the sentinels as the tokenizer had them), and
+``README.md``, the model card the Hub shows (:mod:`spactor_mega.convert.model_card`). G is
 dropped; the RTD head is written to ``rtd_head.safetensors`` only when asked for. The folder
 appears complete or not at all (written under a temporary name, then renamed).
 """
@@ -32,6 +33,7 @@ from spactor_mega.checkpoint.store import (
     recorded_engine,
 )
 from spactor_mega.config import config_from_dict
+from spactor_mega.convert.model_card import model_card
 from spactor_mega.data.special_tokens import EOS_ID, PAD_ID
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
 from spactor_mega.errors import OutputExistsError, UserError
@@ -42,6 +44,7 @@ from spactor_mega.plan.inventory import t5_parameter_shapes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RTD_HEAD_FILE = "rtd_head.safetensors"
+MODEL_CARD = "README.md"
 
 
 def prepare_output(out: str | Path, force: bool) -> Path:
@@ -163,6 +166,7 @@ def export_to_hf(
         write_hf_model(hf_state, m, rows, tmp, max_shard_size, DTYPES[dtype])
         del hf_state
         write_tokenizer(path, tmp, tokenizer.hf_extra_ids)
+        (tmp / MODEL_CARD).write_text(model_card(cfg, record, rows, str(out), dtype, with_rtd_head))
         if with_rtd_head:
             write_rtd_head(path, weights.get("rtd_head") or {}, tmp, DTYPES[dtype])
     except BaseException:

@@ -6,6 +6,7 @@ fix, before any process group or model exists. ``spactor train`` (and ``--dry-ru
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from spactor_mega.config import AUTO_TAU_SIGNALS, FEED_FORWARDS, HF_MODEL_TYPES, INIT_SCHEMES, Config, ConfigError
@@ -96,6 +97,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for name, value in (("model.d_ff", m.d_ff),) + ((("generator.d_ff", g.d_ff),) if g.d_ff is not None else ()):
         need(value % tp == 0, f"{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}")
     need(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
+    need(isinstance(m.license, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", m.license) is not None,
+         f"model.license must be a Hub license id (lowercase, e.g. apache-2.0, mit, cc-by-4.0, other), got {m.license!r}")
     need(m.recompute in ("none", "selective", "full"),
          f"model.recompute must be none, selective or full, got {m.recompute!r}")
     need(m.recompute_method in ("uniform", "block"),

@@ -161,24 +161,31 @@ def train(cfg: Config) -> RunResult:
     result = RunResult(step=step, checkpoint=checkpoint, tensorboard_dir=cfg.logging.tensorboard_dir)
     # non-finite steps, counted on from the checkpoint's counts
     skipped_steps = SkippedSteps(t.max_skipped_steps, *recorded_skipped_steps(record))
+    # The latest evaluation ({"step", "valid": metrics, extra set: metrics}), kept in every checkpoint's
+    # record from then on (the exported model card's final losses); carried over a resume
+    validation = record.get("validation")
 
     def save(at_step: int) -> Path:
-        written = make_record(cfg, at_step, vocab, tau(), pipeline_layout=layout.describe(),
+        written = make_record(cfg, at_step, vocab, tau(), pipeline_layout=layout.describe(), data_parallel_size=dp_size,
                               skipped_steps=skipped_steps.total, skipped_in_a_row=skipped_steps.in_a_row,
-                              **({"auto_tau": auto.state()} if auto else {}))
+                              **({"auto_tau": auto.state()} if auto else {}),
+                              **({"validation": validation} if validation else {}))
         return engine.save(t.save_dir, at_step, written, tokenizer.model_file)
 
     eval_multiple = p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size > 1 else 1
 
     def run_eval(at_step: int) -> None:
         """Validates the weights that enter step ``at_step``: the hybrid terms too while it is hybrid."""
+        nonlocal validation
         evaluation = evaluate(engine, valid_set, builder, t, dp_rank, dp_size, phase_at(at_step, tau()),
                               eval_multiple)
         result.evals.append({"step": at_step, **evaluation})
+        validation = {"step": at_step, "valid": evaluation}
         log.scalars(at_step, evaluation, prefix="valid")
         log.line(_format_eval("valid", at_step, evaluation))
         for name, dataset in extra_eval_sets.items():  # clean SC only: the quality measure
             extra = evaluate(engine, dataset, builder, t, dp_rank, dp_size, Phase.SC_ONLY, eval_multiple)
+            validation[name] = extra
             log.scalars(at_step, extra, prefix=name)
             log.line(_format_eval(name, at_step, extra))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.training.test_training import DEMO, run, tiny_config
+from tests.training.test_training import DEMO, tiny_config
 
 
 def held_out_examples(tokenizer, encoder_length, rows: int = 1):
@@ -26,13 +26,6 @@ def held_out_examples(tokenizer, encoder_length, rows: int = 1):
         raw = [next(long_enough)[: corruption.raw_length] for _ in range(rows)]
     inputs, targets = corruption(np.array(raw), sample_keys(99, np.arange(rows)))
     return torch.from_numpy(inputs), torch.from_numpy(targets), corruption.decoder_length
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    work = tmp_path_factory.mktemp("trained") / "run"
-    cfg = tiny_config(work, train__steps=40, spactor__tau=20, train__eval_interval=40)
-    return cfg, run(cfg)
 
 
 def test_exported_model_fills_sentinels_like_ours(trained, tmp_path):
