@@ -284,7 +284,8 @@ class LoggingConfig:
     wandb_run_name: Optional[str] = None  # None: a name W&B makes up
     wandb_group: Optional[str] = None  # runs shown together (`spactor study`: the study's)
     wandb_tags: list = field(default_factory=list)  # `spactor study`: the arm and the seed
-    # online, offline (files only: `wandb sync` them later) or disabled; None: the WANDB_MODE variable, else online
+    # online | offline | disabled: offline writes the run's files only (`wandb sync` uploads them later);
+    # None: the WANDB_MODE variable, else online
     wandb_mode: Optional[str] = None
 
 

@@ -150,7 +150,7 @@ def arm_runs(study: StudyConfig, arms: Optional[list[str]] = None, seeds: Option
             cfg.logging.tensorboard_dir = str(out / "tensorboard" / arm.name / f"seed{seed}")
             cfg.logging.metrics_file = str(folder / "metrics.jsonl")
             # W&B (when the base config names a project): the study's runs in one group, named by arm and seed
-            cfg.logging.wandb_group = out.name
+            cfg.logging.wandb_group = out.resolve().name
             cfg.logging.wandb_run_name = f"{arm.name}-seed{seed}"
             cfg.logging.wandb_tags = [*cfg.logging.wandb_tags, arm.name, f"seed{seed}"]
             runs.append(ArmRun(arm, int(seed), folder, cfg))
