@@ -14,6 +14,7 @@ from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from spactor_mega.config import Config
+from spactor_mega.errors import UserError
 from spactor_mega.parallel import collectives
 from spactor_mega.plan.derived import uses_wandb
 
@@ -76,12 +77,16 @@ class WandbSink:
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / WANDB_RUN_ID
         run_id = id_file.read_text().strip() if resumed and id_file.exists() else None  # None: a new run
-        self.run = wandb.init(
-            project=lg.wandb_project, entity=lg.wandb_entity, name=lg.wandb_run_name, group=lg.wandb_group,
-            tags=lg.wandb_tags or None, mode=lg.wandb_mode, id=run_id, resume="allow", config=cfg.to_dict(),
-            dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
-            settings=wandb.Settings(silent=True),  # its banner and sync hints: the run's last line says where it is
-        )
+        try:
+            self.run = wandb.init(
+                project=lg.wandb_project, entity=lg.wandb_entity, name=lg.wandb_run_name, group=lg.wandb_group,
+                tags=lg.wandb_tags or None, mode=lg.wandb_mode, id=run_id, resume="allow", config=cfg.to_dict(),
+                dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
+                settings=wandb.Settings(silent=True),  # its banner and sync hints: the run's last line says where
+            )
+        except wandb.errors.Error as e:  # not logged in, an unknown entity, no network: one line, not a traceback
+            raise UserError(f"logging.wandb_project={lg.wandb_project}: W&B did not start: {str(e).splitlines()[0]} "
+                            "(or log offline: --logging.wandb_mode offline, then `wandb sync`)") from None
         run_id = self.run.id
         id_file.write_text(run_id + "\n")
         # W&B refuses steps below the last it holds: a run resumed from a checkpoint replays the steps

@@ -11,9 +11,10 @@ import pytest
 
 from spactor_mega.cli import main
 from spactor_mega.config import ConfigError
+from spactor_mega.errors import UserError
 from spactor_mega.parallel.testing import run_distributed
 from spactor_mega.plan.validate import validate
-from spactor_mega.training.metrics import WANDB_RUN_ID
+from spactor_mega.training.metrics import WANDB_RUN_ID, WandbSink
 from tests.training.test_training import tiny_config
 
 wandb = pytest.importorskip("wandb")  # the `wandb` extra (part of `test`)
@@ -116,17 +117,24 @@ def test_an_offline_wandb_run_holds_the_scalars_and_the_config_and_a_resume_cont
 def test_wandb_without_its_package_is_one_line_before_anything(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails as where it is not installed
     cfg = tiny_config(tmp_path / "run", logging__wandb_project="spactor-test")
-    with pytest.raises(ConfigError, match=r"^logging.wandb_project=spactor-test: the wandb package is not installed; "
-                                          r"pip install 'spactor_mega\[wandb\]'"):
-        validate(cfg)
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)  # train() validates first, before any process group, data or model
+    assert str(refused.value) == ("logging.wandb_project=spactor-test: the wandb package is not installed; "
+                                  "pip install 'spactor_mega[wandb]' (or leave logging.wandb_project empty)")
     assert main(["train", "--config", str(DEMO_CONFIG), "--logging.wandb_project", "spactor-test", "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert err.splitlines() == [f"spactor train: error: {validate_message(cfg)}"]
+    assert capsys.readouterr().err.splitlines() == [f"spactor train: error: {refused.value}"]
     cfg.logging.wandb_mode = "disabled"  # W&B turned off: nothing to install
     validate(cfg)
 
 
-def validate_message(cfg) -> str:
-    with pytest.raises(ConfigError) as refused:
-        validate(cfg)
-    return str(refused.value)
+def test_wandb_online_without_a_login_is_one_line(tmp_path, monkeypatch):
+    """No API key (none in the environment, no ~/.netrc, no W&B settings): wandb's UsageError as one
+    line naming the field and the offline mode, not its traceback."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for variable in ("HOME", "WANDB_CONFIG_DIR", "WANDB_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cfg = tiny_config(tmp_path / "run", logging__wandb_project="spactor-test")
+    with pytest.raises(UserError, match=r"^logging.wandb_project=spactor-test: W&B did not start: .*API key.* "
+                                        r"\(or log offline: --logging.wandb_mode offline, then `wandb sync`\)$"):
+        WandbSink(cfg, resumed=False)
