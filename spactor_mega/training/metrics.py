@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from megatron.core import parallel_state as ps
