@@ -1,6 +1,7 @@
 """Weights & Biases beside TensorBoard, offline (``WANDB_MODE=offline``, no network): the local run
 holds the scalars of the metrics file under TensorBoard's names and the resolved config, a resumed
-run continues the same W&B run, and W&B asked for without its package is one line before anything."""
+run continues the same W&B run; W&B asked for without its package is one line before anything, and
+one that cannot start (no login) one line too."""
 
 import json
 import struct
@@ -17,9 +18,6 @@ from spactor_mega.plan.validate import validate
 from spactor_mega.training.metrics import WANDB_RUN_ID, WandbSink
 from tests.training.test_training import tiny_config
 
-wandb = pytest.importorskip("wandb")  # the `wandb` extra (part of `test`)
-from wandb.proto import wandb_internal_pb2  # noqa: E402  (only with the package)
-
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml"
 
 
@@ -29,6 +27,7 @@ def wandb_records(path: Path) -> list:
     magic 0xBEE1, version 0), then LevelDB's log format: 32 KiB blocks of chunks (crc32c, length,
     type: 1 full, 2 first, 3 middle, 4 last), a block's tail under 7 bytes zero-filled; each record
     a ``wandb_internal_pb2.Record``."""
+    wandb_internal_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")  # the `wandb` extra (in `test`)
     data = path.read_bytes()
     assert data[:7] == struct.pack("<4sHB", b":W&B", 0xBEE1, 0), data[:7]
     records, pending, at, block = [], b"", 7, 32768
@@ -84,6 +83,7 @@ def _train_twice(rank, world_size, first, resumed):
 
 
 def test_an_offline_wandb_run_holds_the_scalars_and_the_config_and_a_resume_continues_it(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # the `wandb` extra (part of `test`)
     work = tmp_path / "run"
     monkeypatch.setenv("WANDB_MODE", "offline")  # logging.wandb_mode unset: W&B's variable decides
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
@@ -130,6 +130,7 @@ def test_wandb_without_its_package_is_one_line_before_anything(tmp_path, monkeyp
 def test_wandb_online_without_a_login_is_one_line(tmp_path, monkeypatch):
     """No API key (none in the environment, no ~/.netrc, no W&B settings): wandb's UsageError as one
     line naming the field and the offline mode, not its traceback."""
+    pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for variable in ("HOME", "WANDB_CONFIG_DIR", "WANDB_DIR"):
         monkeypatch.setenv(variable, str(tmp_path))
