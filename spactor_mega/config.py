@@ -38,6 +38,7 @@ class ConfigError(UserError):
 INIT_SCHEMES = ("megatron", "t5")  # ModelConfig.init
 FEED_FORWARDS = ("relu", "gated-gelu", "gated-silu")  # ModelConfig.feed_forward
 HF_MODEL_TYPES = ("t5", "mt5", "umt5")  # ModelConfig.hf_model_type
+WANDB_MODES = ("online", "offline", "disabled")  # LoggingConfig.wandb_mode
 
 
 @dataclass
@@ -271,7 +272,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console, TensorBoard and the metrics file."""
+    """Console, TensorBoard, Weights & Biases and the metrics file."""
 
     log_interval: int = 10  # steps between `[train]` lines and TensorBoard scalars
     tensorboard_dir: str = "runs/default/tensorboard"  # TensorBoard event files
@@ -279,6 +280,16 @@ class LoggingConfig:
     # extra set's name): what `spactor study` reads, and a plain-text record of the run (None: not written)
     metrics_file: Optional[str] = None
     progress: bool = True  # a progress bar with loss, phase and ETA on rank 0
+    # Weights & Biases beside TensorBoard (the `wandb` extra): the same scalars under the same names and
+    # the resolved config, from rank 0, into this project ("": no W&B); a resumed run continues its W&B run
+    wandb_project: str = ""
+    wandb_entity: Optional[str] = None  # the W&B user or team (None: the account's default)
+    wandb_run_name: Optional[str] = None  # None: a name W&B makes up
+    wandb_group: Optional[str] = None  # runs shown together (`spactor study`: the study's)
+    wandb_tags: list = field(default_factory=list)  # `spactor study`: the arm and the seed
+    # online | offline | disabled: offline writes the run's files only (`wandb sync` uploads them later);
+    # None: the WANDB_MODE variable, else online
+    wandb_mode: Optional[str] = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""What a config implies beyond its fields: the resolved precision and G's depth."""
+"""What a config implies beyond its fields: the resolved precision, G's depth, whether W&B logs."""
 
 from __future__ import annotations
 
@@ -26,3 +26,8 @@ def uses_bf16(cfg: Config) -> bool:
 def generator_num_layers(cfg: Config) -> int:
     """G's layers: ``generator.depth_fraction`` of D's encoder layers, rounded, at least 1."""
     return max(1, round(cfg.generator.depth_fraction * cfg.model.num_encoder_layers))
+
+
+def uses_wandb(cfg: Config) -> bool:
+    """The run logs to Weights & Biases: a project is named and the mode is not disabled."""
+    return bool(cfg.logging.wandb_project) and cfg.logging.wandb_mode != "disabled"

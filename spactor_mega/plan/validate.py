@@ -5,13 +5,22 @@ fix, before any process group or model exists. ``spactor train`` (and ``--dry-ru
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from pathlib import Path
 
-from spactor_mega.config import AUTO_TAU_SIGNALS, FEED_FORWARDS, HF_MODEL_TYPES, INIT_SCHEMES, Config, ConfigError
+from spactor_mega.config import (
+    AUTO_TAU_SIGNALS,
+    FEED_FORWARDS,
+    HF_MODEL_TYPES,
+    INIT_SCHEMES,
+    WANDB_MODES,
+    Config,
+    ConfigError,
+)
 from spactor_mega.curriculum import RELATIVE_SIGNALS
-from spactor_mega.plan.derived import generator_num_layers, uses_bf16
+from spactor_mega.plan.derived import generator_num_layers, uses_bf16, uses_wandb
 from spactor_mega.plan.engines import ENGINES, engine_spec
 from spactor_mega.plan.layout import config_layout
 
@@ -31,6 +40,20 @@ def _validate_auto_tau(a, need) -> None:
     need(a.max_steps >= 1, f"spactor.auto_tau.max_steps must be >= 1, got {a.max_steps}")
     need(1 <= a.min_steps <= a.max_steps, f"spactor.auto_tau.min_steps must be in [1, max_steps={a.max_steps}], got "
          f"{a.min_steps}")
+
+
+def _validate_wandb(cfg: Config, need) -> None:
+    """``logging.wandb_*``: the mode, and the optional package present when W&B is asked for."""
+    lg = cfg.logging
+    need(lg.wandb_mode is None or lg.wandb_mode in WANDB_MODES,
+         f"logging.wandb_mode must be one of {', '.join(WANDB_MODES)} (or unset: WANDB_MODE, else online), "
+         f"got {lg.wandb_mode!r}")
+    need(isinstance(lg.wandb_project, str), f"logging.wandb_project must be a name, got {lg.wandb_project!r}")
+    need(isinstance(lg.wandb_tags, list), f"logging.wandb_tags must be a list, got {lg.wandb_tags!r}")
+    if uses_wandb(cfg):
+        need(importlib.util.find_spec("wandb") is not None,
+             f"logging.wandb_project={lg.wandb_project}: the wandb package is not installed; "
+             "pip install 'spactor_mega[wandb]' (or leave logging.wandb_project empty)")
 
 
 def validate(cfg: Config, world_size: int = 1) -> Config:
@@ -194,5 +217,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             need(layers % m.recompute_num_layers == 0,
                  f"model.recompute_num_layers={m.recompute_num_layers} does not divide the {layers} layers of "
                  f"{where} (model.recompute_method uniform); choose a divisor or recompute_method block")
+    _validate_wandb(cfg, need)
     engine_spec(t.engine).plan.validate(cfg, dp)
     return cfg

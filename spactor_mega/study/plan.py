@@ -149,6 +149,10 @@ def arm_runs(study: StudyConfig, arms: Optional[list[str]] = None, seeds: Option
             cfg.data.eval_data = [*cfg.data.eval_data, *study.eval_data]
             cfg.logging.tensorboard_dir = str(out / "tensorboard" / arm.name / f"seed{seed}")
             cfg.logging.metrics_file = str(folder / "metrics.jsonl")
+            # W&B (when the base config names a project): the study's runs in one group, named by arm and seed
+            cfg.logging.wandb_group = out.resolve().name
+            cfg.logging.wandb_run_name = f"{arm.name}-seed{seed}"
+            cfg.logging.wandb_tags = [*cfg.logging.wandb_tags, arm.name, f"seed{seed}"]
             runs.append(ArmRun(arm, int(seed), folder, cfg))
     return runs
 

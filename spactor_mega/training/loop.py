@@ -129,8 +129,7 @@ def train(cfg: Config) -> RunResult:
     flops = sample_flops(cfg, corruption.encoder_length, corruption.decoder_length, vocab, builder.mlm_capacity)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     peak_tflops = device_peak_tflops(device, bf16, t.peak_tflops)
-    log = RunLogger(cfg.logging.tensorboard_dir, t.steps, step, enabled=rank == 0, progress=cfg.logging.progress,
-                    metrics_file=cfg.logging.metrics_file)
+    log = RunLogger(cfg, t.steps, step, enabled=rank == 0, resumed=step > 0)  # resumed: the same W&B run
     counts = engine.parameter_counts()
     pipeline = ""
     if p.pipeline_model_parallel_size > 1:
@@ -270,13 +269,13 @@ def train(cfg: Config) -> RunResult:
     watchdog.close()
     engine.complete_saves(wait=True)
     stop_requests.close()
+    destinations = log.destinations()
     log.close()
     result.step = step
     if skipped_steps.exceeded:
         raise skipped_steps.error(step, result.checkpoint)
     if rank == 0:
-        print(f"[train] done: checkpoint {result.checkpoint}, TensorBoard logs {cfg.logging.tensorboard_dir} "
-              f"(tensorboard --logdir {cfg.logging.tensorboard_dir})", flush=True)
+        print(f"[train] done: checkpoint {result.checkpoint}; {destinations}", flush=True)
     return result
 
 

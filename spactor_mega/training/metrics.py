@@ -1,52 +1,139 @@
-"""What a run reports: TensorBoard scalars, a JSON-lines record and a progress bar, on the logging rank only."""
+"""What a run reports: TensorBoard scalars, Weights & Biases, a JSON-lines record and a progress bar,
+on the logging rank only."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Protocol
 
 import torch
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
+from spactor_mega.config import Config
+from spactor_mega.errors import UserError
 from spactor_mega.parallel import collectives
+from spactor_mega.plan.derived import uses_wandb
+
+WANDB_RUN_ID = "wandb_run_id"  # in train.save_dir, beside the checkpoints: the W&B run a resumed run continues
+
+
+class ScalarSink(Protocol):
+    """One destination of the logging rank's scalars, each named ``prefix/name`` (TensorBoard's tag)."""
+
+    where: str  # what the run's last line says of it
+
+    def write(self, step: int, prefix: str, values: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: str):
+        # TensorBoard's writer loads tensorboard (about a second): only the logging rank does.
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=log_dir)
+        self.where = f"TensorBoard logs {log_dir} (tensorboard --logdir {log_dir})"
+
+    def write(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class MetricsFileSink:
+    """``logging.metrics_file``: appended to, so a resumed run adds its steps (a reader keeps the last
+    record of a step)."""
+
+    def __init__(self, path: str):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.records = open(path, "a", buffering=1)
+        self.where = f"metrics {path}"
+
+    def write(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        self.records.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
+
+    def close(self) -> None:
+        self.records.close()
+
+
+class WandbSink:
+    """A Weights & Biases run (``logging.wandb_*``) holding the resolved config; W&B step = training
+    step. Its id is kept in ``save_dir/wandb_run_id``: a run resumed from a checkpoint continues it;
+    a run from step 0 starts a new one. Its files go to ``save_dir/wandb`` (or ``WANDB_DIR``)."""
+
+    def __init__(self, cfg: Config, resumed: bool):
+        # wandb is an optional extra (validation refused a W&B run without it); only the logging rank loads it
+        import wandb
+
+        lg, run_dir = cfg.logging, Path(cfg.train.save_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file = run_dir / WANDB_RUN_ID
+        run_id = id_file.read_text().strip() if resumed and id_file.exists() else None  # None: a new run
+        try:
+            self.run = wandb.init(
+                project=lg.wandb_project, entity=lg.wandb_entity, name=lg.wandb_run_name, group=lg.wandb_group,
+                tags=lg.wandb_tags or None, mode=lg.wandb_mode, id=run_id, resume="allow", config=cfg.to_dict(),
+                dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
+                settings=wandb.Settings(silent=True),  # its banner and sync hints: the run's last line says where
+            )
+        except wandb.errors.Error as e:  # not logged in, an unknown entity, no network: one line, not a traceback
+            raise UserError(f"logging.wandb_project={lg.wandb_project}: W&B did not start: {str(e).splitlines()[0]} "
+                            "(or log offline: --logging.wandb_mode offline, then `wandb sync`)") from None
+        run_id = self.run.id
+        id_file.write_text(run_id + "\n")
+        # W&B refuses steps below the last it holds: a run resumed from a checkpoint replays the steps
+        # logged after it (the same values: resume is exact), which are not sent again
+        self.first_step = self.run.starting_step
+        self.where = (f"W&B run {run_id}, offline in {self.run.settings.sync_dir} (upload: wandb sync "
+                      f"{self.run.settings.sync_dir})" if self.run.settings.mode == "offline" else
+                      f"W&B run {self.run.url}")
+
+    def write(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        if step >= self.first_step:
+            self.run.log({f"{prefix}/{name}": value for name, value in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def run_sinks(cfg: Config, resumed: bool) -> list[ScalarSink]:
+    """The destinations ``cfg.logging`` asks for (call on the logging rank only)."""
+    lg = cfg.logging
+    sinks: list[ScalarSink] = []
+    if lg.metrics_file:
+        sinks.append(MetricsFileSink(lg.metrics_file))
+    if lg.tensorboard_dir:
+        sinks.append(TensorBoardSink(lg.tensorboard_dir))
+    if uses_wandb(cfg):
+        sinks.append(WandbSink(cfg, resumed))
+    return sinks
 
 
 class RunLogger:
-    """TensorBoard scalars, the metrics file (``logging.metrics_file``) and a tqdm bar showing loss,
-    stage and ETA; silent off rank 0."""
+    """The scalars into every sink of :func:`run_sinks` and a tqdm bar showing loss, stage and ETA;
+    silent off rank 0."""
 
-    def __init__(self, tensorboard_dir: Optional[str], total_steps: int, first_step: int, enabled: bool, progress: bool,
-                 metrics_file: Optional[str] = None):
+    def __init__(self, cfg: Config, total_steps: int, first_step: int, enabled: bool, resumed: bool):
         self.enabled = enabled
-        self.writer = None
+        self.sinks: list[ScalarSink] = run_sinks(cfg, resumed) if enabled else []
         self.bar = None
-        self.records = None
-        if not enabled:
-            return
-        if metrics_file:
-            # appended to: a resumed run adds its steps (a reader keeps the last record of a step)
-            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
-            self.records = open(metrics_file, "a", buffering=1)
-        if tensorboard_dir:
-            # TensorBoard's writer loads tensorboard (about a second): only the logging rank does.
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=tensorboard_dir)
-        if progress:
+        if enabled and cfg.logging.progress:
             self.bar = tqdm(
                 total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
                 file=sys.stderr, disable=None,  # None: off when stderr is not a terminal
             )
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
-        if self.records is not None:
-            self.records.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
+        for sink in self.sinks:
+            sink.write(step, prefix, values)
 
     def advance(self, stage_name: str, loss: float) -> None:
         if self.bar is not None:
@@ -61,14 +148,14 @@ class RunLogger:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def destinations(self) -> str:
+        return "; ".join(sink.where for sink in self.sinks)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.records is not None:
-            self.records.close()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def mean_over_data_parallel(metrics: dict[str, float]) -> dict[str, float]:

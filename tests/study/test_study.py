@@ -161,6 +161,18 @@ def test_study_configs_expand_to_valid_arms():
             validate(run.config, 1)
 
 
+def test_a_study_is_one_wandb_group_of_runs_named_by_arm_and_seed():
+    """Each (arm, seed) logs to W&B (when the base config names a project) in the study's group, under
+    its own run name, tagged with its arm and seed."""
+    study = load_study(REPO / "configs" / "study-cpu.yaml")
+    runs = arm_runs(study)
+    assert {run.config.logging.wandb_group for run in runs} == {"study-cpu"}
+    assert len({run.config.logging.wandb_run_name for run in runs}) == len(runs) == 24
+    for run in runs:
+        assert run.config.logging.wandb_run_name == f"{run.arm.name}-seed{run.seed}"
+        assert run.config.logging.wandb_tags == [run.arm.name, f"seed{run.seed}"]
+
+
 def test_a_malformed_metrics_file_is_named_with_its_line(tmp_path):
     from spactor_mega.errors import UserError
 
