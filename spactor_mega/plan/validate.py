@@ -10,6 +10,7 @@ from pathlib import Path
 
 from spactor_mega.config import AUTO_TAU_SIGNALS, FEED_FORWARDS, HF_MODEL_TYPES, INIT_SCHEMES, Config, ConfigError
 from spactor_mega.curriculum import RELATIVE_SIGNALS
+from spactor_mega.data.tokenizer import KEEP_WHITESPACE_NEEDS_BYTES
 from spactor_mega.plan.derived import generator_num_layers, uses_bf16
 from spactor_mega.plan.engines import ENGINES, engine_spec
 from spactor_mega.plan.layout import config_layout
@@ -58,6 +59,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(cfg.data.num_workers >= 0 and cfg.data.prefetch_factor >= 1, "data.num_workers must be >= 0 and "
          f"data.prefetch_factor >= 1, got {cfg.data.num_workers} and {cfg.data.prefetch_factor}")
     need(cfg.data.max_epochs > 0, f"data.max_epochs must be positive, got {cfg.data.max_epochs}")
+    need(cfg.data.tokenizer_byte_fallback or not cfg.data.tokenizer_keep_whitespace, KEEP_WHITESPACE_NEEDS_BYTES.format(
+        keep="data.tokenizer_keep_whitespace", bytes="data.tokenizer_byte_fallback: true"))
     # an extra evaluation set is reported under its file name: it must not collide with another's or a split's
     eval_names = [Path(str(prefix)).name for prefix in cfg.data.eval_data]
     need(len(set(eval_names)) == len(eval_names) and not {"train", "valid"} & set(eval_names),
