@@ -47,6 +47,7 @@ DEFAULT_NUM_SENTINELS = 100
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 _SENTINEL_AFTER_TEXT_RE = re.compile(r"(?<=\S)<extra_id_(\d+)>")
 _SENTINEL_PIECE_RE = re.compile(r"\u2581?<extra_id_(\d+)>")  # how a sentinel is spelled inside a .model
+MAX_SENTENCE_BYTES = 16384  # the longest training sentence; C4 paragraphs exceed SentencePiece's 4,192 default
 # Kept text round-trips only if what the vocabulary lacks is spelled in bytes rather than lost to <unk>.
 KEEP_WHITESPACE_NEEDS_BYTES = ("{keep} needs {bytes}: a tokenizer that keeps the text exactly must spell the "
                                "characters its vocabulary lacks in bytes, not map them to <unk>")
@@ -282,7 +283,7 @@ def train_sentencepiece(
         pad_piece="<pad>",
         eos_piece="</s>",
         unk_piece="<unk>",
-        max_sentence_length=16384,  # C4 paragraphs exceed the 4,192-byte default
+        max_sentence_length=MAX_SENTENCE_BYTES,
         hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary, not an error
         normalization_rule_name="identity" if keep_whitespace else "nmt_nfkc",
         remove_extra_whitespaces=not keep_whitespace,

@@ -15,8 +15,8 @@ from spactor_mega.config import Config, ConfigError
 from spactor_mega.convert.hf_export import write_tokenizer
 from spactor_mega.data.prepare import ensure_tokenizer
 from spactor_mega.data.preprocess import preprocess
-from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
-from spactor_mega.data.train_tokenizer import train_tokenizer
+from spactor_mega.data.tokenizer import MAX_SENTENCE_BYTES, T5SentencePieceTokenizer
+from spactor_mega.data.train_tokenizer import _line_runs, train_tokenizer
 from spactor_mega.errors import UserError
 from spactor_mega.plan.validate import validate
 
@@ -160,3 +160,11 @@ def test_keeping_whitespace_without_byte_fallback_is_refused_in_one_line(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--keep-whitespace needs --byte-fallback" in err
     assert not (tmp_path / "spiece.model").exists()
+
+
+def test_a_whitespace_keeping_tokenizer_trains_on_whole_lines_within_sentencepieces_limit():
+    long_doc = max(demo_texts(), key=len)
+    assert len(long_doc.encode()) > MAX_SENTENCE_BYTES  # it would be skipped whole
+    runs = list(_line_runs(long_doc))
+    assert "".join(runs) == long_doc and len(runs) > 1
+    assert all(len(r.encode()) <= MAX_SENTENCE_BYTES for r in runs) and all(r.endswith("\n") for r in runs[:-1])
