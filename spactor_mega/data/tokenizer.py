@@ -263,7 +263,8 @@ def train_sentencepiece(
     runs of spaces to one, and a character absent from the training text becomes ``<unk>``.
     ``byte_fallback`` adds 256 ``<0xNN>`` pieces that spell such a character in UTF-8 bytes;
     ``keep_whitespace`` encodes the text as it is (no normalization, whitespace kept, pieces of
-    whitespace alone allowed, e.g. indentation). With both, ``decode(encode(x)) == x`` for any x."""
+    whitespace alone allowed, e.g. indentation). With both, ``decode(encode(x)) == x`` for any x
+    without a literal ``<extra_id_k>`` (a sentinel) or U+2581 (SentencePiece's space mark)."""
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
