@@ -153,6 +153,12 @@ class DataConfig:
     train_corpus: list = field(default_factory=list)
     valid_corpus: list = field(default_factory=list)  # C4 json(.gz) files or globs to build valid_data from
     tokenizer_vocab_size: int = 32000  # pieces of a tokenizer trained from train_corpus (sentinels on top)
+    # A tokenizer trained from train_corpus spells characters outside its vocabulary as UTF-8 byte pieces
+    # (`<0xNN>`) instead of `<unk>` (`spactor tokenizer train --byte-fallback`)
+    tokenizer_byte_fallback: bool = False
+    # A tokenizer trained from train_corpus keeps newlines, tabs and runs of spaces and skips NFKC
+    # (`--keep-whitespace`; needs tokenizer_byte_fallback): any text then round-trips exactly, code included
+    tokenizer_keep_whitespace: bool = False
     preprocess_workers: int = 2  # tokenizer processes when building the datasets from the corpus
     encoder_seq_length: int = 512  # encoder input tokens per sample (the decoder's length follows from it)
     # Extra held-out indexed datasets (prefixes), evaluated like the validation split (clean SC loss and

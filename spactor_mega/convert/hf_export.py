@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import GenerationConfig, T5Tokenizer
+from transformers import GenerationConfig
 
 from spactor_mega.checkpoint.store import (
     RUN_RECORD,
@@ -33,6 +33,7 @@ from spactor_mega.checkpoint.store import (
     recorded_engine,
 )
 from spactor_mega.config import config_from_dict
+from spactor_mega.convert.hf_tokenizer import hf_tokenizer
 from spactor_mega.convert.model_card import model_card
 from spactor_mega.data.special_tokens import EOS_ID, PAD_ID
 from spactor_mega.data.tokenizer import T5SentencePieceTokenizer
@@ -129,10 +130,11 @@ def write_hf_model(hf_state: dict, model_cfg, vocab_rows: int, folder: Path, max
 
 
 def write_tokenizer(checkpoint: Path, folder: Path, extra_ids: int) -> None:
-    """spiece.model plus the files ``AutoTokenizer.from_pretrained`` reads (T5Tokenizer with the
-    tokenizer's own ``extra_ids``: 100 for T5, 0 for mT5's sentinels inside the model, UMT5's count)."""
+    """spiece.model plus the files ``AutoTokenizer.from_pretrained`` reads (with the tokenizer's own
+    ``extra_ids``: 100 for T5, 0 for mT5's sentinels inside the model, UMT5's count); a tokenizer.json of
+    our own for a byte-fallback / whitespace-keeping model, which HF's T5Tokenizer would not reproduce."""
     shutil.copy(checkpoint / "spiece.model", folder / "spiece.model")
-    T5Tokenizer.from_pretrained(str(folder), extra_ids=extra_ids).save_pretrained(str(folder))
+    hf_tokenizer(folder / "spiece.model", extra_ids).save_pretrained(str(folder))
 
 
 def export_to_hf(

@@ -31,8 +31,16 @@ def ensure_tokenizer(cfg: Config) -> T5SentencePieceTokenizer:
         if not data.train_corpus:
             resolve_model_file(path)  # raises the not-found error with its advice
         say(f"training tokenizer {model_file} (vocab {data.tokenizer_vocab_size}) from {data.train_corpus}")
-        train_tokenizer(data.train_corpus, model_file.parent, data.tokenizer_vocab_size)
-    return T5SentencePieceTokenizer(path)
+        train_tokenizer(data.train_corpus, model_file.parent, data.tokenizer_vocab_size,
+                        byte_fallback=data.tokenizer_byte_fallback, keep_whitespace=data.tokenizer_keep_whitespace)
+    tokenizer = T5SentencePieceTokenizer(path)
+    # A tokenizer already there is used as it is: refuse one that does not keep what the config asks to keep.
+    for field, wanted, has in (("tokenizer_byte_fallback", data.tokenizer_byte_fallback, tokenizer.byte_fallback),
+                               ("tokenizer_keep_whitespace", data.tokenizer_keep_whitespace, tokenizer.keeps_whitespace)):
+        if wanted and not has:
+            raise UserError(f"data.{field} is true but {tokenizer.model_file} was trained without it; delete it to "
+                            "retrain it from data.train_corpus, or set the field false")
+    return tokenizer
 
 
 def _ensure_dataset(prefixes: list, corpus: list, tokenizer: T5SentencePieceTokenizer, workers: int, name: str) -> None:

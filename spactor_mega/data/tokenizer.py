@@ -25,17 +25,20 @@ and public ``spiece.model`` files interoperate unchanged:
   embedding rows that HF T5 already has (32,100 tokens in a 32,128-row embedding; mT5's
   250,100 in 250,112).
 
-Training a new model (:func:`train_sentencepiece`) uses the unigram algorithm with T5's ids.
+Training a new model (:func:`train_sentencepiece`) uses the unigram algorithm with T5's ids; with
+``byte_fallback`` and ``keep_whitespace`` it keeps every text exactly (see the function).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from spactor_mega.data.special_tokens import EOS_ID, PAD_ID, UNK_ID
 from spactor_mega.errors import UserError
@@ -44,6 +47,10 @@ DEFAULT_NUM_SENTINELS = 100
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 _SENTINEL_AFTER_TEXT_RE = re.compile(r"(?<=\S)<extra_id_(\d+)>")
 _SENTINEL_PIECE_RE = re.compile(r"\u2581?<extra_id_(\d+)>")  # how a sentinel is spelled inside a .model
+MAX_SENTENCE_BYTES = 16384  # the longest training sentence; C4 paragraphs exceed SentencePiece's 4,192 default
+# Kept text round-trips only if what the vocabulary lacks is spelled in bytes rather than lost to <unk>.
+KEEP_WHITESPACE_NEEDS_BYTES = ("{keep} needs {bytes}: a tokenizer that keeps the text exactly must spell the "
+                               "characters its vocabulary lacks in bytes, not map them to <unk>")
 
 
 class TokenizerError(UserError):
@@ -138,6 +145,23 @@ class T5SentencePieceTokenizer:
         self.sp_size = self.sp.get_piece_size() - inside
         self.pad_id, self.eos_id, self.unk_id = PAD_ID, EOS_ID, UNK_ID
 
+    # What the model keeps of a text --------------------------------------------------------
+    @cached_property
+    def proto(self) -> sentencepiece_model_pb2.ModelProto:
+        """The model's training and normalization settings (and pieces), as SentencePiece stores them."""
+        return sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
+
+    @property
+    def byte_fallback(self) -> bool:
+        """Characters outside the vocabulary become their UTF-8 bytes (``<0xNN>`` pieces), not ``<unk>``."""
+        return self.proto.trainer_spec.byte_fallback
+
+    @property
+    def keeps_whitespace(self) -> bool:
+        """Newlines, tabs and runs of spaces survive encoding (no NFKC folding, no whitespace collapsing)."""
+        spec = self.proto.normalizer_spec
+        return spec.name == "identity" and not spec.remove_extra_whitespaces
+
     # Sizes and special ids -------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
@@ -230,8 +254,17 @@ def train_sentencepiece(
     input_sentence_size: int = 2_000_000,
     num_threads: int = 2,
     seed_sentencepiece_size: int = 1_000_000,
+    byte_fallback: bool = False,
+    keep_whitespace: bool = False,
 ) -> Path:
-    """Trains a unigram SentencePiece model with T5's ids; returns the ``.model`` path."""
+    """Trains a unigram SentencePiece model with T5's ids; returns the ``.model`` path.
+
+    T5's settings (the defaults) fold the text before encoding: NFKC, newlines and tabs to spaces,
+    runs of spaces to one, and a character absent from the training text becomes ``<unk>``.
+    ``byte_fallback`` adds 256 ``<0xNN>`` pieces that spell such a character in UTF-8 bytes;
+    ``keep_whitespace`` encodes the text as it is (no normalization, whitespace kept, pieces of
+    whitespace alone allowed, e.g. indentation). With both, ``decode(encode(x)) == x`` for any x
+    without a literal ``<extra_id_k>`` (a sentinel) or U+2581 (SentencePiece's space mark)."""
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
@@ -251,9 +284,12 @@ def train_sentencepiece(
         pad_piece="<pad>",
         eos_piece="</s>",
         unk_piece="<unk>",
-        max_sentence_length=16384,  # C4 paragraphs exceed the 4,192-byte default
+        max_sentence_length=MAX_SENTENCE_BYTES,
         hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary, not an error
-        normalization_rule_name="nmt_nfkc",
+        normalization_rule_name="identity" if keep_whitespace else "nmt_nfkc",
+        remove_extra_whitespaces=not keep_whitespace,
+        allow_whitespace_only_pieces=keep_whitespace,
+        byte_fallback=byte_fallback,
         minloglevel=2,
     )
     return Path(f"{model_prefix}.model")

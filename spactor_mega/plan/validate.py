@@ -20,6 +20,7 @@ from spactor_mega.config import (
     ConfigError,
 )
 from spactor_mega.curriculum import RELATIVE_SIGNALS
+from spactor_mega.data.tokenizer import KEEP_WHITESPACE_NEEDS_BYTES
 from spactor_mega.plan.derived import generator_num_layers, uses_bf16, uses_wandb
 from spactor_mega.plan.engines import ENGINES, engine_spec
 from spactor_mega.plan.layout import config_layout
@@ -99,6 +100,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          f"data.tokenizer_vocab_size must be positive, got {cfg.data.tokenizer_vocab_size}")
     need(cfg.data.preprocess_workers >= 1,
          f"data.preprocess_workers must be >= 1, got {cfg.data.preprocess_workers}")
+    need(cfg.data.tokenizer_byte_fallback or not cfg.data.tokenizer_keep_whitespace, KEEP_WHITESPACE_NEEDS_BYTES.format(
+        keep="data.tokenizer_keep_whitespace", bytes="data.tokenizer_byte_fallback: true"))
     # an extra evaluation set is reported under its file name: it must not collide with another's or a split's
     eval_names = [Path(str(prefix)).name for prefix in cfg.data.eval_data]
     need(len(set(eval_names)) == len(eval_names) and not {"train", "valid"} & set(eval_names),
