@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from spactor_mega.config import Config
+from spactor_mega.config import Config, ConfigError
 from spactor_mega.plan.scale import Hardware, hardware
 
 
@@ -29,6 +29,16 @@ def add_hardware_arguments(parser: argparse.ArgumentParser, title: str) -> None:
 
 
 def hardware_from_args(args: argparse.Namespace, cfg: Config) -> Hardware:
+    """The flags' :class:`Hardware`; a value that means nothing is refused in one line naming its flag."""
+    for flag, value, ok, meaning in (
+            ("--efficiency", args.efficiency, 0 < args.efficiency <= 1, "in (0, 1]"),
+            ("--gpus-per-node", args.gpus_per_node, args.gpus_per_node >= 1, ">= 1"),
+            ("--nvlink-gbs", args.nvlink_gbs, args.nvlink_gbs > 0, "positive"),
+            ("--network-gbs", args.network_gbs, args.network_gbs > 0, "positive"),
+            ("--gpu-memory-gib", args.gpu_memory_gib, args.gpu_memory_gib is None or args.gpu_memory_gib > 0, "positive"),
+            ("--memory-headroom", args.memory_headroom, 0 <= args.memory_headroom < 1, "in [0, 1)")):
+        if not ok:
+            raise ConfigError(f"{flag} must be {meaning}, got {value:g}")
     return hardware(args.gpu, cfg.train.precision != "fp32", cfg.train.peak_tflops, memory_gib=args.gpu_memory_gib,
                     efficiency=args.efficiency, gpus_per_node=args.gpus_per_node, nvlink_gbs=args.nvlink_gbs,
                     network_gbs=args.network_gbs, memory_headroom=args.memory_headroom)

@@ -82,6 +82,15 @@ def test_nothing_fits_is_one_line(capsys):
     assert err.startswith("spactor plan: error: no layout fits 1 x H100 (21.6 GiB usable per GPU); the smallest needs")
 
 
+@pytest.mark.parametrize("flag, value", [("--gpus", "0"), ("--top", "0"), ("--memory-headroom", "1.5"),
+                                         ("--gpu-memory-gib", "-3"), ("--efficiency", "0"), ("--nvlink-gbs", "0")])
+def test_a_meaningless_hardware_value_is_one_line(flag, value, capsys):
+    argv = ["plan", "--config", "configs/t5-small.yaml", "--gpus", "8", flag, value]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and flag in err, err
+
+
 def test_a_field_given_as_a_flag_is_held(capsys):
     assert main(["plan", "--config", "configs/t5-small.yaml", "--gpus", "8", "--top", "3",
                  "--parallel.tensor_model_parallel_size", "2"]) == 0
