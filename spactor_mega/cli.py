@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "prepare": ("spactor_mega.prepare_cli", "build the tokenizer and datasets a config needs, show a batch"),
     "train": ("spactor_mega.training.cli", "pretrain a T5 with SpacTor (Megatron-Core or DeepSpeed engine)"),
     "convert": ("spactor_mega.convert.cli", "convert checkpoints to and from Hugging Face T5"),
+    "plan": ("spactor_mega.plan.cli", "the fastest layouts (TP, PP, micro-batch, recompute, ...) that fit N GPUs"),
     "study": ("spactor_mega.study.cli", "SC only vs SpacTor(tau) vs SpacTor(inf) over seeds: table and plots"),
 }
 

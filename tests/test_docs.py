@@ -107,7 +107,7 @@ def parse(argv: list[str]):
     except SystemExit as e:
         raise AssertionError(err.getvalue().strip().splitlines()[-1]) from None
     _check_flags_are_spelled_out(argv)
-    if args.command in ("train", "prepare"):
+    if args.command in ("train", "prepare", "plan"):
         if args.config and re.search(r"(^|/)[A-Z_]+/", args.config):
             args.config = None  # a placeholder folder (OUT/config.yaml): check the flags against the schema only
         try:
@@ -131,7 +131,7 @@ def _check_flags_are_spelled_out(argv: list[str]) -> None:
 def test_the_docs_have_commands_of_every_kind():
     """The extraction finds what the docs hold (an empty list would pass every check below)."""
     subcommands = {argv[0] for _, argv in COMMANDS}
-    assert {"tokenizer", "preprocess", "prepare", "train", "convert", "study"} <= subcommands
+    assert {"tokenizer", "preprocess", "prepare", "train", "convert", "study", "plan"} <= subcommands
     assert len(COMMANDS) >= 40
 
 

@@ -15,6 +15,7 @@ so an example is a pure function of its key: no generator state to carry, resume
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,13 +71,15 @@ def _inputs_targets_length(tokens_length: int, noise_density: float, mean_span: 
     return num_nonnoise + num_spans + 1, num_noise + num_spans + 1
 
 
+@functools.lru_cache(maxsize=256)
 def random_spans_helper(
     inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
 ) -> tuple[int, int]:
     """(raw chunk length, targets length) whose corruption fills ``inputs_length`` exactly.
 
     T5's ``random_spans_helper``: the longest raw chunk whose inputs (with sentinels and EOS)
-    fit in ``inputs_length``. 512 -> (568, 114).
+    fit in ``inputs_length``. 512 -> (568, 114). Memoised: a search over one length, and
+    ``spactor plan`` asks it for every layout it prices.
     """
     tokens_length = inputs_length
     while _inputs_targets_length(tokens_length + 1, noise_density, mean_noise_span_length)[0] <= inputs_length:

@@ -21,6 +21,7 @@ Pure Python (no torch): safe to call from config validation and ``--dry-run``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -194,12 +195,15 @@ def stage_costs(layout: PipelineLayout, costs: LayerCosts) -> list[float]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def balance(num_encoder_layers: int, num_decoder_layers: int, num_stages: int, costs: LayerCosts) -> PipelineLayout:
     """Exact min-max split of ``[E]*n_enc + [D]*n_dec`` into ``num_stages`` contiguous non-empty parts.
 
     Dynamic programming, O(p n^2): first the smallest possible maximum stage cost, then, among the
     splits reaching it, the one with the smallest sum of squared stage costs (deterministic, and it
-    evens out the stages that are not the bottleneck).
+    evens out the stages that are not the bottleneck). Memoised (its arguments and result are
+    immutable): ``spactor plan`` validates and prices thousands of layouts that share a few splits,
+    and this solve was three quarters of their time.
     """
     n = num_encoder_layers + num_decoder_layers
     p = num_stages

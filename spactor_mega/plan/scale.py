@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from math import prod
 from typing import Optional, Sequence
 
 from spactor_mega.config import Config, ConfigError
@@ -51,10 +52,32 @@ ASSUMPTIONS = (
 )
 
 
+# (name fragment, GiB of memory per GPU: the total nvidia-smi reports, MiB / 1024), the more specific names first as in
+# plan/mfu.py's PEAK_TFLOPS. From the datasheets' 80 GB (A100 80GB, H100 SXM and PCIe), 94 GB (H100 NVL) and
+# 141 GB (H200) as their drivers report them (81,920, 81,559, 95,830 and 143,771 MiB). GH200 comes with 96 or
+# 144 GB: no default, give --gpu-memory-gib (so is an A100 40GB's).
+GPU_MEMORY_GIB: tuple[tuple[str, Optional[float]], ...] = (
+    ("GH200", None),
+    ("H200", 140.4),
+    ("H100 NVL", 93.6),
+    ("H100 PCIe", 79.6),
+    ("H100", 79.6),
+    ("A100", 80.0),
+)
+
+
+def device_memory_gib(gpu: str) -> Optional[float]:
+    """:data:`GPU_MEMORY_GIB`'s figure for ``gpu`` (None: not known)."""
+    return next((gib for fragment, gib in GPU_MEMORY_GIB if fragment.lower() in gpu.lower()), None)
+
+
 @dataclass(frozen=True)
 class Hardware:
     """What the model runs on: a GPU's dense peak in the run's precision, the fraction of it the
-    model's FLOPs reach, and the links (GB/s each GPU, or each node, sends one way)."""
+    model's FLOPs reach, the links (GB/s each GPU, or each node, sends one way), and its memory
+    less a headroom kept free for what the memory estimate does not count (LM-head logits,
+    communication buffers, the CUDA context, fragmentation: RankMemory counts model states and
+    activations only)."""
 
     gpu: str
     peak_tflops: float
@@ -62,6 +85,8 @@ class Hardware:
     gpus_per_node: int = 8
     nvlink_gbs: float = 450.0  # per GPU, one direction (H100 SXM: NVLink 4, 900 GB/s both ways)
     network_gbs: float = 400.0  # per node, one direction (8 x 400 Gb/s InfiniBand)
+    memory_gib: Optional[float] = None  # per GPU; None: not known, nothing is said to fit or not
+    memory_headroom: float = 0.1  # fraction of memory_gib kept free
 
     def link(self, span: int) -> tuple[str, float]:
         """(name, GB/s per rank) of a group covering ``span`` consecutive ranks."""
@@ -69,19 +94,29 @@ class Hardware:
             return "NVLink", self.nvlink_gbs
         return "network", self.network_gbs / self.gpus_per_node
 
+    @property
+    def usable_memory_bytes(self) -> Optional[float]:
+        """What a rank's model states and activations may take: the memory less the headroom."""
+        return None if self.memory_gib is None else self.memory_gib * GIB * (1 - self.memory_headroom)
+
     def describe(self) -> str:
+        memory = ("memory not known (give --gpu-memory-gib)" if self.memory_gib is None else
+                  f"{self.memory_gib:g} GiB per GPU less {self.memory_headroom:.0%} headroom = "
+                  f"{self.usable_memory_bytes / GIB:,.1f} GiB for model states and activations")
         return (f"{self.gpu} {self.peak_tflops:g} TFLOP/s dense peak at {self.efficiency:.0%} efficiency, "
                 f"{self.gpus_per_node} GPUs per node, NVLink {self.nvlink_gbs:g} GB/s per GPU, "
-                f"network {self.network_gbs:g} GB/s per node")
+                f"network {self.network_gbs:g} GB/s per node, {memory}")
 
 
-def hardware(gpu: str, bf16: bool = True, peak_tflops: Optional[float] = None, **links) -> Hardware:
+def hardware(gpu: str, bf16: bool = True, peak_tflops: Optional[float] = None, memory_gib: Optional[float] = None,
+             **links) -> Hardware:
     """:class:`Hardware` for a GPU of :data:`spactor_mega.plan.mfu.PEAK_TFLOPS` (or any name with
-    ``peak_tflops``); ``links``: the other fields of :class:`Hardware`."""
+    ``peak_tflops``), its memory from :data:`GPU_MEMORY_GIB` unless ``memory_gib`` is given;
+    ``links``: the other fields of :class:`Hardware`."""
     peak = device_peak_tflops(gpu, bf16, peak_tflops)
     if peak is None:
         raise ConfigError(f"--gpu {gpu!r}: no known peak; name A100, H100, H100 PCIe or H200, or set train.peak_tflops")
-    return Hardware(gpu=gpu, peak_tflops=peak, **links)
+    return Hardware(gpu=gpu, peak_tflops=peak, memory_gib=memory_gib or device_memory_gib(gpu), **links)
 
 
 @dataclass(frozen=True)
@@ -180,6 +215,13 @@ class ScalePrediction:
     def layout(self) -> Layout:
         return self.layouts["sc_only"]
 
+    @property
+    def fits(self) -> Optional[bool]:
+        """Whether the rank holding the most fits the GPU's usable memory (None: memory not known):
+        the dry run's verdict, and the planner's filter."""
+        usable = self.hardware.usable_memory_bytes
+        return None if usable is None else self.memory.total <= usable
+
 
 # ---- pieces the bench and tests check one by one --------------------------------------------------
 
@@ -277,9 +319,9 @@ def stage_parameters(cfg: Config, layout: Layout, stage: int, vocab_size: int) -
         stack = name.split(".")[0]
         if keep.get(name, (ne if stack == "encoder" else nd) > 0):
             if "layernorm" in name:
-                replicated += count({name: shape})
+                replicated += prod(shape)
             else:
-                split += count({name: shape})
+                split += prod(shape)
     last = layout.stages.num_stages - 1
     if cfg.model.tie_word_embeddings and stage == last != 0:  # the last stage's copy of the tied embedding
         split += vocab_size * cfg.model.d_model
@@ -476,6 +518,10 @@ def describe_scale(prediction: ScalePrediction) -> list[str]:
     lines.append(f"  memory of pipeline rank {mem.rank} (the largest, hybrid phase): model states "
                  f"{sum(mem.states.values()) / GIB:,.2f} GiB ({states}); activations of {mem.in_flight:g} "
                  f"micro-batch(es) in flight: {acts} GiB; total {mem.total / GIB:,.2f} GiB")
+    if p.fits is not None:
+        lines.append(f"  fits the GPU: {'yes' if p.fits else 'NO'}, {mem.total / GIB:,.2f} of "
+                     f"{p.hardware.usable_memory_bytes / GIB:,.2f} GiB ({p.hardware.memory_gib:g} GiB less "
+                     f"{p.hardware.memory_headroom:.0%} headroom)")
     for phase, label in (("sc_only", "SC-only phase"), ("hybrid", "hybrid phase")):
         kinds = "; ".join(f"{t.parallelism} {t.collective} {_gb(t.payload_bytes)} (sends {_gb(t.wire_bytes)} over "
                           f"{t.link}, {_ms(t.seconds)}, exposed {_ms(t.exposed_seconds)})" for t in p.traffic[phase])
