@@ -82,6 +82,7 @@ def markdown_table(summary: dict) -> str:
                  f"{target['steps']} steps ({format_flops(target['flops'])}); each seed of an arm is compared with the "
                  "SC arm's run of the same seed (same initialisation, same data order); percentages are of the SC "
                  "arm's steps and FLOPs; ± is the standard deviation over seeds.", "", *rows]
+    lines += auto_tau_rows(summary)
     extra = sorted({split for arm in summary["arms"] for split in arm["final"]["extra"]})
     if extra:
         lines += ["", "| arm | " + " | ".join(f"final SC loss on {s}" for s in extra) + " |",
@@ -89,6 +90,41 @@ def markdown_table(summary: dict) -> str:
         for arm in summary["arms"]:
             lines.append(f"| {arm['name']} | " + " | ".join(_pm(arm["final"]["extra"].get(s)) for s in extra) + " |")
     return "\n".join(lines) + "\n"
+
+
+def nearest_fixed_tau(chosen: int, summary: dict) -> Optional[str]:
+    """The fixed-tau arm (base generator) whose tau is nearest a chosen one; inf counts as the run's length
+    (hybrid throughout)."""
+    fixed = [a for a in summary["arms"] if a["tau"] not in (0, "auto") and not a["generator"]]
+    if not fixed:
+        return None
+    return min(fixed, key=lambda a: abs((a["steps"] if a["tau"] == "inf" else a["tau"]) - chosen))["name"]
+
+
+def auto_tau_rows(summary: dict) -> list[str]:
+    """Per seed and tau-auto arm: the tau it chose, the fixed-tau arm nearest that choice, the best fixed-tau
+    arm of the same seed, and the final SC loss against both that arm's and the SC arm's (same seed); whether
+    a signal predicts the best fixed tau is whether the two arms agree."""
+    autos = [a for a in summary["arms"] if a["tau"] == "auto"]
+    if not autos:
+        return []
+    arms = {a["name"]: a for a in summary["arms"]}
+    sc = next((a for a in summary["arms"] if a["tau"] == 0), None)
+    rows = ["", "tau auto, per seed: the nearest fixed tau is the fixed-tau arm whose tau is closest to the one "
+            "chosen (inf: the run's length); the best is the fixed-tau arm with the lowest final SC loss of that seed.",
+            "", "| seed | arm | chosen tau | nearest fixed tau | best fixed tau | final SC loss | minus best fixed tau's "
+            "| minus SC arm's |", "|---|---|---|---|---|---|---|---|"]
+    for seed in autos[0]["seeds"]:
+        for arm in autos:
+            chosen, final = arm["chosen_tau"][str(seed)], arm["runs"][str(seed)]["sc_loss"][-1]
+            best = arm.get("best_fixed", {}).get(str(seed))
+            best_final = arms[best]["runs"][str(seed)]["sc_loss"][-1] if best else None
+            sc_final = sc["runs"][str(seed)]["sc_loss"][-1] if sc and str(seed) in sc["runs"] else None
+            rows.append("| " + " | ".join([
+                str(seed), arm["name"], str(chosen), nearest_fixed_tau(chosen, summary) or "-", best or "-",
+                f"{final:.4f}", f"{final - best_final:+.4f}" if best_final is not None else "-",
+                f"{final - sc_final:+.4f}" if sc_final is not None else "-"]) + " |")
+    return rows
 
 
 def plot_study(summary: dict, out_dir: Path) -> list[Path]:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from spactor_mega.study.plan import arm_runs, load_study, study_arms
+from spactor_mega.study.report import nearest_fixed_tau
 from spactor_mega.study.summary import read_records
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,6 +91,14 @@ def test_quick_study_runs_every_arm_and_seed_and_plots(quick_study):
     table = (out / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in names)
     assert "| auto: " in table
+    for seed in ("1", "2", "3"):  # the per-seed tau-auto table, from the summary's own numbers
+        final, best = auto["runs"][seed]["sc_loss"][-1], auto["best_fixed"][seed]
+        best_final = by_name[best]["runs"][seed]["sc_loss"][-1]
+        assert (f"| {seed} | spactor-auto-sc_gap | {auto['chosen_tau'][seed]} | "
+                f"{nearest_fixed_tau(auto['chosen_tau'][seed], summary)} | {best} | {final:.4f} | "
+                f"{final - best_final:+.4f} |") in table
+    assert nearest_fixed_tau(5, summary) in ("spactor-tau4", "spactor-tau6")
+    assert nearest_fixed_tau(8, summary) == "spactor-inf" and nearest_fixed_tau(3, summary) == "spactor-tau4"
     assert "18 of 18 runs trained" in first.stderr
 
 
