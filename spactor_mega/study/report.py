@@ -93,12 +93,13 @@ def markdown_table(summary: dict) -> str:
 
 
 def nearest_fixed_tau(chosen: int, summary: dict) -> Optional[str]:
-    """The fixed-tau arm (base generator) whose tau is nearest a chosen one; inf counts as the run's length
-    (hybrid throughout)."""
+    """The fixed-tau arm (base generator) whose tau is nearest a chosen one, or the two of a tie joined by " / ";
+    inf counts as the run's length (hybrid throughout)."""
     fixed = [a for a in summary["arms"] if a["tau"] not in (0, "auto") and not a["generator"]]
     if not fixed:
         return None
-    return min(fixed, key=lambda a: abs((a["steps"] if a["tau"] == "inf" else a["tau"]) - chosen))["name"]
+    distance = {a["name"]: abs((a["steps"] if a["tau"] == "inf" else a["tau"]) - chosen) for a in fixed}
+    return " / ".join(name for name, d in distance.items() if d == min(distance.values()))
 
 
 def auto_tau_rows(summary: dict) -> list[str]:
