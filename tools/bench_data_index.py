@@ -16,16 +16,20 @@ tokens; Dodge et al. 2021), so both the per-document and the per-chunk parts of 
 like C4's. Each row is a fresh process (``--ranks`` of them at once for the multi-rank rows: the
 ranks of a node), measured from just before ``build_datasets`` to after the first train and
 validation samples: start-up seconds, and memory above the process's state after its imports
-(private pages: RssAnon; peak: RssAnon sampled every 3 ms). Mapped index pages
-are file pages (RssFile), shared by the node's ranks through the page cache and reclaimable.
+(private pages: RssAnon; peak: RssAnon sampled every 3 ms, which can miss a transient of a few
+ms; traced peak: the exact peak of numpy's and Python's allocations from tracemalloc, in a run of
+its own per row, since tracing slows Python down). Mapped index pages are file pages (RssFile),
+shared by the node's ranks through the page cache and reclaimable.
 
-Extrapolation to C4 en: a line through the two sizes (fixed costs, such as a build buffer of
-32 MB or numpy's 2 MB-aligned huge-page allocations, are its intercept; scaling one size in
-proportion counts them once per sample-sized slice, so a smaller sample gives a larger
-estimate); the proportional estimates from each size are printed beside it. The baseline's
+Extrapolation to C4 en: a line through the two sizes. Fixed costs (the offsets' build buffer of
+``INDEX_BLOCK`` int64, 32 MB, once a sample has more documents than that; numpy's 2 MB-aligned
+huge-page allocations) are its intercept, where scaling one size in proportion counts them once
+per sample-sized slice of C4, so a smaller sample gives a larger estimate; the proportional
+estimates from each size are printed beside it. Both sizes should exceed ``INDEX_BLOCK``
+documents (4.2M), or the buffer grows with the sample and passes for a per-document cost. The baseline's
 epoch order, whose random accesses make it super-linear, is measured at the full 275M chunks
-in a process of its own, as is the new order's per-sample lookup (and with
-``--check-full-epoch`` that its 275M positions hit every chunk exactly once).
+in a process of its own, as is each order's per-sample lookup (and with ``--check-full-epoch``,
+that the new order's 275M positions hit every chunk exactly once).
 
 Every row is the fastest of ``--rounds`` interleaved rounds (other jobs on a shared machine can
 only slow a run down); its memory figures are its own.
@@ -44,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from benchlib import table  # noqa: E402
+from spactor_mega.data.dataset import INDEX_BLOCK  # noqa: E402
 
 C4_DOCS, C4_TOKENS, C4_CHUNK = 365_000_000, 156_000_000_000, 568
 C4_CHUNKS = C4_TOKENS // C4_CHUNK
@@ -120,6 +126,8 @@ def worker(args) -> None:
     from spactor_mega.data.span_corruption import SpanCorruption
 
     corruption = SpanCorruption(args.encoder_length, 32000)
+    if args.trace:
+        tracemalloc.start()
     base = memory()
     start = time.perf_counter()
     # One train sample: the index does not depend on the length, and start-up reaches one epoch's order.
@@ -129,36 +137,35 @@ def worker(args) -> None:
     done = time.perf_counter()
     print(json.dumps({
         "construct_s": built - start, "startup_s": done - start, "base": base, "after": memory(),
-        "builds": train.index_builds + valid.index_builds,
+        "builds": train.index_builds + valid.index_builds, "traced_peak": tracemalloc.get_traced_memory()[1],
         "chunks": train.chunks_per_epoch, "chunk_length": train.chunk_length,
     }))
 
 
 def full_order(args) -> None:
     """The epoch-0 order at C4's chunk count: the baseline's file written once, or the new
-    permutation; then ``order[position]`` for random positions, one at a time as samples read it."""
+    permutation; then ``order[position]`` for random positions, one at a time as samples read it
+    (``--check-full-epoch``: instead, every position at once in blocks)."""
+    from spactor_mega.data.index_cache import cached_array
+    from spactor_mega.data.permutation import Permutation
+
+    write_permutation = baseline_module(args.baseline_ref).write_permutation
+    positions = np.random.default_rng(0).integers(0, C4_CHUNKS, LOOKUPS).tolist()
     base = memory()
     start = time.perf_counter()
     if args.worker == "order-baseline":
-        from spactor_mega.data.index_cache import cached_array
-
-        write_permutation = baseline_module(args.baseline_ref).write_permutation
         order, _ = cached_array(Path(args.cache_dir) / "order.npy", (C4_CHUNKS,), np.int32,
                                 lambda out: write_permutation(out, [SEED, 1, 0]))
     else:
-        from spactor_mega.data.permutation import Permutation
-
         order = Permutation(C4_CHUNKS, [SEED, 1, 0])
     built = time.perf_counter() - start
-    positions = np.random.default_rng(0).integers(0, C4_CHUNKS, LOOKUPS).tolist()
+    if args.check_full_epoch:
+        return print(json.dumps({"startup_s": check_full_epoch(order), "base": base, "after": memory()}))
     start = time.perf_counter()
     for position in positions:
         int(order[position])
     lookup = (time.perf_counter() - start) / LOOKUPS
-    result = {"startup_s": built, "lookup_us": lookup * 1e6, "base": base, "after": memory()}
-    if args.check_full_epoch:
-        result["epoch_check_s"] = check_full_epoch(order)
-    print(json.dumps(result))
+    print(json.dumps({"startup_s": built, "lookup_us": lookup * 1e6, "base": base, "after": memory()}))
 
 
 def check_full_epoch(order) -> float:
@@ -226,6 +233,7 @@ def main() -> None:
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--encoder-length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker in ("baseline", "new"):
         return worker(args)
@@ -234,11 +242,15 @@ def main() -> None:
     sizes = sorted({args.docs, args.fit_docs or args.docs // 4})
     if len(sizes) < 2:
         sys.exit("--fit-docs must differ from --docs: the extrapolation is a line through two sizes")
+    if sizes[0] < INDEX_BLOCK:
+        print(f"warning: {sizes[0]:,} documents fit in one offsets build block ({INDEX_BLOCK:,}): the block's "
+              "fixed 32 MB then grows with the sample, so the line through the sizes counts it per document")
 
     variants = ("baseline", "new")
     names = {f"{v}, {kind}": (v, kind) for v in variants for kind in ("cold (builds)", "warm (maps)")}
     names |= {f"{v}, cold, {args.ranks} ranks at once": (v, "ranks") for v in variants} if args.ranks > 1 else {}
     rows: dict[int, dict[str, list[dict]]] = {docs: {} for docs in sizes}
+    traced: dict[int, dict[str, int]] = {docs: {} for docs in sizes}  # exact peaks, from one traced run
     full: dict[str, dict] = {}
 
     def best(found: dict, name: str, results: list[dict]) -> None:
@@ -261,11 +273,17 @@ def main() -> None:
                     command = ["--worker", variant, "--prefix", prefix, "--encoder-length", str(encoder_length),
                                "--baseline-ref", args.baseline_ref, "--cache-dir", cache]
                     best(rows[docs], name, run_workers(command, args.ranks if kind == "ranks" else 1))
+                    if round_ == 0 and kind != "ranks":  # tracemalloc slows Python down: a run of its own
+                        command[-1] = str(Path(tmp) / f"traced-{docs}-{variant}")
+                        traced[docs][name] = run_workers(command + ["--trace"], 1)[0]["traced_peak"]
             for variant in () if args.skip_full_order else variants:
                 cache = str(Path(tmp) / f"cache{round_}")
                 command = ["--worker", f"order-{variant}", "--cache-dir", cache, "--baseline-ref", args.baseline_ref]
-                best(full, variant, run_workers(command + ["--check-full-epoch"] * (args.check_full_epoch and variant == "new"), 1))
+                best(full, variant, run_workers(command, 1))
                 Path(cache, "order.npy").unlink(missing_ok=True)
+        if args.check_full_epoch:
+            full["new, every position computed and checked"] = run_workers(
+                ["--worker", "order-new", "--check-full-epoch", "--baseline-ref", args.baseline_ref], 1)
     full = {name: results[0] for name, results in full.items()}
 
     def anon(r: dict) -> float:  # private memory the index left after start-up
@@ -279,9 +297,10 @@ def main() -> None:
         print(f"\n{docs:,} documents: {one['chunks']:,} train chunks of {one['chunk_length']} tokens per epoch "
               f"({one['chunks'] / docs:.3f} per document; C4 en: {C4_CHUNKS / C4_DOCS:.3f})")
         table(f"(a) synthetic: {docs:,} documents, per rank (max over ranks started together)",
-              ["variant", "start-up s", "private GB", "private peak GB", "mapped GB", "index files built"],
+              ["variant", "start-up s", "private GB", "private peak GB", "traced peak GB", "mapped GB", "index files built"],
               [[name, f"{max(r['startup_s'] for r in results):.2f}", gb(max(map(anon, results))),
-                gb(max(map(peak, results))), gb(max(r["after"]["RssFile"] - r["base"]["RssFile"] for r in results)),
+                gb(max(map(peak, results))), gb(traced[docs][name]) if name in traced[docs] else "-",
+                gb(max(r["after"]["RssFile"] - r["base"]["RssFile"] for r in results)),
                 sum(r["builds"] for r in results)] for name, results in rows[docs].items()])
 
     def c4(name: str, measure) -> float:
@@ -289,8 +308,11 @@ def main() -> None:
         intercept, slope = fit({docs: max(map(measure, rows[docs][name])) for docs in sizes})
         return intercept + slope * C4_DOCS
 
-    def proportional(name: str, measure, docs: int) -> str:
-        return gb(max(map(measure, rows[docs][name])) * C4_DOCS / docs)
+    def c4_traced(name: str) -> str:
+        if name not in traced[sizes[0]]:
+            return "-"
+        intercept, slope = fit({docs: traced[docs][name] for docs in sizes})
+        return gb(intercept + slope * C4_DOCS)
 
     def startup(name: str) -> float:
         """Start-up at C4: for the baseline's cold build, construction plus its order measured at 275M chunks."""
@@ -301,15 +323,15 @@ def main() -> None:
 
     table(f"(b) extrapolated to C4 en ({C4_DOCS / 1e6:.0f}M documents, {C4_CHUNKS / 1e6:.0f}M chunks), per rank, "
           f"on the line through {' and '.join(f'{d / 1e6:g}M' for d in sizes)} documents; goal: < 30 s, < 1 GB peak",
-          ["variant", "start-up s", "private GB", "private peak GB",
-           *(f"peak GB, x{C4_DOCS / d:.0f} of {d / 1e6:g}M" for d in sizes)],
-          [[name, f"{startup(name):.1f}", gb(c4(name, anon)), gb(c4(name, peak)),
-            *(proportional(name, peak, d) for d in sizes)] for name in names])
+          ["variant", "start-up s", "private GB", "private peak GB", "traced peak GB",
+           *(f"traced peak GB, x{C4_DOCS / d:.0f} of {d / 1e6:g}M" for d in sizes)],
+          [[name, f"{startup(name):.1f}", gb(c4(name, anon)), gb(c4(name, peak)), c4_traced(name),
+            *(gb(traced[d][name] * C4_DOCS / d) if name in traced[d] else "-" for d in sizes)] for name in names])
     if full:
         table(f"(c) the epoch-0 order of {C4_CHUNKS:,} chunks, measured",
-              ["variant", "build s", "private peak GB", "order[position] us", "every position checked s"],
-              [[k, f"{v['startup_s']:.1f}", gb(peak(v)), f"{v['lookup_us']:.1f}",
-                f"{v['epoch_check_s']:.0f}" if "epoch_check_s" in v else "-"] for k, v in full.items()])
+              ["variant", "seconds", "private GB", "private peak GB", "order[position] us"],
+              [[k, f"{v['startup_s']:.1f}", gb(anon(v)), gb(peak(v)), f"{v['lookup_us']:.1f}" if "lookup_us" in v else "-"]
+               for k, v in full.items()])
 
 
 if __name__ == "__main__":
