@@ -1,30 +1,41 @@
 #!/usr/bin/env python
-"""Dataset index at C4 scale: start-up seconds and per-rank memory, before and after the cache.
+"""Dataset index at C4 scale: the first build's seconds and each rank's transient memory, new vs baseline.
 
-"before" is ``SpactorDataset`` as of commit b8d1465 (``--baseline-ref``; loaded from git, so the
-code measured is the code that ran): every rank builds int64 document ids and offsets and, at its
-first sample, the epoch's permutation, in its own memory. "after" is the current one: the index
-lives in ``.npy`` files of the cache folder, built by one process ("cold") and memory-mapped by
-every rank ("warm": the files exist, as for every rank but the builder and every later run).
+"baseline" is ``SpactorDataset`` as of commit 1e55a46 (``--baseline-ref``; loaded from git, so
+the code measured is the code that ran): the document offsets and each epoch's order are
+``.npy`` files of the cache folder, built by one process ("cold") and memory-mapped by every
+rank ("warm"); the order is numpy's permutation of every chunk id, shuffled in the file's
+pages; and Megatron's builder hands each split an ``np.arange`` of its documents. "new" is the
+current one: the same offsets file, the order a permutation computed per sample (nothing to
+build), the split's documents handed over as a range.
 
-A synthetic Megatron indexed dataset (IndexedDatasetBuilder, ``--docs`` tiny documents) is
-written to a temporary folder; the chunk length is chosen so that chunks per document match
-C4 en's (365M documents, 156B T5 tokens -> 275M chunks of 568 tokens; Dodge et al. 2021), so
-both the per-document and the per-chunk parts of the index scale like C4's. Each row is a fresh
-process (``--ranks`` of them at once for the multi-rank rows: the ranks of a node), measured
-from just before ``build_datasets`` to after the first train and validation samples:
-start-up seconds, and memory above the process's state after its imports (private pages:
-RssAnon; peak: VmHWM). Mapped index pages are file pages (RssFile), shared by the node's ranks
-through the page cache and reclaimable.
+A synthetic Megatron indexed dataset (IndexedDatasetBuilder, tiny documents) is written to a
+temporary folder at two sizes (``--docs`` and ``--fit-docs``); the chunk length is chosen so
+that chunks per document match C4 en's (365M documents, 156B T5 tokens -> 275M chunks of 568
+tokens; Dodge et al. 2021), so both the per-document and the per-chunk parts of the index scale
+like C4's. Each row is a fresh process (``--ranks`` of them at once for the multi-rank rows: the
+ranks of a node), measured from just before ``build_datasets`` to after the first train and
+validation samples: start-up seconds, and memory above the process's state after its imports
+(private pages: RssAnon; peak: RssAnon sampled every 3 ms, which can miss a transient of a few
+ms; traced peak: the exact peak of numpy's and Python's allocations from tracemalloc, in a run of
+its own per row, since tracing slows Python down). Mapped index pages are file pages (RssFile),
+shared by the node's ranks through the page cache and reclaimable.
 
-Extrapolation to C4 en: memory and start-up time scale linearly with the documents (an upper
-bound for the fixed costs), except the epoch permutation, whose random accesses make it
-super-linear: it is measured at the full 275M chunks in a process of its own.
+Extrapolation to C4 en: a line through the two sizes. Fixed costs (the offsets' build buffer of
+``INDEX_BLOCK`` int64, 32 MB, once a sample has more documents than that; numpy's 2 MB-aligned
+huge-page allocations) are its intercept, where scaling one size in proportion counts them once
+per sample-sized slice of C4, so a smaller sample gives a larger estimate; the proportional
+estimates from each size are printed beside it. Both sizes should exceed ``INDEX_BLOCK``
+documents (4.2M), or the buffer grows with the sample and passes for a per-document cost. The baseline's
+epoch order, whose random accesses make it super-linear, is measured at the full 275M chunks
+in a process of its own, as is each order's per-sample lookup (and with ``--check-full-epoch``,
+that the new order's 275M positions hit every chunk exactly once).
 
 Every row is the fastest of ``--rounds`` interleaved rounds (other jobs on a shared machine can
 only slow a run down); its memory figures are its own.
 
-Usage: python tools/bench_data_index.py [--docs 20000000] [--ranks 4] [--rounds 2] [--skip-full-order]
+Usage: python tools/bench_data_index.py [--docs 20000000] [--fit-docs 5000000] [--ranks 4] [--rounds 2]
+       [--skip-full-order] [--check-full-epoch]
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +58,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from benchlib import table  # noqa: E402
+from spactor_mega.data.dataset import INDEX_BLOCK  # noqa: E402
 
 C4_DOCS, C4_TOKENS, C4_CHUNK = 365_000_000, 156_000_000_000, 568
 C4_CHUNKS = C4_TOKENS // C4_CHUNK
 MEAN_DOC_TOKENS = 9  # with 12-token chunks: C4's 0.75 chunks per document
 SEED, SPLIT = 1234, "98,2,0"
+LOOKUPS = 100_000  # order[position] calls timed at C4 scale
 
 
 def memory() -> dict[str, int]:
@@ -105,41 +119,67 @@ def baseline_module(ref: str):
 
 def worker(args) -> None:
     """One rank: build the datasets, read a sample of each; print a JSON line of measures."""
-    if args.worker == "before":
+    if args.worker == "baseline":
         build_datasets = baseline_module(args.baseline_ref).build_datasets
     else:
         from spactor_mega.data.dataset import build_datasets
     from spactor_mega.data.span_corruption import SpanCorruption
 
     corruption = SpanCorruption(args.encoder_length, 32000)
+    if args.trace:
+        tracemalloc.start()
     base = memory()
     start = time.perf_counter()
-    # One train sample: the index does not depend on the length, and start-up builds one epoch's order.
+    # One train sample: the index does not depend on the length, and start-up reaches one epoch's order.
     train, valid = build_datasets([args.prefix], [], SPLIT, corruption, SEED, 1, 1000, args.cache_dir)
     built = time.perf_counter()
     train[0], valid[0]
     done = time.perf_counter()
     print(json.dumps({
         "construct_s": built - start, "startup_s": done - start, "base": base, "after": memory(),
-        "builds": getattr(train, "index_builds", 0) + getattr(valid, "index_builds", 0),
+        "builds": train.index_builds + valid.index_builds, "traced_peak": tracemalloc.get_traced_memory()[1],
         "chunks": train.chunks_per_epoch, "chunk_length": train.chunk_length,
     }))
 
 
 def full_order(args) -> None:
-    """The epoch-0 order at C4's chunk count: built per rank (before) or written once (after)."""
+    """The epoch-0 order at C4's chunk count: the baseline's file written once, or the new
+    permutation; then ``order[position]`` for random positions, one at a time as samples read it
+    (``--check-full-epoch``: instead, every position at once in blocks)."""
+    from spactor_mega.data.index_cache import cached_array
+    from spactor_mega.data.permutation import Permutation
+
+    write_permutation = baseline_module(args.baseline_ref).write_permutation
+    positions = np.random.default_rng(0).integers(0, C4_CHUNKS, LOOKUPS).tolist()
     base = memory()
     start = time.perf_counter()
-    if args.worker == "order-before":
-        order = np.random.default_rng([SEED, 1, 0]).permutation(C4_CHUNKS).astype(np.int32)  # b8d1465's _order
-        del order
+    if args.worker == "order-baseline":
+        order, _ = cached_array(Path(args.cache_dir) / "order.npy", (C4_CHUNKS,), np.int32,
+                                lambda out: write_permutation(out, [SEED, 1, 0]))
     else:
-        from spactor_mega.data.dataset import write_permutation
-        from spactor_mega.data.index_cache import cached_array
+        order = Permutation(C4_CHUNKS, [SEED, 1, 0])
+    built = time.perf_counter() - start
+    if args.check_full_epoch:
+        return print(json.dumps({"startup_s": check_full_epoch(order), "base": base, "after": memory()}))
+    start = time.perf_counter()
+    for position in positions:
+        int(order[position])
+    lookup = (time.perf_counter() - start) / LOOKUPS
+    print(json.dumps({"startup_s": built, "lookup_us": lookup * 1e6, "base": base, "after": memory()}))
 
-        cached_array(Path(args.cache_dir) / "order.npy", (C4_CHUNKS,), np.int32,
-                     lambda out: write_permutation(out, [SEED, 1, 0]))
-    print(json.dumps({"startup_s": time.perf_counter() - start, "base": base, "after": memory()}))
+
+def check_full_epoch(order) -> float:
+    """Seconds to compute every position of the epoch in blocks; exits unless each chunk came once."""
+    start = time.perf_counter()
+    seen = np.zeros(C4_CHUNKS, dtype=bool)
+    for first in range(0, C4_CHUNKS, 1 << 22):
+        chunks = order[np.arange(first, min(first + (1 << 22), C4_CHUNKS))]
+        if seen[chunks].any():
+            sys.exit(f"the order repeats a chunk in positions {first}..")
+        seen[chunks] = True
+    if not seen.all():
+        sys.exit("the order misses a chunk")
+    return time.perf_counter() - start
 
 
 def run_workers(command: list[str], count: int) -> list[dict]:
@@ -173,59 +213,78 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
+def fit(points: dict[int, float]) -> tuple[float, float]:
+    """(intercept, slope per document) of the line through (documents, value) points."""
+    slope, intercept = np.polyfit(list(points), list(points.values()), 1)
+    return intercept, slope
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=20_000_000)
+    parser.add_argument("--fit-docs", type=int, help="the second, smaller sample size (default: --docs / 4)")
     parser.add_argument("--ranks", type=int, default=4, help="ranks of a node, started together")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each row keeps its fastest")
-    parser.add_argument("--baseline-ref", default="b8d1465")
-    parser.add_argument("--skip-full-order", action="store_true", help="skip the 275M-chunk permutation rows")
+    parser.add_argument("--baseline-ref", default="1e55a46")
+    parser.add_argument("--skip-full-order", action="store_true", help="skip the 275M-chunk order rows")
+    parser.add_argument("--check-full-epoch", action="store_true",
+                        help="check that the new order's 275M positions hit every chunk once (~2 min)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--encoder-length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker in ("before", "after"):
+    if args.worker in ("baseline", "new"):
         return worker(args)
     if args.worker:
         return full_order(args)
+    sizes = sorted({args.docs, args.fit_docs or args.docs // 4})
+    if len(sizes) < 2:
+        sys.exit("--fit-docs must differ from --docs: the extrapolation is a line through two sizes")
+    if sizes[0] < INDEX_BLOCK:
+        print(f"warning: {sizes[0]:,} documents fit in one offsets build block ({INDEX_BLOCK:,}): the block's "
+              "fixed 32 MB then grows with the sample, so the line through the sizes counts it per document")
+
+    variants = ("baseline", "new")
+    names = {f"{v}, {kind}": (v, kind) for v in variants for kind in ("cold (builds)", "warm (maps)")}
+    names |= {f"{v}, cold, {args.ranks} ranks at once": (v, "ranks") for v in variants} if args.ranks > 1 else {}
+    rows: dict[int, dict[str, list[dict]]] = {docs: {} for docs in sizes}
+    traced: dict[int, dict[str, int]] = {docs: {} for docs in sizes}  # exact peaks, from one traced run
+    full: dict[str, dict] = {}
+
+    def best(found: dict, name: str, results: list[dict]) -> None:
+        """Keeps the round whose slowest rank started fastest: other jobs only slow a run down."""
+        if name not in found or max(r["startup_s"] for r in results) < max(r["startup_s"] for r in found[name]):
+            found[name] = results
 
     with tempfile.TemporaryDirectory(prefix="bench_data_index_") as tmp:
-        prefix = str(Path(tmp) / "synthetic")
-        start = time.perf_counter()
-        encoder_length = encoder_length_for(args.docs, write_synthetic(prefix, args.docs))
-        print(f"synthetic dataset: {args.docs:,} documents, {os.path.getsize(prefix + '.bin') / 1e9:.2f} GB .bin, "
-              f"written in {time.perf_counter() - start:.0f} s")
-
-        def ranks(variant: str, count: int, cache: str | None = None) -> list[dict]:
-            command = ["--worker", variant, "--prefix", prefix, "--encoder-length", str(encoder_length),
-                       "--baseline-ref", args.baseline_ref]
-            return run_workers(command + (["--cache-dir", cache] if cache else []), count)
-
-        def best(rows: dict[str, list[dict]], name: str, results: list[dict]) -> None:
-            """Keeps the round whose slowest rank started fastest: other jobs only slow a run down."""
-            if name not in rows or max(r["startup_s"] for r in results) < max(r["startup_s"] for r in rows[name]):
-                rows[name] = results
-
-        rows, full = {}, {}
+        corpora = {}
+        for docs in sizes:
+            prefix = str(Path(tmp) / f"synthetic{docs}")
+            start = time.perf_counter()
+            corpora[docs] = prefix, encoder_length_for(docs, write_synthetic(prefix, docs))
+            print(f"synthetic dataset: {docs:,} documents, {os.path.getsize(prefix + '.bin') / 1e9:.2f} GB .bin, "
+                  f"written in {time.perf_counter() - start:.0f} s", flush=True)
         for round_ in range(args.rounds):
-            cache = str(Path(tmp) / f"cache{round_}")
-            best(rows, "before, 1 rank", ranks("before", 1))
-            best(rows, "after, cold (builds), 1 rank", ranks("after", 1, cache))
-            best(rows, "after, warm (maps), 1 rank", ranks("after", 1, cache))
-            if args.ranks > 1:
-                best(rows, f"before, {args.ranks} ranks at once", ranks("before", args.ranks))
-                best(rows, f"after, cold, {args.ranks} ranks at once", ranks("after", args.ranks, cache + "-ranks"))
-            for variant in () if args.skip_full_order else ("order-before", "order-after"):
-                result = run_workers(["--worker", variant, "--cache-dir", cache], 1)
-                best(full, variant, result)
+            for docs, (prefix, encoder_length) in corpora.items():
+                for name, (variant, kind) in names.items():
+                    cache = str(Path(tmp) / f"cache{round_}-{docs}-{variant}-{kind == 'ranks'}")
+                    command = ["--worker", variant, "--prefix", prefix, "--encoder-length", str(encoder_length),
+                               "--baseline-ref", args.baseline_ref, "--cache-dir", cache]
+                    best(rows[docs], name, run_workers(command, args.ranks if kind == "ranks" else 1))
+                    if round_ == 0 and kind != "ranks":  # tracemalloc slows Python down: a run of its own
+                        command[-1] = str(Path(tmp) / f"traced-{docs}-{variant}")
+                        traced[docs][name] = run_workers(command + ["--trace"], 1)[0]["traced_peak"]
+            for variant in () if args.skip_full_order else variants:
+                cache = str(Path(tmp) / f"cache{round_}")
+                command = ["--worker", f"order-{variant}", "--cache-dir", cache, "--baseline-ref", args.baseline_ref]
+                best(full, variant, run_workers(command, 1))
                 Path(cache, "order.npy").unlink(missing_ok=True)
-        full = {name: results[0] for name, results in full.items()}
-
-    one = rows["before, 1 rank"][0]
-    scale = C4_DOCS / args.docs
-    print(f"\n{one['chunks']:,} train chunks of {one['chunk_length']} tokens per epoch "
-          f"({one['chunks'] / args.docs:.3f} per document; C4 en: {C4_CHUNKS / C4_DOCS:.3f}); x{scale:.1f} to C4 en")
+        if args.check_full_epoch:
+            full["new, every position computed and checked"] = run_workers(
+                ["--worker", "order-new", "--check-full-epoch", "--baseline-ref", args.baseline_ref], 1)
+    full = {name: results[0] for name, results in full.items()}
 
     def anon(r: dict) -> float:  # private memory the index left after start-up
         return r["after"]["RssAnon"] - r["base"]["RssAnon"]
@@ -233,34 +292,46 @@ def main() -> None:
     def peak(r: dict) -> float:  # private memory at its highest during start-up
         return r["peak_anon"] - r["base"]["RssAnon"]
 
-    body = []
-    for name, results in rows.items():
-        body.append([name, f"{max(r['startup_s'] for r in results):.2f}", gb(max(map(anon, results))),
-                     gb(max(map(peak, results))), gb(max(r["after"]["RssFile"] - r["base"]["RssFile"] for r in results)),
-                     sum(r["builds"] for r in results) if name.startswith("after") else "each rank all"])
-    table(f"(a) synthetic: {args.docs:,} documents, per rank (max over ranks started together)",
-          ["variant", "start-up s", "private GB", "private peak GB", "mapped GB", "index files built"], body)
+    for docs in sizes:
+        one = rows[docs]["new, cold (builds)"][0]
+        print(f"\n{docs:,} documents: {one['chunks']:,} train chunks of {one['chunk_length']} tokens per epoch "
+              f"({one['chunks'] / docs:.3f} per document; C4 en: {C4_CHUNKS / C4_DOCS:.3f})")
+        table(f"(a) synthetic: {docs:,} documents, per rank (max over ranks started together)",
+              ["variant", "start-up s", "private GB", "private peak GB", "traced peak GB", "mapped GB", "index files built"],
+              [[name, f"{max(r['startup_s'] for r in results):.2f}", gb(max(map(anon, results))),
+                gb(max(map(peak, results))), gb(traced[docs][name]) if name in traced[docs] else "-",
+                gb(max(r["after"]["RssFile"] - r["base"]["RssFile"] for r in results)),
+                sum(r["builds"] for r in results)] for name, results in rows[docs].items()])
 
-    def c4(name: str, order: str) -> list:
-        """Memory scales linearly (arrays per document and per chunk); so does start-up time, but
-        for the epoch order at the first sample where it is built: its time at C4's size."""
-        r = rows[name][0]
-        seconds = r["startup_s"] * scale
-        if order in full:
-            seconds = r["construct_s"] * scale + full[order]["startup_s"]
-        return [name.removesuffix(", 1 rank"), f"{seconds:.1f}", gb(anon(r) * scale), gb(peak(r) * scale)]
+    def c4(name: str, measure) -> float:
+        """``measure`` of row ``name`` at C4 en's documents, on the line through the sample sizes."""
+        intercept, slope = fit({docs: max(map(measure, rows[docs][name])) for docs in sizes})
+        return intercept + slope * C4_DOCS
 
-    table(f"(b) extrapolated to C4 en ({C4_DOCS / 1e6:.0f}M documents, {C4_CHUNKS / 1e6:.0f}M chunks), per rank; "
-          f"goal: < 1 GB, < 30 s", ["variant", "start-up s", "private GB", "private peak GB"],
-          [c4("before, 1 rank", "order-before"), c4("after, cold (builds), 1 rank", "order-after"),
-           c4("after, warm (maps), 1 rank", "")])
-    before, cold, warm = (anon(rows[f"{name}, 1 rank"][0]) * scale
-                          for name in ("before", "after, cold (builds)", "after, warm (maps)"))
-    print(f"private index memory of a node of 8 ranks after start-up: before {gb(8 * before)} GB, "
-          f"after {gb(cold + 7 * warm)} GB (one builder, seven mapping)")
+    def c4_traced(name: str) -> str:
+        if name not in traced[sizes[0]]:
+            return "-"
+        intercept, slope = fit({docs: traced[docs][name] for docs in sizes})
+        return gb(intercept + slope * C4_DOCS)
+
+    def startup(name: str) -> float:
+        """Start-up at C4: for the baseline's cold build, construction plus its order measured at 275M chunks."""
+        variant = names[name][0]
+        if variant == "baseline" and "cold" in name and variant in full:
+            return c4(name, lambda r: r["construct_s"]) + full[variant]["startup_s"]
+        return c4(name, lambda r: r["startup_s"])
+
+    table(f"(b) extrapolated to C4 en ({C4_DOCS / 1e6:.0f}M documents, {C4_CHUNKS / 1e6:.0f}M chunks), per rank, "
+          f"on the line through {' and '.join(f'{d / 1e6:g}M' for d in sizes)} documents; goal: < 30 s, < 1 GB peak",
+          ["variant", "start-up s", "private GB", "private peak GB", "traced peak GB",
+           *(f"traced peak GB, x{C4_DOCS / d:.0f} of {d / 1e6:g}M" for d in sizes)],
+          [[name, f"{startup(name):.1f}", gb(c4(name, anon)), gb(c4(name, peak)), c4_traced(name),
+            *(gb(traced[d][name] * C4_DOCS / d) if name in traced[d] else "-" for d in sizes)] for name in names])
     if full:
-        table(f"(c) the epoch-0 order of {C4_CHUNKS:,} chunks, measured", ["variant", "seconds", "private peak GB"],
-              [[k, f"{v['startup_s']:.1f}", gb(peak(v))] for k, v in full.items()])
+        table(f"(c) the epoch-0 order of {C4_CHUNKS:,} chunks, measured",
+              ["variant", "seconds", "private GB", "private peak GB", "order[position] us"],
+              [[k, f"{v['startup_s']:.1f}", gb(anon(v)), gb(peak(v)), f"{v['lookup_us']:.1f}" if "lookup_us" in v else "-"]
+               for k, v in full.items()])
 
 
 if __name__ == "__main__":

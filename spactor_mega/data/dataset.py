@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -37,6 +36,7 @@ with warnings.catch_warnings():
     from megatron.core.datasets.utils import Split
 
 from spactor_mega.data.index_cache import cache_key, cached_array
+from spactor_mega.data.permutation import Permutation
 from spactor_mega.data.span_corruption import (
     SpanCorruption,
     mlm_capacity,
@@ -77,17 +77,17 @@ INDEX_BLOCK = 1 << 22
 class SpactorDataset(MegatronDataset):
     """Raw T5 chunks of one indexed dataset's split, shuffled per epoch.
 
-    The index (each document's token offset in the split, each epoch's chunk order) lives in
-    ``.npy`` files of ``config.path_to_cache`` (``data.cache_dir``; unset: Megatron's default
-    for ``GPTDataset``, ``<prefix>/cache/SpactorDataset_indices``), built by one process and
-    memory-mapped by all (``index_cache``); each file's name is a digest of what it depends on.
+    The index (each document's token offset in the split) lives in a ``.npy`` file of
+    ``config.path_to_cache`` (``data.cache_dir``; unset: Megatron's default for ``GPTDataset``,
+    ``<prefix>/cache/SpactorDataset_indices``), built by one process and memory-mapped by all
+    (``index_cache``), its name a digest of what it depends on. Each epoch's chunk order is
+    computed per sample (``permutation``), so it is neither built nor stored.
     """
 
     def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         self.chunk_length = config.sequence_length
         self.documents = _document_range(indices)
-        self.indices = self.documents  # not the builder's int32 array (1.5 GB for C4), freed once it moves on
         self.cache_dir = Path(
             config.path_to_cache or Path(dataset.path_prefix, "cache", f"{type(self).__name__}_indices")
         )
@@ -108,7 +108,7 @@ class SpactorDataset(MegatronDataset):
         self.length = num_samples if num_samples is not None else self.chunks_per_epoch
         # A per-dataset salt keeps the random keys of blended datasets apart.
         self.salt = int(self.unique_description_hash[:15], 16)
-        self._epoch_orders: dict[int, np.ndarray] = {}
+        self._epoch_orders: dict[int, Permutation] = {}
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset: IndexedDataset) -> int:
@@ -142,19 +142,13 @@ class SpactorDataset(MegatronDataset):
             np.cumsum(lengths[first:last], dtype=np.int64, out=offsets[first + 1 : last + 1])
             offsets[first + 1 : last + 1] += offsets[first]
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The chunk order of one epoch: a permutation seeded by (seed, salt, epoch).
-
-        Built when an epoch is first reached, by whichever process (rank or DataLoader worker)
-        gets there first; the others wait for its file."""
+    def epoch_order(self, epoch: int) -> Permutation:
+        """The chunk order of one epoch: a permutation seeded by (seed, salt, epoch), computed
+        per position (``permutation``): nothing to build, store or wait for at an epoch's start."""
         order = self._epoch_orders.get(epoch)
         if order is None:
-            rng_seed = [self.config.random_seed, self.salt, epoch]
-            key = cache_key(index=self.index_key, chunk_length=self.chunk_length, rng_seed=rng_seed)
-            dtype = np.int32 if self.chunks_per_epoch < 2**31 else np.int64
-            order = self._cached(f"{key}-order-epoch{epoch}.npy", self.chunks_per_epoch, dtype,
-                                 partial(write_permutation, rng_seed=rng_seed))
-            self._epoch_orders = {epoch: order}  # consumption is sequential: keep one epoch mapped
+            order = Permutation(self.chunks_per_epoch, [self.config.random_seed, self.salt, epoch])
+            self._epoch_orders = {epoch: order}  # consumption is sequential: keep one epoch's keys
         return order
 
     def raw_chunk(self, chunk: int) -> np.ndarray:
@@ -174,30 +168,44 @@ class SpactorDataset(MegatronDataset):
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         idx = int(idx)
         epoch, position = divmod(idx, self.chunks_per_epoch)
-        chunk = int(self.epoch_order(epoch)[position])
+        chunk = self.epoch_order(epoch)[position]
         key = sample_keys(self.config.random_seed, np.array([idx]), self.salt)[0]
         return {"raw": self.raw_chunk(chunk), "key": np.uint64(key)}
 
 
-def write_permutation(out: np.ndarray, rng_seed: list[int]) -> None:
-    """``out[:] = default_rng(rng_seed).permutation(len(out))``, in place in ``out``'s dtype.
-
-    ``Generator.permutation(n)`` is ``shuffle(arange(n))``, whose swaps do not depend on the
-    dtype: the same order as an int64 permutation cast down, without the int64 copy."""
-    for first in range(0, len(out), INDEX_BLOCK):
-        out[first : first + INDEX_BLOCK] = np.arange(first, min(first + INDEX_BLOCK, len(out)), dtype=out.dtype)
-    np.random.default_rng(rng_seed).shuffle(out)
-
-
-def _document_range(indices: np.ndarray) -> range:
-    """A split's documents as a range: Megatron's builder passes ``np.arange(begin, end)``, and
-    a range costs nothing per document where an array costs 4-8 bytes each."""
+def _document_range(indices) -> range:
+    """A split's documents as a range: ``build_datasets``'s builder passes one, Megatron's own
+    ``np.arange(begin, end)``; a range costs nothing per document where an array costs 4-8 bytes each."""
     if len(indices) == 0:
         return range(0)
     first, last = int(indices[0]), int(indices[-1])
     if last - first + 1 != len(indices):
         raise ValueError(f"SpactorDataset needs a contiguous run of documents, got {len(indices)} in [{first}, {last}]")
     return range(first, last + 1)
+
+
+class RangeSplitBuilder(BlendedMegatronDatasetBuilder):
+    """Megatron's blended dataset builder, handing each split its documents as a ``range``.
+
+    Megatron's ``_build_megatron_dataset_splits`` passes a split's documents to the dataset as
+    ``np.arange(begin, end, dtype=int32)``: 1.4 GB at once on every rank for C4 en's 365M
+    documents, the largest transient of the index build, though ``SpactorDataset`` only needs
+    the bounds. Megatron has no hook for that array, so this is the method with a range in its
+    place; the rest is Megatron's: the low-level dataset, the split bounds (the same rounding),
+    ``build_generic_dataset``'s rank-0-first construction. Left out: the branch for ranks
+    ``is_built_on_rank`` excludes (``build_datasets`` builds on every rank) and GPT's
+    ``fast_cache_load``."""
+
+    def _build_megatron_dataset_splits(self, dataset_path, split, sizes, synchronize_ranks=True):
+        low_level_dataset = self.cls.build_low_level_dataset(dataset_path, self.config)
+        count = float(self.cls.numel_low_level_dataset(low_level_dataset))
+        return [
+            None if bounds is None else self.build_generic_dataset(
+                self.cls, self.is_built_on_rank, synchronize_ranks, low_level_dataset, dataset_path,
+                range(int(round(bounds[0] * count)), int(round(bounds[1] * count))), sizes[i], kind, self.config,
+            )
+            for i, (bounds, kind) in enumerate(zip(split, Split))
+        ]
 
 
 def collate_raw(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -333,7 +341,7 @@ def build_datasets(
         config = SpactorDatasetConfig(blend=train, split=split, **common)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        datasets = BlendedMegatronDatasetBuilder(
+        datasets = RangeSplitBuilder(
             SpactorDataset, [train_samples, valid_samples, 0], lambda: True, config
         ).build()
     return datasets[Split.train.value], datasets[Split.valid.value]
@@ -350,5 +358,5 @@ def build_eval_dataset(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        datasets = BlendedMegatronDatasetBuilder(SpactorDataset, [0, samples, 0], lambda: True, config).build()
+        datasets = RangeSplitBuilder(SpactorDataset, [0, samples, 0], lambda: True, config).build()
     return datasets[Split.valid.value]

@@ -3,15 +3,22 @@
 import json
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+from spactor_mega.data import dataset as dataset_module
 from spactor_mega.data.dataset import (
     DataError,
     PretrainingSampler,
+    RangeSplitBuilder,
     SpactorBatchBuilder,
+    SpactorDataset,
+    SpactorDatasetConfig,
     build_datasets,
     collate_raw,
     open_indexed_dataset,
@@ -169,3 +176,34 @@ def test_a_split_smaller_than_one_chunk_is_rejected(tmp_path):
     prefix = write_indexed(tmp_path / "small", [[5, 6, 7, 1]] * 3)
     with pytest.raises(DataError, match="fewer than one chunk"):
         build(prefix)
+
+
+@pytest.mark.parametrize("split", ["90,10,0", "98,2,0", "1,1,1", "70,30,0"])
+def test_splits_are_megatrons(corpus, split):
+    """``RangeSplitBuilder`` hands each split the documents Megatron's own builder gives it."""
+    prefix, _ = corpus
+    config = SpactorDatasetConfig(blend=([prefix], None), split=split, random_seed=1,
+                                  sequence_length=corruption().raw_length, mid_level_dataset_surplus=0.005)
+    megatrons = BlendedMegatronDatasetBuilder(SpactorDataset, [100, 10, 10], lambda: True, config).build()
+    ours = RangeSplitBuilder(SpactorDataset, [100, 10, 10], lambda: True, config).build()
+    assert [d and d.documents for d in ours] == [d and d.documents for d in megatrons]
+    assert all(isinstance(d.indices, range) for d in ours if d)
+
+
+def test_building_the_splits_allocates_nothing_per_document(tmp_path, monkeypatch):
+    """Megatron's builder allocates an int32 array of each split's documents (4 B each); ours no
+    array per document (numpy's allocations are traced by tracemalloc)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    docs = 1_000_000
+    builder = IndexedDatasetBuilder(str(tmp_path / "many.bin"), dtype=np.uint16)
+    builder.add_document(torch.full((3 * docs,), 7), [3] * docs)
+    builder.finalize(str(tmp_path / "many.idx"))
+    monkeypatch.setattr(dataset_module, "INDEX_BLOCK", 1024)  # the offsets' build buffer: small
+    tracemalloc.start()
+    try:
+        build_datasets([str(tmp_path / "many")], [], "98,2,0", corruption(), 1, 10, 10, str(tmp_path / "cache"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < docs  # under 1 B per document

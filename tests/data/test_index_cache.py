@@ -25,14 +25,11 @@ def build(prefix, cache_dir, seed=1, train_samples=3000):
     return build_datasets([prefix], [], "90,10,0", corruption(), seed, train_samples, 50, str(cache_dir))
 
 
-def in_memory_index(prefix, dataset, epoch):
-    """The index as built before the cache: int64 cumulative lengths, a permutation per epoch."""
+def in_memory_offsets(prefix, dataset):
+    """The document offsets as built before the cache: int64 cumulative lengths."""
     indexed = open_indexed_dataset(prefix)  # kept alive: its arrays are views of its mapping
     lengths = indexed.sequence_lengths[np.asarray(dataset.documents)].astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    chunks = int(offsets[-1]) // dataset.chunk_length
-    order = np.random.default_rng([dataset.config.random_seed, dataset.salt, epoch]).permutation(chunks)
-    return offsets, order.astype(np.int32)
+    return np.concatenate([[0], np.cumsum(lengths)])
 
 
 def cache_files(cache_dir):
@@ -45,12 +42,9 @@ def test_cached_index_equals_the_in_memory_build_and_is_mapped(tmp_path, monkeyp
     prefix = write_corpus(tmp_path / "corpus")
     train, valid = build(prefix, tmp_path / "cache")
     for dataset in (train, valid):
-        offsets, order = in_memory_index(prefix, dataset, epoch=0)
-        np.testing.assert_array_equal(dataset.offsets, offsets)
-        np.testing.assert_array_equal(dataset.epoch_order(0), order)
+        np.testing.assert_array_equal(dataset.offsets, in_memory_offsets(prefix, dataset))
         assert isinstance(dataset.offsets, np.memmap) and not dataset.offsets.flags.writeable
-    assert len(train) > train.chunks_per_epoch  # the second epoch's order is cached too
-    np.testing.assert_array_equal(train.epoch_order(1), in_memory_index(prefix, train, epoch=1)[1])
+    assert sorted(p.name.partition("-")[2] for p in (tmp_path / "cache").glob("*.npy")) == ["offsets.npy"] * 2
 
 
 def test_without_cache_dir_the_index_sits_next_to_the_data_like_megatrons(tmp_path):
@@ -63,11 +57,9 @@ def test_without_cache_dir_the_index_sits_next_to_the_data_like_megatrons(tmp_pa
 def test_a_second_construction_maps_the_files_without_building(tmp_path):
     prefix = write_corpus(tmp_path / "corpus")
     first, _ = build(prefix, tmp_path / "cache")
-    first.epoch_order(0)
-    assert first.index_builds == 2  # offsets, epoch 0
+    assert first.index_builds == 1  # the offsets; the epoch order is computed, not stored
     files = cache_files(tmp_path / "cache")
     again, _ = build(prefix, tmp_path / "cache")
-    again.epoch_order(0)
     assert again.index_builds == 0
     assert cache_files(tmp_path / "cache") == files
     assert again[123]["raw"].tolist() == first[123]["raw"].tolist()
@@ -76,36 +68,32 @@ def test_a_second_construction_maps_the_files_without_building(tmp_path):
 def test_a_changed_input_gets_its_own_files(tmp_path):
     prefix = write_corpus(tmp_path / "corpus")
     base, _ = build(prefix, tmp_path / "cache")
-    base.epoch_order(0)
     other_seed, _ = build(prefix, tmp_path / "cache", seed=2)
-    other_seed.epoch_order(0)
-    assert other_seed.index_builds == 1  # same document offsets, a new order
-    assert not np.array_equal(other_seed.epoch_order(0), base.epoch_order(0))
+    assert other_seed.index_builds == 0  # same document offsets, another order
+    assert not np.array_equal(other_seed.epoch_order(0)[np.arange(50)], base.epoch_order(0)[np.arange(50)])
     longer = build_datasets([prefix], [], "90,10,0", SpanCorruption(128, FIRST_SENTINEL), 1, 3000, 50, str(tmp_path / "cache"))[0]
-    longer.epoch_order(0)
-    assert longer.index_builds == 1 and longer.chunks_per_epoch < base.chunks_per_epoch
+    assert longer.index_builds == 0 and longer.chunks_per_epoch < base.chunks_per_epoch  # offsets are per token
     write_corpus(prefix, seed=1, count=300)  # the data rewritten in place: a new .idx
     rewritten, _ = build(prefix, tmp_path / "cache")
     assert rewritten.index_builds == 1
-    np.testing.assert_array_equal(rewritten.offsets, in_memory_index(prefix, rewritten, 0)[0])
+    np.testing.assert_array_equal(rewritten.offsets, in_memory_offsets(prefix, rewritten))
 
 
 def test_a_truncated_or_overwritten_cache_file_is_rebuilt_and_named(tmp_path, caplog):
     prefix = write_corpus(tmp_path / "corpus")
-    first, _ = build(prefix, tmp_path / "cache")
-    offsets_file, order_file = first.offsets.filename, first.epoch_order(0).filename
-    expected = np.array(first.epoch_order(0))
-    with open(offsets_file, "r+b") as f:
-        f.truncate(os.path.getsize(offsets_file) // 2)
-    with open(order_file, "wb") as f:
+    first, valid = build(prefix, tmp_path / "cache")
+    truncated, overwritten = first.offsets.filename, valid.offsets.filename
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) // 2)
+    with open(overwritten, "wb") as f:
         f.write(b"garbage")
     with caplog.at_level(logging.WARNING, logger="spactor_mega.data.index_cache"):
-        again, _ = build(prefix, tmp_path / "cache")
-        np.testing.assert_array_equal(again.epoch_order(0), expected)
-    assert again.index_builds == 2
-    assert f"{offsets_file}: unreadable index cache" in caplog.text
-    assert f"{order_file}: unreadable index cache" in caplog.text
-    np.testing.assert_array_equal(again.offsets, in_memory_index(prefix, again, 0)[0])
+        again, again_valid = build(prefix, tmp_path / "cache")
+    assert again.index_builds == again_valid.index_builds == 1
+    assert f"{truncated}: unreadable index cache" in caplog.text
+    assert f"{overwritten}: unreadable index cache" in caplog.text
+    for dataset in (again, again_valid):
+        np.testing.assert_array_equal(dataset.offsets, in_memory_offsets(prefix, dataset))
 
 
 def test_an_unwritable_cache_dir_names_the_config_field(tmp_path):
@@ -143,21 +131,11 @@ def _rank_builds(rank, world_size, prefix, cache_dir):
 
     torch.distributed.init_process_group("gloo")
     train, valid = build(prefix, cache_dir)
-    order = train.epoch_order(0)
-    return {"builds": train.index_builds + valid.index_builds, "order": order[:50].tolist()}
+    return {"builds": train.index_builds + valid.index_builds, "order": train.epoch_order(0)[np.arange(50)].tolist()}
 
 
 def test_two_ranks_build_the_index_once(tmp_path):
     prefix = write_corpus(tmp_path / "corpus")
     ranks = run_distributed(_rank_builds, 2, prefix, str(tmp_path / "cache"), timeout=120)
-    assert sum(r["builds"] for r in ranks) == 3  # train and valid offsets, train epoch 0
+    assert sum(r["builds"] for r in ranks) == 2  # train and valid offsets
     assert ranks[0]["order"] == ranks[1]["order"]
-
-
-def test_the_order_written_in_place_is_numpys_permutation_in_any_dtype(monkeypatch):
-    monkeypatch.setattr(dataset_module, "INDEX_BLOCK", 1000)
-    expected = np.random.default_rng([5, 6, 7]).permutation(100_003)
-    for dtype in (np.int32, np.int64):
-        out = np.zeros(len(expected), dtype=dtype)
-        dataset_module.write_permutation(out, [5, 6, 7])
-        np.testing.assert_array_equal(out, expected)
