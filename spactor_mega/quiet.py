@@ -16,6 +16,7 @@ KNOWN_BENIGN = (
     (UserWarning, r"full scope is deprecated"),  # Megatron's TransformerConfig default cuda_graph_scope
     (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),  # DeepSpeed's collectives
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),  # dist-checkpointing
+    (FutureWarning, r"`load_state_dict` is deprecated"),  # dist-checkpointing's torch strategy loading a checkpoint
 )
 
 
