@@ -27,14 +27,18 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
 )
 
 
+def device_row(device_name: Optional[str], table: tuple[tuple, ...]) -> Optional[tuple]:
+    """The first row of a per-GPU table (``(name fragment, figures...)``, the more specific names first)
+    whose fragment is in ``device_name``, case aside; None when none is."""
+    return next((row for row in table if device_name and row[0].lower() in device_name.lower()), None)
+
+
 def device_peak_tflops(device_name: Optional[str], bf16: bool, override: Optional[float] = None) -> Optional[float]:
     """``override`` (``train.peak_tflops``) if given, else the table's figure for ``device_name``."""
     if override:
         return override
-    for fragment, bf16_peak, tf32_peak in PEAK_TFLOPS:
-        if device_name and fragment.lower() in device_name.lower():
-            return bf16_peak if bf16 else tf32_peak
-    return None
+    row = device_row(device_name, PEAK_TFLOPS)
+    return None if row is None else (row[1] if bf16 else row[2])
 
 
 def mfu(model_flops_per_step: float, seconds: float, world_size: int, peak_tflops: float) -> float:

@@ -26,7 +26,7 @@ from spactor_mega.plan.flops import attention_score_flops, format_flops, sample_
 from spactor_mega.plan.inventory import count, generator_parameter_shapes, rtd_head_parameter_shapes, t5_parameter_shapes
 from spactor_mega.plan.layout import PipelineLayout, config_layout, layer_costs, stage_costs
 from spactor_mega.plan.memory import GIB, RECOMPUTE, activation_bytes, recomputed_layer_bytes
-from spactor_mega.plan.mfu import device_peak_tflops
+from spactor_mega.plan.mfu import device_peak_tflops, device_row
 
 ASSUMPTIONS = (
     "compute: the FLOPs model's matmul FLOPs, plus what recompute repeats, run at the declared efficiency x the "
@@ -68,7 +68,8 @@ GPU_MEMORY_GIB: tuple[tuple[str, Optional[float]], ...] = (
 
 def device_memory_gib(gpu: str) -> Optional[float]:
     """:data:`GPU_MEMORY_GIB`'s figure for ``gpu`` (None: not known)."""
-    return next((gib for fragment, gib in GPU_MEMORY_GIB if fragment.lower() in gpu.lower()), None)
+    row = device_row(gpu, GPU_MEMORY_GIB)
+    return None if row is None else row[1]
 
 
 @dataclass(frozen=True)
